@@ -1,0 +1,81 @@
+"""Run configuration: one frozen dataclass, validated once before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .decode import DEFAULT_MAX_PIXELS
+from .errors import ConfigError
+
+
+class Task(str, Enum):
+    classify = "classify"
+
+
+class SourceKind(str, Enum):
+    folder = "folder"
+    dataset = "dataset"
+
+
+class Protocol(str, Enum):
+    hf = "hf"
+    paper = "paper"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; the CLI builds it, examples and tests may too."""
+
+    task: Task
+    source: SourceKind
+    input: str
+    out: Path
+    model: str | None = None  # None: the task's default checkpoint
+    revision: str | None = None
+    device: str = "auto"
+    dtype: Dtype = Dtype.auto
+    batch_size: int = 32
+    workers: int | None = None  # None: chosen from the device and the cores
+    compile: bool = False
+    limit: int | None = None
+    shard_size: int | None = None  # None: the task's default
+    top_k: int = 5
+    preprocess: Protocol = Protocol.hf
+    resume: bool = False
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    split: str | None = None
+    streaming: bool = False
+    image_column: str | None = None
+    label_column: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "task", Task(self.task))
+        object.__setattr__(self, "source", SourceKind(self.source))
+        object.__setattr__(self, "dtype", Dtype(self.dtype))
+        object.__setattr__(self, "preprocess", Protocol(self.preprocess))
+        object.__setattr__(self, "out", Path(self.out))
+        self._validate()
+
+    def _validate(self) -> None:
+        positive = {"--batch-size": self.batch_size, "--top-k": self.top_k, "--max-pixels": self.max_pixels,
+                    "--limit": self.limit, "--shard-size": self.shard_size}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {value})")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more (got {self.workers})")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: choose one")
+        if self.source is SourceKind.folder and self.streaming:
+            raise ConfigError("--streaming applies to datasets, not folders")

@@ -1,0 +1,166 @@
+"""Opening a `datasets` input (hub id, save_to_disk folder, data files) and finding its image and label columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import InputError
+from .sources import DatasetSource, Record, cell_record
+
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How the user named the dataset and its columns."""
+
+    name: str
+    split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    streaming: bool = False
+    revision: str | None = None
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _load(spec: DatasetSpec) -> Any:
+    import datasets
+
+    path = Path(spec.name).expanduser()
+    if _is_saved_to_disk(path):
+        return datasets.load_from_disk(str(path))
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"unsupported data file {path.name}: give a parquet / arrow file or a folder")
+        return datasets.load_dataset(builder, data_files=str(path), streaming=spec.streaming)
+    if path.is_dir():
+        return datasets.load_dataset(str(path), streaming=spec.streaming)
+    if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1:
+        raise InputError(f"dataset not found: {spec.name} is neither a local path nor a hub id")
+    return datasets.load_dataset(spec.name, split=spec.split, revision=spec.revision, streaming=spec.streaming)
+
+
+def _pick_split(loaded: Any, split: str | None) -> tuple[Any, str]:
+    if not hasattr(loaded, "keys"):  # already a single split
+        return loaded, split or str(getattr(loaded, "split", None) or "train")
+    names = list(loaded.keys())
+    if split is None and len(names) == 1:
+        return loaded[names[0]], names[0]
+    if split is None:
+        raise InputError(f"the dataset has several splits ({', '.join(names)}): choose one with --split")
+    if split not in names:
+        raise InputError(f"no split {split!r} in the dataset (available: {', '.join(names)})")
+    return loaded[split], split
+
+
+def load_split(spec: DatasetSpec) -> tuple[Any, str]:
+    """Load the dataset and select the split; loading failures become one-line InputErrors."""
+    try:
+        loaded = _load(spec)
+    except InputError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputError(f"dataset not found: {spec.name} ({_first_line(exc)})") from None
+    except (ConnectionError, OSError) as exc:
+        raise InputError(
+            f"cannot load dataset {spec.name}: {_first_line(exc)}. If the hub is unreachable, load it once "
+            "with network access (or set HF_DATASETS_OFFLINE=1 to use the cache), or pass a local path"
+        ) from None
+    except Exception as exc:  # datasets raises many types (DatasetNotFoundError, ValueError…) for bad names
+        raise InputError(f"cannot load dataset {spec.name}: {type(exc).__name__}: {_first_line(exc)}") from None
+    data, split = _pick_split(loaded, spec.split)
+    if spec.streaming and hasattr(data, "to_iterable_dataset"):
+        data = data.to_iterable_dataset()
+    return data, split
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str | None]:
+    """The image column (a datasets.Image feature) and the label column (a ClassLabel, or an int `label`)."""
+    import datasets
+
+    columns = list(features.keys())
+    if image_column is not None and image_column not in columns:
+        raise InputError(f"no column {image_column!r} (columns: {', '.join(columns)})")
+    if label_column is not None and label_column not in columns:
+        raise InputError(f"no column {label_column!r} (columns: {', '.join(columns)})")
+    if image_column is None:
+        images = [c for c in columns if isinstance(features[c], datasets.Image)]
+        if not images:
+            raise InputError(f"no image column found (columns: {', '.join(columns)}): name it with --image-column")
+        image_column = images[0]
+    if label_column is None:
+        label_column = _guess_label_column(features, columns)
+    return image_column, label_column
+
+
+def _guess_label_column(features: Any, columns: list[str]) -> str | None:
+    import datasets
+
+    class_labels = [c for c in columns if isinstance(features[c], datasets.ClassLabel)]
+    if class_labels:
+        return class_labels[0]
+    for name in ("label", "labels"):
+        feature = features.get(name)
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith("int"):
+            return name
+    return None
+
+
+def _label_names(features: Any, label_column: str | None) -> list[str] | None:
+    import datasets
+
+    feature = features.get(label_column) if label_column else None
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
+    """Open the dataset as a Source whose image column stays undecoded until a worker reads it."""
+    import datasets
+
+    data, split = load_split(spec)
+    if data.features is None:
+        raise InputError(f"dataset {spec.name} declares no features: name the columns with --image-column")
+    image_column, label_column = find_columns(data.features, spec.image_column, spec.label_column)
+    data = data.cast_column(image_column, datasets.Image(decode=False))
+    names = _label_names(data.features, label_column)
+    description = f"dataset {spec.name} [{split}]"
+    if isinstance(data, datasets.IterableDataset):
+        return StreamingSource(data, split, image_column, label_column, names, description)
+    return DatasetSource(data, split, image_column, label_column, names, description)
+
+
+@dataclass
+class StreamingSource:
+    """A streaming dataset: its length is unknown, so it is read in order and cut into shards as it comes."""
+
+    dataset: Any
+    split: str
+    image_column: str
+    label_column: str | None
+    label_names: list[str] | None = None
+    description: str = ""
+
+    def records(self) -> Iterator[Record]:
+        """Undecoded records in stream order."""
+        for row in self.dataset:
+            label = row.get(self.label_column) if self.label_column else None
+            yield cell_record(row[self.image_column], label)
+
+    def item_id(self, index: int) -> str:
+        return f"{self.split}/{index}"
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(f"stream\0{self.description}".encode()).hexdigest()

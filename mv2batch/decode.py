@@ -1,0 +1,70 @@
+"""Decoding: raw file or bytes to an upright RGB PIL image, exactly as transformers' load_image does."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class DecodeError(Exception):
+    """One image could not be decoded; the message becomes the row's `error`."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An upright RGB image and its size after EXIF orientation."""
+
+    image: Image.Image
+    width: int
+    height: int
+
+
+def _read(raw: str | Path | bytes) -> bytes:
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        return bytes(raw)
+    try:
+        return Path(raw).read_bytes()
+    except OSError as exc:
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _open(data: bytes) -> Image.Image:
+    # Pillow warns between its limit and twice its limit; _check_pixels turns both into one error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the decompression-bomb "
+            f"limit of {max_pixels / 1e6:.1f} Mpx (see --max-pixels)"
+        )
+
+
+def decode_image(raw: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Open, EXIF-transpose and convert to RGB; any failure becomes a DecodeError with a short message."""
+    data = _read(raw)
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        image = _open(data)
+        _check_pixels(image, max_pixels)
+        # The same two calls, in the same order, as transformers.image_utils.load_image.
+        image = ImageOps.exif_transpose(image)
+        image = image.convert("RGB")
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"over Pillow's decompression-bomb limit: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for corrupt data; each becomes an error row.
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+    return Decoded(image=image, width=image.width, height=image.height)

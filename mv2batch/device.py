@@ -1,0 +1,81 @@
+"""The device stage: choose device and dtype, move uint8 batches there and finish the pixels on whole batches."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .preprocess import PixelNorm
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def pick_device(requested: str, local_rank: int | None = None) -> Any:
+    """auto: cuda (the local rank's GPU under torchrun / Slurm), then mps, then cpu."""
+    import torch
+
+    if not DEVICE_PATTERN.match(requested):
+        raise ConfigError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available here")
+    return device
+
+
+def pick_dtype(requested: str, device: Any) -> Any:
+    """auto is fp32 everywhere for now: exact parity with transformers is the default promise."""
+    import torch
+
+    if requested == "auto":
+        return torch.float32
+    if requested not in DTYPES:
+        raise ConfigError(f"unknown dtype {requested!r}: use auto, fp32, bf16 or fp16")
+    if requested == "fp16" and device.type == "cpu":
+        raise ConfigError("--dtype fp16 is not supported on the CPU: use bf16 or fp32")
+    return getattr(torch, DTYPES[requested])
+
+
+@dataclass
+class PixelStage:
+    """uint8 NHWC on the host to model-ready NCHW on the device: rescale, BGR flip, normalise, cast."""
+
+    norm: PixelNorm
+    device: Any
+    dtype: Any
+    channels_last: bool = False
+
+    def __call__(self, pixels_u8: Any) -> Any:
+        import torch
+
+        x = pixels_u8.to(self.device, non_blocking=True)
+        x = rescale(x, self.norm.rescale_factor)
+        if self.norm.flip_bgr:
+            x = x.flip(-1)
+        x = x.permute(0, 3, 1, 2)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=memory_format)
+
+
+def rescale(x: Any, factor: float | None) -> Any:
+    """uint8 to float32, bit-identical to transformers' numpy rescale (float64 product, cast to float32)."""
+    import torch
+
+    if factor is None:
+        return x.to(torch.float32)
+    if factor == 1 / 255:
+        # A correctly rounded float32 division gives the same 256 values as the float64 route, and runs anywhere.
+        return x.to(torch.float32) / 255
+    return (x.to(torch.float64) * factor).to(torch.float32)

@@ -1,0 +1,93 @@
+"""The report: merge shard markers into OUT/report/summary.parquet (and per_class.parquet when labels are known)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+from .metrics import ClassifyCounts
+from .rundir import RunDir, commit_file, output_errors
+
+
+@dataclass
+class Report:
+    """What a run produced: counts, metrics and where the output is."""
+
+    task: str
+    out: Path
+    dataset: str
+    model: str
+    n_images: int
+    n_errors: int
+    images_per_s: float | None
+    complete: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+    per_class: list[dict] = field(default_factory=list)
+    shards_done: int = 0
+    shards_total: int = 0
+    ran_now: int = 0  # rows processed by this invocation
+    elapsed_s: float = 0.0  # wall time of this invocation, start-up included
+
+    def summary_row(self) -> dict[str, Any]:
+        """The one row of summary.parquet."""
+        return {"task": self.task, "dataset": self.dataset, "model": self.model, "n_images": self.n_images,
+                "n_errors": self.n_errors, "images_per_s": self.images_per_s, **self.metrics}
+
+
+def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], label_names: list[str]) -> Report:
+    """Merge every marker; the report is complete when every planned shard has one."""
+    counts = ClassifyCounts()
+    rows = errors = 0
+    seconds = 0.0
+    for marker in markers.values():
+        rows += marker["rows"]
+        errors += marker["errors"]
+        seconds += marker.get("timings", {}).get("seconds", 0.0)
+        counts = counts.merge(ClassifyCounts.from_json(marker.get("metrics", {})))
+    n_shards = run_info["plan"].get("n_shards")
+    metrics = {"top1": counts.top1_acc(), "top5": counts.top5_acc()} if counts.n else {}
+    return Report(
+        task=run_info["task"], out=rundir.root, dataset=run_info["input"]["description"],
+        model=run_info["model"]["id"], n_images=rows, n_errors=errors,
+        images_per_s=(rows - errors) / seconds if seconds > 0 else None,
+        complete=n_shards is not None and len(markers) == n_shards, metrics=metrics,
+        per_class=_per_class(counts, label_names), shards_done=len(markers), shards_total=n_shards or 0,
+    )
+
+
+def _per_class(counts: ClassifyCounts, names: list[str]) -> list[dict]:
+    return [
+        {"class_id": c, "class_name": names[c] if 0 <= c < len(names) else str(c), "support": n,
+         "top1_acc": counts.top1.get(c, 0) / n, "top5_acc": counts.top5.get(c, 0) / n}
+        for c, n in sorted(counts.support.items())
+    ]
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), temp)
+    commit_file(temp, path)
+
+
+def write_report(report: Report, rundir: RunDir) -> None:
+    """summary.parquet (and per_class.parquet), each written whole then renamed into place."""
+    with output_errors(str(rundir.report)):
+        rundir.report.mkdir(parents=True, exist_ok=True)
+        _write_table([report.summary_row()], rundir.report / "summary.parquet")
+        if report.per_class:
+            _write_table(report.per_class, rundir.report / "per_class.parquet")
+
+
+def load_report(out: Path) -> Report:
+    """Rebuild the report of a finished (or partial) run from its markers."""
+    rundir = RunDir(out)
+    run_info = rundir.read_run()
+    if run_info is None:
+        raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    markers = rundir.committed(run_info["fingerprint"])
+    return build_report(rundir, run_info, markers, run_info["model"].get("labels", []))

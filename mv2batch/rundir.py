@@ -1,0 +1,163 @@
+"""The output directory: run.json and its fingerprint, shard markers, temporary parts, atomic writes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputError
+
+OWNED = ("run.json", "predictions", "shards", "report", "masks", "overlays")
+TEMP_SUFFIX = ".tmp"
+
+
+def fingerprint_of(fields: dict[str, Any]) -> str:
+    """A stable hash of the fields that change a run's outputs."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@contextmanager
+def output_errors(what: str) -> Iterator[None]:
+    """Turn a full disk or a permission problem into one clear OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"disk full while writing {what}: free some space and re-run to continue") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputError(f"cannot write {what}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {what}: {exc}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit_file(temp: Path, final: Path) -> None:
+    """fsync a finished temporary file, rename it into place, fsync the folder."""
+    with open(temp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    with output_errors(str(path)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        commit_file(temp, path)
+
+
+class RunDir:
+    """Paths and state of one OUT directory."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.run_json = self.root / "run.json"
+        self.predictions = self.root / "predictions"
+        self.shards = self.root / "shards"
+        self.report = self.root / "report"
+
+    def part_path(self, shard: int) -> Path:
+        return self.predictions / f"part-{shard:05d}.parquet"
+
+    def part_temp(self, shard: int) -> Path:
+        # A leading dot: pyarrow, DuckDB and Spark skip it when reading predictions/ as a dataset.
+        return self.predictions / f".part-{shard:05d}.parquet{TEMP_SUFFIX}"
+
+    def marker_path(self, shard: int) -> Path:
+        return self.shards / f"{shard:05d}.json"
+
+    def read_run(self) -> dict | None:
+        if not self.run_json.is_file():
+            return None
+        try:
+            return json.loads(self.run_json.read_text())
+        except (OSError, ValueError):
+            raise OutputError(f"{self.run_json} is unreadable: remove it or use --overwrite") from None
+
+    def prepare(self, run_info: dict, overwrite: bool, resume: bool) -> None:
+        """Start a new run, or continue the same one; refuse another run's directory unless overwriting."""
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"output path exists and is not a directory: {self.root}")
+        if overwrite:
+            self._wipe()
+        existing = self.read_run()
+        if existing is None:
+            if resume:
+                raise OutputError(f"nothing to resume: {self.root} holds no mv2batch run")
+            self._refuse_foreign_content()
+        else:
+            self._check_same_run(existing, run_info)
+        with output_errors(str(self.root)):
+            for folder in (self.predictions, self.shards):
+                folder.mkdir(parents=True, exist_ok=True)
+        self.remove_temporaries()
+        if existing is None:
+            write_json_atomic(self.run_json, run_info)
+
+    def _refuse_foreign_content(self) -> None:
+        if self.root.is_dir() and any(self.root.iterdir()):
+            raise OutputError(
+                f"{self.root} is not empty and holds no mv2batch run: choose a new or empty directory"
+            )
+
+    def _check_same_run(self, existing: dict, run_info: dict) -> None:
+        if existing.get("fingerprint") == run_info["fingerprint"]:
+            return
+        before, now = existing.get("fingerprint_fields", {}), run_info["fingerprint_fields"]
+        differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        detail = "; ".join(f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in differing)
+        raise OutputError(
+            f"{self.root} holds a different run ({detail or 'unknown fields'}): "
+            "use another output directory, or --overwrite to replace it"
+        )
+
+    def _wipe(self) -> None:
+        with output_errors(str(self.root)):
+            for name in OWNED:
+                target = self.root / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+
+    def remove_temporaries(self) -> None:
+        """Delete parts a crashed run left half-written; their shards have no marker and run again."""
+        for temp in self.predictions.glob(f".part-*{TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
+
+    def committed(self, fingerprint: str) -> dict[int, dict]:
+        """Markers of this run whose part file is in place, by shard number."""
+        done = {}
+        for marker in sorted(self.shards.glob("*.json")):
+            try:
+                data = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            shard = data.get("shard")
+            if data.get("fingerprint") == fingerprint and isinstance(shard, int) and self.part_path(shard).is_file():
+                done[shard] = data
+        return done
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,140 @@
+"""Sources: folders and `datasets` datasets, each an ordered, indexable list of images behind one interface."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a worker needs to produce one row: the encoded image and its metadata."""
+
+    raw: str | bytes
+    path: str | None
+    label: int | None
+
+
+class Source(Protocol):
+    """What the loader and the writer need from any input."""
+
+    description: str
+    label_names: list[str] | None
+
+    def __len__(self) -> int: ...
+    def item_id(self, index: int) -> str: ...
+    def read(self, index: int) -> Record: ...
+    def fingerprint(self) -> str: ...
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def list_images(root: Path) -> tuple[list[str], int]:
+    """Image paths under root relative to it, sorted, hidden entries skipped; also the count of other files."""
+    found, skipped = [], 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            relative = Path(dirpath, name).relative_to(root)
+            if _is_hidden(relative):
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(relative.as_posix())
+            else:
+                skipped += 1
+    return sorted(found), skipped
+
+
+@dataclass
+class FolderSource:
+    """Every image file under a folder, recursively, in sorted order; id = path relative to the folder."""
+
+    root: Path
+    ids: list[str]
+    skipped_files: int = 0
+    label_names: list[str] | None = None
+    description: str = ""
+
+    @classmethod
+    def open(cls, root: str | Path) -> "FolderSource":
+        """List the folder, or raise InputError when it is missing or holds no images."""
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise InputError(f"input folder not found: {path}")
+        if not path.is_dir():
+            raise InputError(f"input is not a folder: {path}")
+        ids, skipped = list_images(path)
+        if not ids:
+            extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+            raise InputError(f"no images found under {path} (looked for: {extensions})")
+        return cls(root=path.resolve(), ids=ids, skipped_files=skipped, description=f"folder {path}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def read(self, index: int) -> Record:
+        path = str(self.root / self.ids[index])
+        return Record(raw=path, path=path, label=None)
+
+    def fingerprint(self) -> str:
+        """Hash of the listing: ids and file sizes, so a changed file set is a different run."""
+        digest = hashlib.sha256()
+        for item in self.ids:
+            try:
+                size = (self.root / item).stat().st_size
+            except OSError:
+                size = -1
+            digest.update(f"{item}\0{size}\n".encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class DatasetSource:
+    """A map-style `datasets.Dataset`; the image column is read undecoded and decoded in the workers."""
+
+    dataset: Any
+    split: str
+    image_column: str
+    label_column: str | None
+    label_names: list[str] | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item_id(self, index: int) -> str:
+        return f"{self.split}/{index}"
+
+    def read(self, index: int) -> Record:
+        row = self.dataset[index]
+        return cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None)
+
+    def fingerprint(self) -> str:
+        """The dataset's own content fingerprint, with split and length."""
+        own = getattr(self.dataset, "_fingerprint", "")
+        return hashlib.sha256(f"{own}\0{self.split}\0{len(self)}".encode()).hexdigest()
+
+
+def cell_record(cell: Any, label: Any) -> Record:
+    """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record."""
+    path = cell.get("path") if isinstance(cell, dict) else None
+    if isinstance(cell, dict):
+        raw = cell.get("bytes") or cell.get("path") or b""
+    elif isinstance(cell, (bytes, str)):
+        raw = cell
+    else:
+        raw = b""
+    gold = None if label is None or int(label) < 0 else int(label)
+    return Record(raw=raw, path=path, label=gold)

@@ -1,0 +1,87 @@
+"""Random MobileViTV2 checkpoints whose outputs are decisive and input-dependent, for tests, demos and benchmarks.
+
+transformers' default initialisation makes the activations vanish: every image then gets the same flat
+scores and any comparison passes vacuously. These checkpoints use He-initialised convolutions, BatchNorm
+statistics calibrated on real photos, and a classifier scaled until top-1 probabilities look trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+TINY = {"width_multiplier": 0.25, "n_attn_blocks": [1, 1, 1], "base_attn_unit_dims": [32, 48, 64], "image_size": 64}
+SIZES = {"tiny": (TINY, 72, 64), "full": ({"width_multiplier": 1.0, "image_size": 256}, 288, 256)}
+
+
+def _processor(shortest_edge: int, crop: int, resample: int) -> Any:
+    from transformers import MobileViTImageProcessorPil
+
+    return MobileViTImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop},
+                                      resample=resample, do_flip_channel_order=True)
+
+
+def _he_init(model: Any) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
+def _calibrate_batchnorm(model: Any, pixels: Any) -> None:
+    """Running statistics = the statistics of the calibration batch, layer by layer."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one pass sets the batch's statistics exactly
+    model.train()
+    with torch.no_grad():
+        model(pixel_values=pixels)
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+
+
+def _scale_classifier(model: Any, pixels: Any, target_median_top1: float) -> None:
+    """Scale the classifier until the median top-1 probability on the calibration photos reaches the target."""
+    import torch
+
+    classifier = model.classifier
+    with torch.no_grad():
+        features = model.mobilevitv2(pixel_values=pixels).pooler_output  # the backbone runs once
+        base_w, base_b = classifier.weight.clone(), classifier.bias.clone()
+        low, high = 0.01, 1000.0
+        for _ in range(40):
+            scale = (low * high) ** 0.5
+            classifier.weight.copy_(base_w * scale)
+            classifier.bias.copy_(base_b * scale)
+            top1 = classifier(features).softmax(-1).max(-1).values.median().item()
+            low, high = (scale, high) if top1 < target_median_top1 else (low, scale)
+
+
+def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny", num_labels: int = 10,
+                    seed: int = 0, resample: int = 2, target_median_top1: float = 0.7) -> Path:
+    """Save a random, calibrated MobileViTV2ForImageClassification (+ preprocessor) to folder."""
+    import torch
+    from transformers import MobileViTV2Config, MobileViTV2ForImageClassification
+
+    overrides, shortest_edge, crop = SIZES[size]
+    torch.manual_seed(seed)
+    config = MobileViTV2Config(num_labels=num_labels, id2label={i: f"class_{i:04d}" for i in range(num_labels)},
+                               label2id={f"class_{i:04d}": i for i in range(num_labels)}, **overrides)
+    model = MobileViTV2ForImageClassification(config)
+    _he_init(model)
+    processor = _processor(shortest_edge, crop, resample)
+    pixels = processor(images=list(photos), return_tensors="pt")["pixel_values"]
+    _calibrate_batchnorm(model, pixels)
+    _scale_classifier(model, pixels, target_median_top1)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

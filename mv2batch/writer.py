@@ -1,0 +1,160 @@
+"""The writer: rows to one Parquet part per shard, in a background thread, committed by rename, then marked done."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+from .rundir import RunDir, commit_file, write_json_atomic
+
+COMMON_FIELDS = [
+    pa.field("id", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("shard", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+]
+TASK_FIELDS = {
+    "classify": [
+        pa.field("topk_ids", pa.list_(pa.int32())),
+        pa.field("topk_labels", pa.list_(pa.string())),
+        pa.field("topk_scores", pa.list_(pa.float32())),
+        pa.field("label", pa.int32()),
+    ],
+}
+ROW_GROUP_ROWS = 4096
+
+
+def prediction_schema(task: str, metadata: dict[str, Any]) -> pa.Schema:
+    """The Parquet schema of DESIGN.md §3, with the run's identity in the key-value metadata."""
+    encoded = {key: json.dumps(value, default=str) for key, value in metadata.items()}
+    return pa.schema(COMMON_FIELDS + TASK_FIELDS[task], metadata=encoded)
+
+
+class PartWriter:
+    """One shard's Parquet part: buffered rows flushed as row groups into a temporary file."""
+
+    def __init__(self, rundir: RunDir, shard: int, schema: pa.Schema):
+        self.temp, self.final = rundir.part_temp(shard), rundir.part_path(shard)
+        self.schema = schema
+        self.buffer: list[pa.RecordBatch] = []
+        self.buffered = 0
+        self.writer = pq.ParquetWriter(self.temp, schema, compression="zstd")
+
+    def write(self, columns: dict[str, list]) -> None:
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self.buffer.append(batch)
+        self.buffered += batch.num_rows
+        if self.buffered >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_batches(self.buffer, schema=self.schema),
+                                    row_group_size=max(self.buffered, 1))
+        self.buffer, self.buffered = [], 0
+
+    def commit(self) -> None:
+        self._flush()
+        self.writer.close()
+        commit_file(self.temp, self.final)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:
+            pass
+
+
+class BackgroundWriter:
+    """A thread that owns the part writers so that Parquet encoding and disk I/O stay off the compute loop."""
+
+    def __init__(self, rundir: RunDir, schema: pa.Schema, max_pending: int = 16):
+        self.rundir, self.schema = rundir, schema
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.parts: dict[int, PartWriter] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="mv2batch-writer", daemon=True)
+        self.thread.start()
+
+    def write(self, shard: int, columns: dict[str, list]) -> None:
+        """Queue rows of one shard (blocks when the writer is behind, bounding memory)."""
+        self._put(("rows", shard, columns))
+
+    def commit(self, shard: int, marker: dict) -> None:
+        """Queue the commit of a finished shard: close, fsync, rename its part, then write its marker."""
+        self._put(("commit", shard, marker))
+
+    def close(self) -> None:
+        """Finish every queued write; raise the writer's error if it had one."""
+        self._put(("stop", None, None))
+        self.thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop without committing anything still open (their shards run again next time)."""
+        if self.thread.is_alive():
+            self.queue.put(("abort", None, None))
+            self.thread.join()
+
+    def _put(self, item: tuple) -> None:
+        self._raise_if_failed()
+        while self.thread.is_alive():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            kind, shard, payload = self.queue.get()
+            if kind in ("stop", "abort"):
+                self._abort_open()
+                return
+            try:
+                self._handle(kind, shard, payload)
+            except BaseException as exc:  # reported to the main thread on its next call
+                self.error = _as_output_error(exc)
+                self._abort_open()
+                return
+
+    def _handle(self, kind: str, shard: int, payload: Any) -> None:
+        if kind == "rows":
+            if shard not in self.parts:
+                self.parts[shard] = PartWriter(self.rundir, shard, self.schema)
+            self.parts[shard].write(payload)
+        elif kind == "commit":
+            part = self.parts.pop(shard, None) or PartWriter(self.rundir, shard, self.schema)
+            part.commit()
+            write_json_atomic(self.rundir.marker_path(shard), payload)
+
+    def _abort_open(self) -> None:
+        for part in self.parts.values():
+            part.abort()
+        self.parts.clear()
+
+
+def _as_output_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, OutputError):
+        return exc
+    text = str(exc)
+    if "No space left" in text or getattr(exc, "errno", None) == 28:
+        return OutputError("disk full while writing predictions: free some space and re-run to continue")
+    if isinstance(exc, OSError):
+        return OutputError(f"cannot write predictions: {text.splitlines()[0] if text else type(exc).__name__}")
+    return exc

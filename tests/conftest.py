@@ -1,0 +1,109 @@
+"""Shared fixtures: real photos, tiny and full-size random checkpoints, generated odd images, run helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENET_PHOTOS = Path(os.environ.get("MV2BATCH_PHOTOS", REPO.parent / "shared" / "data" / "imagenet-photos"))
+SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def skimage_photos() -> dict[str, Image.Image]:
+    """scikit-image's sample photos as RGB PIL images, by name."""
+    from skimage import data
+
+    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in SKIMAGE_PHOTOS}
+
+
+def imagenet_photo_paths(count: int) -> list[Path]:
+    """Some of the shared ImageNet photos, spread across classes (empty when the folder is absent)."""
+    paths = sorted(IMAGENET_PHOTOS.glob("n*/*.*"))
+    return paths[:: max(1, len(paths) // count)][:count] if paths else []
+
+
+@pytest.fixture(scope="session")
+def calibration_photos() -> list[Image.Image]:
+    """Real photos the random checkpoints are calibrated on."""
+    photos = list(skimage_photos().values())
+    photos += [Image.open(p).convert("RGB") for p in imagenet_photo_paths(12)]
+    return photos
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, calibration_photos) -> Path:
+    """A tiny MobileViTV2 classifier (10 classes, 64x64 input) with decisive, input-dependent outputs."""
+    from mv2batch.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-model"), calibration_photos, size="tiny", num_labels=10)
+
+
+@pytest.fixture(scope="session")
+def full_model(tmp_path_factory, calibration_photos) -> Path:
+    """A MobileViTV2-1.0 classifier of the real size (1000 classes, 288 / 256), random but calibrated."""
+    from mv2batch.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("full-model"), calibration_photos, size="full", num_labels=1000)
+
+
+def save_with_orientation(image: Image.Image, path: Path, orientation: int) -> None:
+    """Save a JPEG whose EXIF orientation tag is set (the pixels stay as stored)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif.tobytes(), quality=92)
+
+
+def write_odd_images(folder: Path) -> list[str]:
+    """Images of every odd mode, size and EXIF orientation; returns their file names (= ids)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    photo = skimage_photos()["chelsea"]
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, photo.size[::-1], dtype=np.uint8)))
+    palette = photo.convert("P", palette=Image.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 3
+    gray16 = Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 200).astype(np.uint16))
+    images = {
+        "mode_L.png": photo.convert("L"),
+        "mode_LA.png": photo.convert("LA"),
+        "mode_P_transparent.png": palette,
+        "mode_RGBA.png": rgba,
+        "mode_CMYK.jpg": photo.convert("CMYK"),
+        "mode_I16.png": gray16,
+        "mode_1.bmp": photo.convert("1"),
+        "tiny_1x1.png": Image.new("RGB", (1, 1), (200, 30, 40)),
+        "strip_1x300.png": Image.fromarray(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8)),
+        "wide_500x40.webp": photo.resize((500, 40)),
+        "Upper_Case.JPG": skimage_photos()["coffee"],
+        "anim.gif": palette.convert("RGB").convert("P"),
+        "photo.tiff": skimage_photos()["astronaut"].resize((300, 200)),
+    }
+    for name, image in images.items():
+        image.save(folder / name)
+    for orientation in range(1, 9):
+        save_with_orientation(photo.crop((0, 0, 300, 180)), folder / f"exif_{orientation}.jpg", orientation)
+    return sorted(images) + [f"exif_{o}.jpg" for o in range(1, 9)]
+
+
+def classify(input_path: Path, out: Path, model: Path, **options):
+    """mv2batch.run for a folder, on the CPU, workers in-process unless told otherwise."""
+    import mv2batch
+    from mv2batch.config import RunConfig
+
+    options.setdefault("workers", 0)
+    options.setdefault("device", "cpu")
+    options.setdefault("source", "folder")
+    config = RunConfig(task="classify", input=str(input_path), out=out, model=str(model), **options)
+    return mv2batch.run(config)
+
+
+def read_rows(out: Path) -> list[dict]:
+    """Every prediction row of a run, sorted by id, read back from the Parquet it wrote."""
+    table = pq.read_table(out / "predictions")
+    return sorted(table.to_pylist(), key=lambda row: row["id"])
