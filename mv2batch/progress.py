@@ -25,17 +25,21 @@ def run_with_progress(config: Any, quiet: bool) -> Any:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} img/s"), TextColumn("errors {task.fields[errors]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(config.task.value, total=None, rate="-", errors=0)
-        started: list[float] = []
+    bar = Progress(*columns, console=console, transient=False)
+    state: dict[str, Any] = {}
 
-        def update(event: Any) -> None:
-            if not started:
-                started.append(time.perf_counter())
-            rate = event.done / max(time.perf_counter() - started[0], 1e-9)
-            bar.update(task, completed=event.done, total=event.total, rate=f"{rate:.1f}", errors=event.errors)
+    def update(event: Any) -> None:
+        if not state:  # the first event comes when images start to flow: start the clock and the bar then
+            state.update(started=time.perf_counter(), task=bar.add_task(config.task.value, total=event.total,
+                                                                          rate="-", errors=0))
+            bar.start()
+        rate = event.done / max(time.perf_counter() - state["started"], 1e-9)
+        bar.update(state["task"], completed=event.done, total=event.total, rate=f"{rate:.1f}", errors=event.errors)
 
+    try:
         report = run(config, update)
+    finally:
+        bar.stop()
     print_report(report, console)
     return report
 

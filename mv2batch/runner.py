@@ -249,6 +249,8 @@ def _process_shards(ctx: Context, shards: list[tuple[int, range]], read: Callabl
     dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels)
     loader = make_loader(dataset, [b for _, b in batches], _workers(ctx), ctx.device.type == "cuda")
     writer = BackgroundWriter(ctx.rundir, prediction_schema("classify", parquet_metadata(ctx.run_info)))
+    if ctx.progress:
+        ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     try:
         with torch.inference_mode():
             for number, _ in batches:

@@ -1,0 +1,86 @@
+"""The worker + device stages reproduce transformers' MobileViTImageProcessor pixel for pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mv2batch.device import PixelStage, rescale
+from mv2batch.preprocess import FULL_RESIZE_MAX_PIXELS, ResizeCrop, hf_preprocessing, paper_preprocessing
+
+
+def _processor(shortest_edge: int, crop: int, resample: int):
+    from transformers import MobileViTImageProcessorPil
+
+    return MobileViTImageProcessorPil(size={"shortest_edge": shortest_edge},
+                                      crop_size={"height": crop, "width": crop}, resample=resample)
+
+
+def _ours(processor, image: Image.Image) -> torch.Tensor:
+    preprocessing = hf_preprocessing(processor)
+    pixels = torch.from_numpy(np.ascontiguousarray(preprocessing.resize_crop(image))[None])
+    return PixelStage(preprocessing.norm, torch.device("cpu"), torch.float32)(pixels)
+
+
+SIZES = [(1, 1), (1, 300), (300, 1), (31, 17), (64, 64), (500, 375), (375, 500), (257, 256), (1023, 7)]
+
+
+@pytest.mark.parametrize("resample", [Image.BILINEAR, Image.BICUBIC])
+@pytest.mark.parametrize("edge_crop", [(288, 256), (72, 64), (32, 48), (65, 63)])
+def test_pixels_are_bit_identical_to_the_image_processor(resample, edge_crop):
+    rng = np.random.default_rng(0)
+    processor = _processor(*edge_crop, resample)
+    for width, height in SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = processor(images=image, return_tensors="pt")["pixel_values"]
+        assert torch.equal(_ours(processor, image), expected), (width, height)
+
+
+def test_crop_larger_than_resized_image_is_zero_padded_like_transformers():
+    processor = _processor(32, 48, Image.BILINEAR)
+    image = Image.new("RGB", (40, 32), (255, 128, 0))
+    ours = _ours(processor, image)
+    assert ours.shape == (1, 3, 48, 48)
+    assert ours[0, :, 0, 0].abs().sum() == 0  # the padding
+    assert torch.equal(ours, processor(images=image, return_tensors="pt")["pixel_values"])
+
+
+def test_rescale_matches_numpy_float64_route_for_every_uint8_value():
+    values = torch.arange(256, dtype=torch.uint8)
+    for factor in (1 / 255, 1 / 127.5, 0.0039):
+        expected = (np.arange(256, dtype=np.float64) * factor).astype(np.float32)
+        assert np.array_equal(rescale(values, factor).numpy(), expected), factor
+
+
+def test_bgr_flip_and_nchw_layout():
+    stage = PixelStage(paper_preprocessing().norm, torch.device("cpu"), torch.float32)
+    pixels = torch.zeros((1, 2, 2, 3), dtype=torch.uint8)
+    pixels[..., 0] = 255  # pure red
+    out = stage(pixels)
+    assert out.shape == (1, 3, 2, 2)
+    assert torch.all(out[0, 2] == 1) and torch.all(out[0, :2] == 0)  # red went to the last channel (BGR)
+
+
+def test_paper_protocol_is_bicubic_288_then_256():
+    paper = paper_preprocessing()
+    assert (paper.resize_crop.shortest_edge, paper.resize_crop.crop_height) == (288, 256)
+    assert paper.resize_crop.resample == Image.BICUBIC
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    expected = _processor(288, 256, Image.BICUBIC)(images=image, return_tensors="pt")["pixel_values"]
+    pixels = torch.from_numpy(np.ascontiguousarray(paper.resize_crop(image))[None])
+    assert torch.equal(PixelStage(paper.norm, torch.device("cpu"), torch.float32)(pixels), expected)
+
+
+def test_extreme_strip_resizes_only_the_crop_window_and_stays_close():
+    """A 1x1000 strip would need a 288x288,000 intermediate; the window resize is within one grey level."""
+    resize_crop = ResizeCrop(shortest_edge=288, crop_height=256, crop_width=256, resample=Image.BILINEAR)
+    strip = Image.fromarray(np.random.default_rng(2).integers(0, 256, (1000, 1, 3), dtype=np.uint8))
+    new_w, new_h = resize_crop.output_size(*strip.size)
+    assert new_w * new_h > FULL_RESIZE_MAX_PIXELS
+    window = resize_crop(strip).astype(int)
+    full = np.asarray(strip.resize((new_w, new_h), Image.BILINEAR))
+    top = (new_h - 256) // 2
+    assert window.shape == (256, 256, 3)
+    assert np.abs(window - full[top : top + 256, :256].astype(int)).max() <= 1
