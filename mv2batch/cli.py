@@ -35,6 +35,7 @@ TopK = Annotated[int, typer.Option("--top-k", help="Labels kept per image.")]
 Preprocess = Annotated[Protocol, typer.Option(help="hf: the checkpoint's own preprocessing; paper: Apple's recipe.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Require an existing run in OUT and continue it.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace whatever run OUT holds.")]
+RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Run the failed rows of finished shards again.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Strict = Annotated[bool, typer.Option("--strict", help=f"Exit with {STRICT_EXIT} when any image failed.")]
 MaxPixels = Annotated[Optional[int], typer.Option(help="Refuse images larger than this many pixels (default: Pillow's limit).")]
@@ -67,7 +68,8 @@ def classify_folder(
     out: Out, model: Model = None, revision: Revision = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
     batch_size: BatchSize = 32, workers: Workers = None, compile: Compile = False, limit: Limit = None,
     shard_size: ShardSize = None, top_k: TopK = 5, preprocess: Preprocess = Protocol.hf, resume: Resume = False,
-    overwrite: Overwrite = False, max_pixels: MaxPixels = None, quiet: Quiet = False, strict: Strict = False,
+    overwrite: Overwrite = False, retry_errors: RetryErrors = False, max_pixels: MaxPixels = None,
+    quiet: Quiet = False, strict: Strict = False,
 ) -> None:
     """Classify every image under FOLDER.
 
@@ -76,7 +78,7 @@ def classify_folder(
     _run(quiet, strict, task="classify", source="folder", input=str(folder), out=out, model=model,
          revision=revision, device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile,
          limit=limit, shard_size=shard_size, top_k=top_k, preprocess=preprocess, resume=resume,
-         overwrite=overwrite, max_pixels=max_pixels)
+         overwrite=overwrite, retry_errors=retry_errors, max_pixels=max_pixels)
 
 
 @classify_app.command("dataset")
@@ -90,7 +92,8 @@ def classify_dataset(
     model: Model = None, revision: Revision = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
     batch_size: BatchSize = 32, workers: Workers = None, compile: Compile = False, limit: Limit = None,
     shard_size: ShardSize = None, top_k: TopK = 5, preprocess: Preprocess = Protocol.hf, resume: Resume = False,
-    overwrite: Overwrite = False, max_pixels: MaxPixels = None, quiet: Quiet = False, strict: Strict = False,
+    overwrite: Overwrite = False, retry_errors: RetryErrors = False, max_pixels: MaxPixels = None,
+    quiet: Quiet = False, strict: Strict = False,
 ) -> None:
     """Classify every image of a Hugging Face dataset.
 
@@ -99,12 +102,13 @@ def classify_dataset(
     _run(quiet, strict, task="classify", source="dataset", input=name, out=out, split=split, streaming=streaming,
          image_column=image_column, label_column=label_column, model=model, revision=revision, device=device,
          dtype=dtype, batch_size=batch_size, workers=workers, compile=compile, limit=limit, shard_size=shard_size,
-         top_k=top_k, preprocess=preprocess, resume=resume, overwrite=overwrite, max_pixels=max_pixels)
+         top_k=top_k, preprocess=preprocess, resume=resume, overwrite=overwrite, retry_errors=retry_errors,
+         max_pixels=max_pixels)
 
 
 @app.command("report")
 def report_command(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
-    """Print the report of a run (rebuilt from its shard markers).
+    """Print the report of a run, rebuilt from its shard markers (and rewritten in OUT/report/ when complete).
 
     Example: mv2batch report out/
     """

@@ -52,6 +52,7 @@ class RunConfig:
     preprocess: Protocol = Protocol.hf
     resume: bool = False
     overwrite: bool = False
+    retry_errors: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     split: str | None = None
     streaming: bool = False

@@ -41,6 +41,10 @@ class Rank:
     def owns(self, shard: int) -> bool:
         return shard % self.world_size == self.rank
 
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
 
 ENV_SCHEMES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
 
@@ -59,3 +63,34 @@ def rank_from_env(environ: dict | None = None) -> Rank:
                 raise ConfigError(f"{rank_var}={rank} is outside 0..{world - 1}")
             return Rank(rank, world, local)
     return Rank()
+
+
+class Group:
+    """Barriers between the processes of one run, where torchrun gives a rendezvous (gloo, CPU only).
+
+    Under Slurm alone there is none: processes then coordinate through the files in OUT only.
+    """
+
+    def __init__(self, rank: Rank, environ: dict | None = None):
+        env = os.environ if environ is None else environ
+        self.active = rank.world_size > 1 and "MASTER_ADDR" in env and "MASTER_PORT" in env
+        self.started_here = False
+        if self.active:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", rank=rank.rank, world_size=rank.world_size)
+                self.started_here = True
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (no-op without a rendezvous)."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

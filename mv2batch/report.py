@@ -84,10 +84,15 @@ def write_report(report: Report, rundir: RunDir) -> None:
 
 
 def load_report(out: Path) -> Report:
-    """Rebuild the report of a finished (or partial) run from its markers."""
+    """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
     rundir = RunDir(out)
+    if not rundir.root.is_dir():
+        raise OutputError(f"no such output directory: {out}")
     run_info = rundir.read_run()
     if run_info is None:
         raise OutputError(f"{out} holds no mv2batch run (no run.json)")
     markers = rundir.committed(run_info["fingerprint"])
-    return build_report(rundir, run_info, markers, run_info["model"].get("labels", []))
+    report = build_report(rundir, run_info, markers, run_info["model"].get("labels", []))
+    if report.complete:
+        write_report(report, rundir)
+    return report

@@ -9,7 +9,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import OutputError
 
@@ -93,8 +93,12 @@ class RunDir:
         except (OSError, ValueError):
             raise OutputError(f"{self.run_json} is unreadable: remove it or use --overwrite") from None
 
-    def prepare(self, run_info: dict, overwrite: bool, resume: bool) -> None:
-        """Start a new run, or continue the same one; refuse another run's directory unless overwriting."""
+    def prepare(self, run_info: dict, overwrite: bool, resume: bool, owns: Callable[[int], bool] = lambda s: True) -> None:
+        """Start a new run, or continue the same one; refuse another run's directory unless overwriting.
+
+        `owns` tells which shards this process runs: only their leftovers are removed, since another
+        process of the same run may be writing its own at this moment.
+        """
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"output path exists and is not a directory: {self.root}")
         if overwrite:
@@ -109,12 +113,14 @@ class RunDir:
         with output_errors(str(self.root)):
             for folder in (self.predictions, self.shards):
                 folder.mkdir(parents=True, exist_ok=True)
-        self.remove_temporaries()
+        self.remove_temporaries(owns)
         if existing is None:
             write_json_atomic(self.run_json, run_info)
 
     def _refuse_foreign_content(self) -> None:
-        if self.root.is_dir() and any(self.root.iterdir()):
+        # Our own folders without run.json: another process of this run is creating it right now.
+        if self.root.is_dir() and any(p.name not in OWNED and p.name != f".run.json{TEMP_SUFFIX}"
+                                      for p in self.root.iterdir()):
             raise OutputError(
                 f"{self.root} is not empty and holds no mv2batch run: choose a new or empty directory"
             )
@@ -139,10 +145,12 @@ class RunDir:
                 elif target.exists():
                     target.unlink()
 
-    def remove_temporaries(self) -> None:
+    def remove_temporaries(self, owns: Callable[[int], bool] = lambda s: True) -> None:
         """Delete parts a crashed run left half-written; their shards have no marker and run again."""
         for temp in self.predictions.glob(f".part-*{TEMP_SUFFIX}"):
-            temp.unlink(missing_ok=True)
+            number = temp.name.removeprefix(".part-").split(".")[0]
+            if not number.isdigit() or owns(int(number)):
+                temp.unlink(missing_ok=True)
 
     def committed(self, fingerprint: str) -> dict[int, dict]:
         """Markers of this run whose part file is in place, by shard number."""

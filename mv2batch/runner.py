@@ -12,7 +12,7 @@ from .config import Protocol, RunConfig, SourceKind
 from .errors import ConfigError
 from .loader import ImageDataset, make_loader, shard_batches
 from .metrics import ClassifyCounts
-from .plan import DEFAULT_SHARD_SIZE, Rank, ShardPlan, rank_from_env
+from .plan import DEFAULT_SHARD_SIZE, Group, Rank, ShardPlan, rank_from_env
 from .preprocess import Preprocessing, hf_preprocessing, paper_preprocessing
 from .report import Report, build_report, write_report
 from .rundir import RunDir, fingerprint_of, write_json_atomic
@@ -54,14 +54,21 @@ class Context:
 def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
     """Run one classification job end to end and return its report (the library's main entry point)."""
     started = time.perf_counter()
-    ctx = _prepare(config, progress)
-    streaming = not hasattr(ctx.source, "read")
-    done = ctx.rundir.committed(ctx.run_info["fingerprint"])
-    if streaming:
-        _run_stream(ctx, done)
-    else:
-        _run_planned(ctx, done)
-    return _finish(ctx, time.perf_counter() - started)
+    rank = rank_from_env()
+    group = Group(rank)
+    try:
+        ctx = _prepare(config, progress, rank, group)
+        done = ctx.rundir.committed(ctx.run_info["fingerprint"])
+        if config.retry_errors:
+            _retry_errors(ctx, done)
+        if hasattr(ctx.source, "read"):
+            _run_planned(ctx, done)
+        else:
+            _run_stream(ctx, done)
+        group.barrier()
+        return _finish(ctx, time.perf_counter() - started, write=rank.is_first or not group.active)
+    finally:
+        group.close()
 
 
 def open_source(config: RunConfig) -> Any:
@@ -75,7 +82,7 @@ def open_source(config: RunConfig) -> Any:
     return open_dataset(spec)
 
 
-def _prepare(config: RunConfig, progress: ProgressCallback | None) -> Context:
+def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, group: Group) -> Context:
     task = config.task.value
     model_name = config.model or models.DEFAULT_MODELS[task]
     resolved = models.resolve_model(model_name, config.revision)
@@ -83,7 +90,6 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None) -> Context:
     models.check_head(model_config, task, model_name)
     preprocessing = _preprocessing(config, resolved.folder, model_name)
     source = open_source(config)
-    rank = rank_from_env()
     from .device import pick_device, pick_dtype
 
     device = pick_device(config.device, rank.local_rank)
@@ -91,13 +97,25 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None) -> Context:
     labels = models.label_names(model_config)
     run_info = _describe_run(config, source, resolved, preprocessing, dtype, labels)
     rundir = RunDir(config.out)
-    rundir.prepare(run_info, config.overwrite, config.resume)
+    _prepare_rundir(rundir, run_info, config, rank, group)
     ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, device=device, progress=progress)
     ctx.model = _place_model(models.load_weights(resolved.folder, task, model_name), device, dtype, config.compile)
     from .device import PixelStage
 
     ctx.pixel_stage = PixelStage(preprocessing.norm, device, dtype)
     return ctx
+
+
+def _prepare_rundir(rundir: RunDir, run_info: dict, config: RunConfig, rank: Rank, group: Group) -> None:
+    """The first process creates (or wipes) OUT; the others join once it has, where a barrier allows."""
+    if rank.world_size > 1 and config.overwrite and not group.active:
+        raise ConfigError("--overwrite needs one process (or torchrun) to clear OUT before the others start: "
+                          "clear OUT first, then launch the processes without --overwrite")
+    if rank.is_first:
+        rundir.prepare(run_info, config.overwrite, config.resume, rank.owns)
+    group.barrier()
+    if not rank.is_first:
+        rundir.prepare(run_info, False, config.resume, rank.owns)
 
 
 def _preprocessing(config: RunConfig, folder: Any, model_name: str) -> Preprocessing:
@@ -236,39 +254,82 @@ def _stream_chunks(records: Iterable[Record], size: int, limit: int | None) -> I
         yield number, start, chunk
 
 
-def _process_shards(ctx: Context, shards: list[tuple[int, range]], read: Callable, item_id: Callable) -> None:
-    """Run the given shards through one DataLoader, committing each shard when its last batch is written."""
+def _predict(ctx: Context, batches: list[tuple[int, list[int]]], read: Callable, item_id: Callable,
+             states: dict[int, ShardState]) -> Iterator[tuple[int, dict[str, list]]]:
+    """Run the index batches through one DataLoader and the model; yield each batch's rows with its shard."""
     import torch
 
+    dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels)
+    loader = make_loader(dataset, [b for _, b in batches], _workers(ctx), ctx.device.type == "cuda")
+    if ctx.progress:
+        ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+    with torch.inference_mode():
+        for number, _ in batches:
+            state = states[number]
+            waited = time.perf_counter()
+            batch = next(loader)
+            state.started = state.started or waited
+            state.wait_s += time.perf_counter() - waited
+            yield number, _batch_rows(ctx, state, batch, item_id)
+            if ctx.progress:
+                ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+
+
+def _process_shards(ctx: Context, shards: list[tuple[int, range]], read: Callable, item_id: Callable) -> None:
+    """Run the given shards through one DataLoader, committing each shard when its last batch is written."""
     from .writer import BackgroundWriter, prediction_schema
 
     if not shards:
         return
     batches = [(number, b) for number, indices in shards for b in shard_batches([indices], ctx.config.batch_size)]
     states = {number: ShardState(number, sum(1 for n, _ in batches if n == number)) for number, _ in shards}
-    dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels)
-    loader = make_loader(dataset, [b for _, b in batches], _workers(ctx), ctx.device.type == "cuda")
     writer = BackgroundWriter(ctx.rundir, prediction_schema("classify", parquet_metadata(ctx.run_info)))
-    if ctx.progress:
-        ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     try:
-        with torch.inference_mode():
-            for number, _ in batches:
-                state = states[number]
-                waited = time.perf_counter()
-                batch = next(loader)
-                state.started = state.started or waited
-                state.wait_s += time.perf_counter() - waited
-                writer.write(number, _batch_rows(ctx, state, batch, item_id))
-                state.remaining_batches -= 1
-                if state.remaining_batches == 0:
-                    writer.commit(number, _marker(ctx, state))
-                if ctx.progress:
-                    ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+        for number, columns in _predict(ctx, batches, read, item_id, states):
+            writer.write(number, columns)
+            state = states[number]
+            state.remaining_batches -= 1
+            if state.remaining_batches == 0:
+                writer.commit(number, _marker(ctx, state))
         writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def _retry_errors(ctx: Context, done: dict[int, dict]) -> None:
+    """Run the failed rows of committed shards again; rewrite each such shard with the new rows in place."""
+    if not hasattr(ctx.source, "read"):
+        raise ConfigError("--retry-errors needs a folder or a non-streaming dataset")
+    plan = ShardPlan(ctx.run_info["plan"]["n_items"], ctx.run_info["plan"]["shard_size"])
+    retry = {n: m for n, m in sorted(done.items()) if m["errors"] and ctx.rank.owns(n)}
+    for number, marker in retry.items():
+        _retry_shard(ctx, number, marker, plan.shard(number))
+
+
+def _retry_shard(ctx: Context, number: int, marker: dict, indices: range) -> None:
+    import pyarrow.parquet as pq
+
+    from .writer import PartWriter, prediction_schema
+
+    part = ctx.rundir.part_path(number)
+    rows = pq.read_table(part).to_pylist()
+    failed = [position for position, row in enumerate(rows) if row["status"] == "error"]
+    state = ShardState(number, 0)
+    batches = [(number, b) for b in shard_batches([[indices[p] for p in failed]], ctx.config.batch_size)]
+    ctx.total = (ctx.total or 0) + len(failed)
+    new_rows = []
+    for _, columns in _predict(ctx, batches, ctx.source.read, ctx.source.item_id, {number: state}):
+        new_rows += [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for position, row in zip(failed, new_rows):
+        rows[position] = row
+    writer = PartWriter(ctx.rundir, number, prediction_schema("classify", parquet_metadata(ctx.run_info)))
+    writer.write({name: [row[name] for row in rows] for name in rows[0]})
+    merged = ClassifyCounts.from_json(marker["metrics"]).merge(state.counts)
+    writer.commit()
+    updated = {**marker, "errors": sum(row["status"] == "error" for row in rows), "metrics": merged.to_json(),
+               "retried": marker.get("retried", 0) + 1}
+    write_json_atomic(ctx.rundir.marker_path(number), updated)
 
 
 def _batch_rows(ctx: Context, state: ShardState, batch: Any, item_id: Callable) -> dict[str, list]:
@@ -328,11 +389,12 @@ def _marker(ctx: Context, state: ShardState) -> dict:
     }
 
 
-def _finish(ctx: Context, elapsed: float) -> Report:
+def _finish(ctx: Context, elapsed: float, write: bool) -> Report:
+    """Merge every marker; write the report once every shard of the plan is done (by one process)."""
     markers = ctx.rundir.committed(ctx.run_info["fingerprint"])
     report = build_report(ctx.rundir, ctx.run_info, markers, ctx.labels)
     report.ran_now = ctx.done
     report.elapsed_s = elapsed
-    if report.complete:
+    if report.complete and write:
         write_report(report, ctx.rundir)
     return report

@@ -1,0 +1,186 @@
+"""Shards: resumption after SIGKILL, torchrun / Slurm process sharing, retries, full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import classify, read_rows, skimage_photos
+from mv2batch.errors import OutputError
+from mv2batch.plan import Rank, rank_from_env
+
+STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
+
+
+def _photos(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(skimage_photos().values())
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        photo = base[i % len(base)].resize(size)
+        noise = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(np.asarray(photo) // 2 + noise).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return folder
+
+
+def _cli(folder: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return ["-m", "mv2batch", "classify", "folder", str(folder), "-o", str(out), "--model", str(model),
+            "--device", "cpu", "--workers", "0", "--quiet", *extra]
+
+
+def _summary(out: Path) -> dict:
+    row = pq.read_table(out / "report" / "summary.parquet").to_pylist()[0]
+    return {key: row[key] for key in STABLE_SUMMARY}
+
+
+def _assert_same_output(out: Path, reference: Path) -> None:
+    rows, expected = read_rows(out), read_rows(reference)
+    assert [r["id"] for r in rows] == [r["id"] for r in expected]  # none missing, none duplicated
+    for row, want in zip(rows, expected):
+        assert row["topk_ids"] == want["topk_ids"], row["id"]
+        np.testing.assert_allclose(row["topk_scores"], want["topk_scores"], atol=1e-6)
+        assert (row["status"], row["shard"], row["width"], row["height"]) == (
+            want["status"], want["shard"], want["width"], want["height"])
+    assert _summary(out) == _summary(reference)
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """Twenty photos and the output of one uninterrupted run over them, in shards of 3."""
+    root = tmp_path_factory.mktemp("shards")
+    folder = _photos(root / "images", 20)
+    classify(folder, root / "reference", tiny_model, shard_size=3, batch_size=1)
+    return folder, root / "reference"
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(reference, tiny_model, tmp_path):
+    folder, expected = reference
+    out = tmp_path / "out"
+    args = _cli(folder, out, tiny_model, "--shard-size", "3", "--batch-size", "1")
+    process = subprocess.Popen([sys.executable, *args])
+    killed_with_temp = _kill_during_a_shard(process, out, after_markers=2)
+    markers = list((out / "shards").glob("*.json"))
+    assert 2 <= len(markers) < 7, "the kill must land mid-run"
+    assert killed_with_temp, "the kill must land while a shard's part was being written"
+    subprocess.run([sys.executable, *args], check=True, timeout=120)
+    _assert_same_output(out, expected)
+
+
+def _kill_during_a_shard(process: subprocess.Popen, out: Path, after_markers: int) -> bool:
+    """SIGKILL the run once enough shards are committed and the next one's temporary part exists."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        markers = len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
+        temps = list((out / "predictions").glob(".part-*.tmp")) if (out / "predictions").is_dir() else []
+        if markers >= after_markers and temps:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_give_the_single_process_output(reference, tiny_model, tmp_path):
+    folder, expected = reference
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), *_cli(folder, out, tiny_model, "--shard-size", "3",
+                                                          "--batch-size", "1")]
+    subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _assert_same_output(out, expected)
+    ranks = {json.loads(m.read_text())["rank"] for m in (out / "shards").glob("*.json")}
+    assert ranks == {0, 1}
+
+
+def test_slurm_variables_select_the_same_shards_as_torchrun():
+    for world in (1, 2, 3, 8):
+        for rank in range(world):
+            torchrun = rank_from_env({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % 4)})
+            slurm = rank_from_env({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world),
+                                   "SLURM_LOCALID": str(rank % 4)})
+            assert torchrun == slurm == Rank(rank, world, rank % 4)
+            assert [s for s in range(20) if slurm.owns(s)] == list(range(rank, 20, world))
+    assert rank_from_env({}) == Rank(0, 1, None)
+
+
+def test_slurm_tasks_run_one_after_another_complete_the_run(reference, tiny_model, tmp_path, monkeypatch):
+    folder, expected = reference
+    out = tmp_path / "out"
+    for rank in (1, 0):  # in any order; the last one to finish writes the report
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        report = classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    assert report.complete
+    _assert_same_output(out, expected)
+
+
+def test_retry_errors_reruns_only_failed_rows(reference, tiny_model, tmp_path, monkeypatch):
+    import mv2batch.loader as loader
+
+    folder, expected = reference
+    out = tmp_path / "out"
+    real_decode = loader.decode_image
+
+    def flaky(raw, max_pixels):
+        if str(raw).endswith(("img_004.jpg", "img_011.jpg")):
+            raise loader.DecodeError("transient read error")
+        return real_decode(raw, max_pixels)
+
+    monkeypatch.setattr(loader, "decode_image", flaky)
+    first = classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    assert first.n_errors == 2
+    monkeypatch.setattr(loader, "decode_image", real_decode)
+    second = classify(folder, out, tiny_model, shard_size=3, batch_size=1, retry_errors=True)
+    assert second.n_errors == 0 and second.ran_now == 2
+    _assert_same_output(out, expected)
+
+
+def test_full_disk_is_one_clear_error_and_a_rerun_continues(reference, tiny_model, tmp_path, monkeypatch):
+    import mv2batch.writer as writer
+
+    folder, expected = reference
+    out = tmp_path / "out"
+    real_write, calls = writer.PartWriter.write, []
+
+    def write_until_full(self, columns):
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, columns)
+
+    monkeypatch.setattr(writer.PartWriter, "write", write_until_full)
+    with pytest.raises(OutputError, match="disk full"):
+        classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    done = {int(m.stem) for m in (out / "shards").glob("*.json")}
+    assert done and done < set(range(7)), "the shard in flight must not be marked done"
+    monkeypatch.setattr(writer.PartWriter, "write", real_write)
+    classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    _assert_same_output(out, expected)
+
+
+def test_unwritable_output_is_one_clear_error(reference, tiny_model, tmp_path):
+    folder, _ = reference
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError):
+        classify(folder, blocker / "out", tiny_model)
