@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -12,36 +13,67 @@ from .config import Dtype, Protocol
 from .errors import Mv2batchError
 
 app = typer.Typer(
-    help="Run Apple's MobileViTV2 models over folders and datasets; write predictions to Parquet.",
+    help="Run Apple's MobileViTV2 models over folders and datasets; write predictions to Parquet."
+         "\n\nExample: mv2batch classify folder photos/ -o out/",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-classify_app = typer.Typer(help="Top-k ImageNet labels for every image.", no_args_is_help=True)
+classify_app = typer.Typer(help="Top-k ImageNet labels for every image."
+                                "\n\nExample: mv2batch classify folder photos/ -o out/ --top-k 5", no_args_is_help=True)
+segment_app = typer.Typer(help="Per-pixel class masks at each image's original size."
+                               "\n\nExample: mv2batch segment folder photos/ -o out/", no_args_is_help=True)
 app.add_typer(classify_app, name="classify")
+app.add_typer(segment_app, name="segment")
 
 STRICT_EXIT = 6
 INTERRUPTED_EXIT = 130
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created; resumable).")]
-Model = Annotated[Optional[str], typer.Option(help="Hub id or local folder (default: apple/mobilevitv2-1.0-imagenet1k-256).")]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision: branch, tag or commit.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Model precision (auto = fp32, exact).")]
-BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
-Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from device and cores).")]
-Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
-Limit = Annotated[Optional[int], typer.Option(help="Only the first N images.")]
-ShardSize = Annotated[Optional[int], typer.Option(help="Images per shard / Parquet part (default: 10000).")]
-TopK = Annotated[int, typer.Option("--top-k", help="Labels kept per image.")]
-Preprocess = Annotated[Protocol, typer.Option(help="hf: the checkpoint's own preprocessing; paper: Apple's recipe.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Require an existing run in OUT and continue it.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace whatever run OUT holds.")]
-RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Run the failed rows of finished shards again.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
-Strict = Annotated[bool, typer.Option("--strict", help=f"Exit with {STRICT_EXIT} when any image failed.")]
-MaxPixels = Annotated[Optional[int], typer.Option(help="Refuse images larger than this many pixels (default: Pillow's limit).")]
+
+def _option(help_text: str, *names: str) -> Any:
+    return typer.Option(*names, help=help_text)
 
 
-def _run(quiet: bool, strict: bool, **options) -> None:
+# (name, type, default, Option) shared by every run command, in the order --help lists them.
+RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
+    ("out", Path, inspect.Parameter.empty, _option("Output directory (created; resumable).", "--out", "-o")),
+    ("model", Optional[str], None, _option("Hub id or local folder (default: the task's Apple checkpoint).")),
+    ("revision", Optional[str], None, _option("Hub revision: branch, tag or commit.")),
+    ("device", str, "auto", _option("auto, cpu, cuda, cuda:N or mps.")),
+    ("dtype", Dtype, Dtype.auto, _option("Model precision (auto = fp32, exact).")),
+    ("batch_size", int, 32, _option("Images per forward pass.")),
+    ("workers", Optional[int], None, _option("DataLoader worker processes (default: from device and cores).")),
+    ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),
+    ("limit", Optional[int], None, _option("Only the first N images.")),
+    ("shard_size", Optional[int], None, _option("Images per shard / Parquet part "
+                                                "(default: 10000 classify, 1000 segment).")),
+    ("preprocess", Optional[Protocol], None, _option("hf: transformers' own; paper: Apple's recipe (default: hf "
+                                                    "for classify, paper for segment).")),
+    ("resume", bool, False, _option("Require an existing run in OUT and continue it.", "--resume")),
+    ("overwrite", bool, False, _option("Replace whatever run OUT holds.", "--overwrite")),
+    ("retry_errors", bool, False, _option("Run the failed rows of finished shards again.", "--retry-errors")),
+    ("max_pixels", Optional[int], None, _option("Refuse images larger than this many pixels "
+                                                "(default: Pillow's limit).")),
+    ("quiet", bool, False, _option("No progress bar or summary.", "--quiet", "-q")),
+    ("strict", bool, False, _option(f"Exit with {STRICT_EXIT} when any image failed.", "--strict")),
+]
+FOLDER_ARGUMENT = [("input", Path, inspect.Parameter.empty,
+                    typer.Argument(help="Folder of images, searched recursively.", metavar="DIR"))]
+DATASET_ARGUMENT = [("input", str, inspect.Parameter.empty,
+                     typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.",
+                                    metavar="NAME|PATH"))]
+DATASET_OPTIONS = [
+    ("split", Optional[str], None, _option("Split to read (default: the only one).")),
+    ("streaming", bool, False, _option("Stream instead of downloading whole.", "--streaming")),
+    ("image_column", Optional[str], None, _option("Image column (default: the datasets.Image one).")),
+    ("label_column", Optional[str], None, _option("Gold label column (default: the ClassLabel one).")),
+]
+CLASSIFY_OPTIONS = [("top_k", int, 5, _option("Labels kept per image.", "--top-k"))]
+SEGMENT_OPTIONS = [
+    ("masks_dir", Optional[Path], None, _option("Also save each mask as a palette PNG here, named after its id.")),
+    ("overlays_dir", Optional[Path], None, _option("Also save each photo blended with its mask here.")),
+]
+
+
+def _run(quiet: bool, strict: bool, **options: Any) -> None:
     from .config import RunConfig
     from .progress import run_with_progress
 
@@ -62,48 +94,37 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@classify_app.command("folder")
-def classify_folder(
-    folder: Annotated[Path, typer.Argument(help="Folder of images, searched recursively.")],
-    out: Out, model: Model = None, revision: Revision = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
-    batch_size: BatchSize = 32, workers: Workers = None, compile: Compile = False, limit: Limit = None,
-    shard_size: ShardSize = None, top_k: TopK = 5, preprocess: Preprocess = Protocol.hf, resume: Resume = False,
-    overwrite: Overwrite = False, retry_errors: RetryErrors = False, max_pixels: MaxPixels = None,
-    quiet: Quiet = False, strict: Strict = False,
-) -> None:
-    """Classify every image under FOLDER.
+def _run_command(task: str, source: str, options: list[tuple], doc: str) -> Callable[..., None]:
+    """A Typer command whose parameters are `options`: every run command shares one definition."""
 
-    Example: mv2batch classify folder photos/ -o out/ --top-k 5
-    """
-    _run(quiet, strict, task="classify", source="folder", input=str(folder), out=out, model=model,
-         revision=revision, device=device, dtype=dtype, batch_size=batch_size, workers=workers, compile=compile,
-         limit=limit, shard_size=shard_size, top_k=top_k, preprocess=preprocess, resume=resume,
-         overwrite=overwrite, retry_errors=retry_errors, max_pixels=max_pixels)
+    def command(**values: Any) -> None:
+        values["input"] = str(values["input"])
+        _run(values.pop("quiet"), values.pop("strict"), task=task, source=source, **values)
+
+    parameters = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                    annotation=Annotated[kind, info]) for name, kind, default, info in options]
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = doc
+    return command
 
 
-@classify_app.command("dataset")
-def classify_dataset(
-    name: Annotated[str, typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.")],
-    out: Out,
-    split: Annotated[Optional[str], typer.Option(help="Split to read (default: the only one).")] = None,
-    streaming: Annotated[bool, typer.Option("--streaming", help="Stream instead of downloading whole.")] = False,
-    image_column: Annotated[Optional[str], typer.Option(help="Image column (default: the datasets.Image one).")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Gold label column (default: the ClassLabel one).")] = None,
-    model: Model = None, revision: Revision = None, device: Device = "auto", dtype: DtypeOpt = Dtype.auto,
-    batch_size: BatchSize = 32, workers: Workers = None, compile: Compile = False, limit: Limit = None,
-    shard_size: ShardSize = None, top_k: TopK = 5, preprocess: Preprocess = Protocol.hf, resume: Resume = False,
-    overwrite: Overwrite = False, retry_errors: RetryErrors = False, max_pixels: MaxPixels = None,
-    quiet: Quiet = False, strict: Strict = False,
-) -> None:
-    """Classify every image of a Hugging Face dataset.
-
-    Example: mv2batch classify dataset ./my_saved_dataset -o out/ --split test
-    """
-    _run(quiet, strict, task="classify", source="dataset", input=name, out=out, split=split, streaming=streaming,
-         image_column=image_column, label_column=label_column, model=model, revision=revision, device=device,
-         dtype=dtype, batch_size=batch_size, workers=workers, compile=compile, limit=limit, shard_size=shard_size,
-         top_k=top_k, preprocess=preprocess, resume=resume, overwrite=overwrite, retry_errors=retry_errors,
-         max_pixels=max_pixels)
+COMMANDS = [
+    (classify_app, "folder", "classify", FOLDER_ARGUMENT, CLASSIFY_OPTIONS,
+     "Classify every image under DIR.\n\nExample: mv2batch classify folder photos/ -o out/ --top-k 5"),
+    (classify_app, "dataset", "classify", DATASET_ARGUMENT, DATASET_OPTIONS + CLASSIFY_OPTIONS,
+     "Classify every image of a Hugging Face dataset.\n\n"
+     "Example: mv2batch classify dataset ./my_saved_dataset -o out/ --split test"),
+    (segment_app, "folder", "segment", FOLDER_ARGUMENT, SEGMENT_OPTIONS,
+     "Segment every image under DIR (masks at the original size).\n\n"
+     "Example: mv2batch segment folder photos/ -o out/ --masks-dir masks/"),
+    (segment_app, "dataset", "segment", DATASET_ARGUMENT, DATASET_OPTIONS + SEGMENT_OPTIONS,
+     "Segment every image of a Hugging Face dataset.\n\n"
+     "Example: mv2batch segment dataset ./my_saved_dataset -o out/ --split validation"),
+]
+for sub_app, source_kind, task_name, argument, specific, help_doc in COMMANDS:
+    parameters = argument + RUN_OPTIONS[:1] + specific + RUN_OPTIONS[1:]  # the input, -o, then the rest
+    sub_app.command(source_kind)(_run_command(task_name, source_kind, parameters, help_doc))
 
 
 @app.command("report")

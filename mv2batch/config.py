@@ -12,6 +12,7 @@ from .errors import ConfigError
 
 class Task(str, Enum):
     classify = "classify"
+    segment = "segment"
 
 
 class SourceKind(str, Enum):
@@ -49,7 +50,7 @@ class RunConfig:
     limit: int | None = None
     shard_size: int | None = None  # None: the task's default
     top_k: int = 5
-    preprocess: Protocol = Protocol.hf
+    preprocess: Protocol | None = None  # None: the task's default (classify: hf, segment: paper)
     resume: bool = False
     overwrite: bool = False
     retry_errors: bool = False
@@ -58,13 +59,19 @@ class RunConfig:
     streaming: bool = False
     image_column: str | None = None
     label_column: str | None = None
+    masks_dir: Path | None = None
+    overlays_dir: Path | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
         object.__setattr__(self, "source", SourceKind(self.source))
         object.__setattr__(self, "dtype", Dtype(self.dtype))
-        object.__setattr__(self, "preprocess", Protocol(self.preprocess))
+        if self.preprocess is not None:
+            object.__setattr__(self, "preprocess", Protocol(self.preprocess))
+        for name in ("masks_dir", "overlays_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "out", Path(self.out))
         self._validate()
 
@@ -78,5 +85,7 @@ class RunConfig:
             raise ConfigError(f"--workers must be 0 or more (got {self.workers})")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
+        if self.task is Task.classify and (self.masks_dir or self.overlays_dir):
+            raise ConfigError("--masks-dir and --overlays-dir apply to segmentation")
         if self.source is SourceKind.folder and self.streaming:
             raise ConfigError("--streaming applies to datasets, not folders")

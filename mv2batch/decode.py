@@ -34,11 +34,17 @@ def _read(raw: str | Path | bytes) -> bytes:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
 
 
-def _open(data: bytes) -> Image.Image:
-    # Pillow warns between its limit and twice its limit; _check_pixels turns both into one error.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data))
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    # Pillow warns above its limit and refuses above twice it; _check_pixels applies ours instead, so a
+    # --max-pixels above Pillow's default is honoured. Decoding runs in one thread per process.
+    default = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, default or 0) if default else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = default
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
@@ -56,15 +62,34 @@ def decode_image(raw: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) 
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        image = _open(data)
+        image = _open(data, max_pixels)
         _check_pixels(image, max_pixels)
         # The same two calls, in the same order, as transformers.image_utils.load_image.
         image = ImageOps.exif_transpose(image)
         image = image.convert("RGB")
     except DecodeError:
         raise
+    except Image.UnidentifiedImageError:  # Pillow's message names a memory address: not reproducible
+        raise DecodeError("cannot identify image file: not an image, or a format Pillow cannot read") from None
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"over Pillow's decompression-bomb limit: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt data; each becomes an error row.
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
     return Decoded(image=image, width=image.width, height=image.height)
+
+
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def probe_size(raw: str | Path | bytes) -> tuple[int, int] | None:
+    """(width, height) after EXIF orientation from the header alone; None when the header is unreadable."""
+    try:
+        source = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(source) as image:
+                width, height = image.size
+                orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # the worker will record the real error
+        return None
+    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)

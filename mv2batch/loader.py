@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,14 +26,19 @@ class Sample:
 
 @dataclass
 class Batch:
-    """A collated batch: every sample's metadata in order, and the pixels of those that decoded."""
+    """A collated batch: every sample's metadata in order, and the pixels of those that decoded.
+
+    `groups` holds (positions in samples, uint8 NHWC tensor) per pixel shape: one group when the batch
+    sampler grouped by shape correctly, more only if an image's header misled it.
+    """
 
     samples: list[Sample]
-    pixels: Any  # torch.uint8 NHWC tensor of the ok samples, or None when all failed
+    groups: list[tuple[list[int], Any]]
 
-    @property
-    def ok(self) -> list[Sample]:
-        return [s for s in self.samples if s.error is None]
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread when the device is a GPU."""
+        self.groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
+        return self
 
 
 class ImageDataset:
@@ -59,22 +64,35 @@ class ImageDataset:
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Stack the ok samples' pixels (all of one shape) into one uint8 tensor."""
+    """Stack the ok samples' pixels into one uint8 tensor per shape."""
     import torch
 
-    ok = [s.pixels for s in samples if s.error is None]
-    pixels = torch.from_numpy(np.stack(ok)) if ok else None
+    by_shape: dict[tuple, list[int]] = {}
+    for position, sample in enumerate(samples):
+        if sample.error is None:
+            by_shape.setdefault(sample.pixels.shape, []).append(position)
+    groups = [(positions, torch.from_numpy(np.stack([samples[p].pixels for p in positions])))
+              for positions in by_shape.values()]
     for sample in samples:
-        sample.pixels = None  # already in the stacked tensor; do not ship twice
-    return Batch(samples=samples, pixels=pixels)
+        sample.pixels = None  # already in the stacked tensors; do not ship twice
+    return Batch(samples=samples, groups=groups)
 
 
-def shard_batches(shards: Sequence[range], batch_size: int) -> list[list[int]]:
-    """Consecutive index batches, cut at every shard boundary so that a batch belongs to one shard."""
-    return [list(shard[i : i + batch_size]) for shard in shards for i in range(0, len(shard), batch_size)]
+def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive index batches of one shard."""
+    return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
-def make_loader(dataset: ImageDataset, batches: list[list[int]], workers: int, pin_memory: bool) -> Iterator[Batch]:
+def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | None], batch_size: int) -> list[list[int]]:
+    """Batches of one shard whose images share a resized shape (so batching changes nothing)."""
+    groups: dict[Any, list[int]] = {}
+    for index in indices:
+        shape = shape_of(index)
+        groups.setdefault(shape if shape is not None else ("unknown", index), []).append(index)
+    return [batch for group in groups.values() for batch in consecutive_batches(group, batch_size)]
+
+
+def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool) -> Iterator[Batch]:
     """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead."""
     from torch.utils.data import DataLoader
 

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+
+class Counters:
+    """Dict-of-counts fields that merge by addition and round-trip through a marker's JSON."""
+
+    def merge(self, other: "Counters") -> "Counters":
+        """The counts of both, as if computed in one pass."""
+        merged = type(self)()
+        for name in self._names():
+            mine, theirs, out = getattr(self, name), getattr(other, name), getattr(merged, name)
+            for key in set(mine) | set(theirs):
+                out[key] = mine.get(key, 0) + theirs.get(key, 0)
+        return merged
+
+    def to_json(self) -> dict:
+        return {name: {str(k): v for k, v in sorted(getattr(self, name).items())} for name in self._names()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Counters":
+        return cls(**{name: {int(k): int(v) for k, v in data.get(name, {}).items()} for name in cls._names()})
+
+    @classmethod
+    def _names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
 
 
 @dataclass
-class ClassifyCounts:
+class ClassifyCounts(Counters):
     """Per-class support and top-1 / top-5 hits for the rows whose gold label is known."""
 
     support: dict[int, int] = field(default_factory=dict)
@@ -21,22 +45,6 @@ class ClassifyCounts:
         if label in topk_ids[:5]:
             self.top5[label] = self.top5.get(label, 0) + 1
 
-    def merge(self, other: "ClassifyCounts") -> "ClassifyCounts":
-        """The counts of both, as if computed in one pass."""
-        merged = ClassifyCounts()
-        for name in ("support", "top1", "top5"):
-            mine, theirs, out = getattr(self, name), getattr(other, name), getattr(merged, name)
-            for key in set(mine) | set(theirs):
-                out[key] = mine.get(key, 0) + theirs.get(key, 0)
-        return merged
-
-    def to_json(self) -> dict:
-        return {name: {str(k): v for k, v in sorted(getattr(self, name).items())} for name in ("support", "top1", "top5")}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ClassifyCounts":
-        return cls(**{name: {int(k): int(v) for k, v in data.get(name, {}).items()} for name in ("support", "top1", "top5")})
-
     @property
     def n(self) -> int:
         return sum(self.support.values())
@@ -46,3 +54,17 @@ class ClassifyCounts:
 
     def top5_acc(self) -> float | None:
         return sum(self.top5.values()) / self.n if self.n else None
+
+
+@dataclass
+class SegmentCounts(Counters):
+    """How many images each predicted class appears in, and how many pixels it covers."""
+
+    images: dict[int, int] = field(default_factory=dict)
+    pixels: dict[int, int] = field(default_factory=dict)
+
+    def add(self, classes: list[int], pixel_counts: list[int]) -> None:
+        """Count one mask."""
+        for class_id, count in zip(classes, pixel_counts):
+            self.images[class_id] = self.images.get(class_id, 0) + 1
+            self.pixels[class_id] = self.pixels.get(class_id, 0) + int(count)

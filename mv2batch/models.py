@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ HEAD_CLASSES = {
 HEAD_NAMES = {"classify": "image-classification", "segment": "semantic-segmentation"}
 WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors"]
 LEGACY_WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import errors as hub_errors
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=WEIGHT_PATTERNS))
+        folder = _snapshot(repo_id, revision, WEIGHT_PATTERNS)
         if not _weight_files(folder):  # older repos carry only pytorch_model.bin
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=LEGACY_WEIGHT_PATTERNS))
+            folder = _snapshot(repo_id, revision, LEGACY_WEIGHT_PATTERNS)
     except hub_errors.RepositoryNotFoundError:
         raise ModelError(f"no model {repo_id!r} on the Hugging Face hub (or it is private: log in with `hf auth login`)") from None
     except hub_errors.RevisionNotFoundError:
@@ -84,6 +86,29 @@ def _download(repo_id: str, revision: str | None) -> Path:
             f" [{type(exc).__name__}]"
         ) from None
     return folder
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    """snapshot_download, without its retries when a pinned commit is already cached or the hub is unreachable.
+
+    For a 40-hex commit, huggingface_hub lists the repo's files first and retries that request for about
+    20 s before it falls back to the cache; a cached commit needs no hub at all.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    if revision is not None and COMMIT_HASH.fullmatch(revision):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except hub_errors.LocalEntryNotFoundError:
+            pass
+        try:
+            HfApi().repo_info(repo_id, revision=revision)  # one request, no retries: fails fast when unreachable
+        except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError, hub_errors.GatedRepoError):
+            raise
+        except Exception as exc:  # a transport error, whichever HTTP client this huggingface_hub uses
+            raise hub_errors.LocalEntryNotFoundError(f"{type(exc).__name__}: {exc}") from None
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
 def _cache_dir() -> str:

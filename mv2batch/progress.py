@@ -64,16 +64,21 @@ def print_report(report: Any, console: Console | None = None) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
-    if report.per_class:
-        _print_worst_classes(report.per_class, console)
+    if report.per_class and "top1_acc" in report.per_class[0]:
+        worst = sorted(report.per_class, key=lambda r: (r["top1_acc"], r["class_id"]))
+        _print_classes("worst classes (top-1)", worst, ("class_id", "class_name", "support", "top1_acc", "top5_acc"),
+                       console)
+    elif report.per_class:
+        _print_classes("classes found most often", report.per_class,
+                       ("class_id", "class_name", "images", "pred_pixels"), console)
 
 
-def _print_worst_classes(per_class: list[dict], console: Console, count: int = 10) -> None:
-    table = Table(title="worst classes (top-1)")
-    for column in ("class_id", "class_name", "support", "top1_acc", "top5_acc"):
+def _print_classes(title: str, rows: list[dict], columns: tuple[str, ...], console: Console, count: int = 10) -> None:
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column)
-    for row in sorted(per_class, key=lambda r: (r["top1_acc"], r["class_id"]))[:count]:
-        table.add_row(*(_fmt(row[c]) for c in ("class_id", "class_name", "support", "top1_acc", "top5_acc")))
+    for row in rows[:count]:
+        table.add_row(*(_fmt(row[c]) for c in columns))
     console.print(table)
 
 

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .metrics import ClassifyCounts
 from .rundir import RunDir, commit_file, output_errors
 
 
@@ -39,33 +38,25 @@ class Report:
                 "n_errors": self.n_errors, "images_per_s": self.images_per_s, **self.metrics}
 
 
-def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], label_names: list[str]) -> Report:
+def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task: Any) -> Report:
     """Merge every marker; the report is complete when every planned shard has one."""
-    counts = ClassifyCounts()
+    counts = task.new_counts()
     rows = errors = 0
     seconds = 0.0
     for marker in markers.values():
         rows += marker["rows"]
         errors += marker["errors"]
         seconds += marker.get("timings", {}).get("seconds", 0.0)
-        counts = counts.merge(ClassifyCounts.from_json(marker.get("metrics", {})))
+        counts = counts.merge(task.counts_from_json(marker.get("metrics", {})))
     n_shards = run_info["plan"].get("n_shards")
-    metrics = {"top1": counts.top1_acc(), "top5": counts.top5_acc()} if counts.n else {}
+    metrics, per_class = task.summarize(counts)
     return Report(
         task=run_info["task"], out=rundir.root, dataset=run_info["input"]["description"],
         model=run_info["model"]["id"], n_images=rows, n_errors=errors,
         images_per_s=(rows - errors) / seconds if seconds > 0 else None,
         complete=n_shards is not None and len(markers) == n_shards, metrics=metrics,
-        per_class=_per_class(counts, label_names), shards_done=len(markers), shards_total=n_shards or 0,
+        per_class=per_class, shards_done=len(markers), shards_total=n_shards or 0,
     )
-
-
-def _per_class(counts: ClassifyCounts, names: list[str]) -> list[dict]:
-    return [
-        {"class_id": c, "class_name": names[c] if 0 <= c < len(names) else str(c), "support": n,
-         "top1_acc": counts.top1.get(c, 0) / n, "top5_acc": counts.top5.get(c, 0) / n}
-        for c, n in sorted(counts.support.items())
-    ]
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
@@ -91,8 +82,10 @@ def load_report(out: Path) -> Report:
     run_info = rundir.read_run()
     if run_info is None:
         raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    from .tasks import TASKS
+
     markers = rundir.committed(run_info["fingerprint"])
-    report = build_report(rundir, run_info, markers, run_info["model"].get("labels", []))
+    report = build_report(rundir, run_info, markers, TASKS[run_info["task"]](run_info["model"]["labels"]))
     if report.complete:
         write_report(report, rundir)
     return report

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import models
-from .config import Protocol, RunConfig, SourceKind
+from .config import RunConfig, SourceKind
 from .errors import ConfigError
-from .loader import ImageDataset, make_loader, shard_batches
-from .metrics import ClassifyCounts
+from .loader import ImageDataset, make_loader
 from .plan import DEFAULT_SHARD_SIZE, Group, Rank, ShardPlan, rank_from_env
-from .preprocess import Preprocessing, hf_preprocessing, paper_preprocessing
+from .preprocess import Preprocessing
 from .report import Report, build_report, write_report
 from .rundir import RunDir, fingerprint_of, write_json_atomic
 from .sources import Record
@@ -42,6 +41,7 @@ class Context:
     preprocessing: Preprocessing
     labels: list[str]
     rank: Rank
+    task: Any = None
     device: Any = None
     model: Any = None
     pixel_stage: Any = None
@@ -52,7 +52,7 @@ class Context:
 
 
 def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
-    """Run one classification job end to end and return its report (the library's main entry point)."""
+    """Run one job end to end and return its report (the library's main entry point)."""
     started = time.perf_counter()
     rank = rank_from_env()
     group = Group(rank)
@@ -83,25 +83,29 @@ def open_source(config: RunConfig) -> Any:
 
 
 def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, group: Group) -> Context:
-    task = config.task.value
-    model_name = config.model or models.DEFAULT_MODELS[task]
+    from .device import PixelStage, pick_device, pick_dtype
+    from .tasks import make_task
+
+    name = config.task.value
+    model_name = config.model or models.DEFAULT_MODELS[name]
     resolved = models.resolve_model(model_name, config.revision)
     model_config = models.read_config(resolved.folder)
-    models.check_head(model_config, task, model_name)
-    preprocessing = _preprocessing(config, resolved.folder, model_name)
+    models.check_head(model_config, name, model_name)
+    labels = models.label_names(model_config)
+    task = make_task(config, labels)
+    protocol = config.preprocess.value if config.preprocess else task.default_protocol
+    preprocessing = task.preprocessing(protocol, lambda: models.load_processor(resolved.folder, model_name),
+                                       model_name)
     source = open_source(config)
-    from .device import pick_device, pick_dtype
-
     device = pick_device(config.device, rank.local_rank)
     dtype = pick_dtype(config.dtype.value, device)
-    labels = models.label_names(model_config)
+    module = models.load_weights(resolved.folder, name, model_name)  # refuse a bad checkpoint before OUT is touched
     run_info = _describe_run(config, source, resolved, preprocessing, dtype, labels)
     rundir = RunDir(config.out)
     _prepare_rundir(rundir, run_info, config, rank, group)
-    ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, device=device, progress=progress)
-    ctx.model = _place_model(models.load_weights(resolved.folder, task, model_name), device, dtype, config.compile)
-    from .device import PixelStage
-
+    ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, task=task, device=device,
+                  progress=progress)
+    ctx.model = _place_model(module, device, dtype, config.compile)
     ctx.pixel_stage = PixelStage(preprocessing.norm, device, dtype)
     return ctx
 
@@ -116,15 +120,6 @@ def _prepare_rundir(rundir: RunDir, run_info: dict, config: RunConfig, rank: Ran
     group.barrier()
     if not rank.is_first:
         rundir.prepare(run_info, False, config.resume, rank.owns)
-
-
-def _preprocessing(config: RunConfig, folder: Any, model_name: str) -> Preprocessing:
-    if config.preprocess is Protocol.paper:
-        return paper_preprocessing()
-    preprocessing = hf_preprocessing(models.load_processor(folder, model_name))
-    if preprocessing.resize_crop.crop_height is None:
-        raise ConfigError(f"{model_name}'s preprocessor does no centre crop: classification needs fixed-size inputs")
-    return preprocessing
 
 
 def _place_model(module: Any, device: Any, dtype: Any, compile_model: bool) -> Any:
@@ -208,22 +203,20 @@ class ShardState:
     """Counters of one shard while its batches flow."""
 
     number: int
-    remaining_batches: int
+    expected_rows: int
+    counts: Any
     rows: int = 0
     errors: int = 0
     started: float | None = None  # when the shard's first batch arrived
     compute_s: float = 0.0
     wait_s: float = 0.0
-    counts: ClassifyCounts = field(default_factory=ClassifyCounts)
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 def _run_planned(ctx: Context, done: dict[int, dict]) -> None:
     plan = ShardPlan(ctx.run_info["plan"]["n_items"], ctx.run_info["plan"]["shard_size"])
     todo = [s for s in range(plan.n_shards) if s not in done and ctx.rank.owns(s)]
     ctx.total = sum(len(plan.shard(s)) for s in todo)
-    _process_shards(ctx, [(s, plan.shard(s)) for s in todo], ctx.source.read, ctx.source.item_id)
+    _process_shards(ctx, [(s, plan.shard(s)) for s in todo], ctx.source.read)
 
 
 def _run_stream(ctx: Context, done: dict[int, dict]) -> None:
@@ -234,7 +227,7 @@ def _run_stream(ctx: Context, done: dict[int, dict]) -> None:
         if number in done or not ctx.rank.owns(number):
             continue
         indices = range(start, start + len(records))
-        _process_shards(ctx, [(number, indices)], lambda i, rs=records, s=start: rs[i - s], ctx.source.item_id)
+        _process_shards(ctx, [(number, indices)], lambda i, rs=records, s=start: rs[i - s])
     # Only now is the stream's length known; record it so that `mv2batch report` can tell a run is complete.
     if n_shards != ctx.run_info["plan"].get("n_shards"):
         ctx.run_info["plan"].update({"n_shards": n_shards})
@@ -254,43 +247,62 @@ def _stream_chunks(records: Iterable[Record], size: int, limit: int | None) -> I
         yield number, start, chunk
 
 
-def _predict(ctx: Context, batches: list[tuple[int, list[int]]], read: Callable, item_id: Callable,
-             states: dict[int, ShardState]) -> Iterator[tuple[int, dict[str, list]]]:
-    """Run the index batches through one DataLoader and the model; yield each batch's rows with its shard."""
+def _index_batches(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callable) -> Iterator[list[int]]:
+    """The batches of every shard in turn, made lazily so that probing image sizes never delays the start."""
+    resize_crop = ctx.preprocessing.resize_crop
+    for _, indices in shards:
+        yield from ctx.task.batches(indices, read, resize_crop, ctx.config.batch_size)
+
+
+def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callable,
+             states: dict[int, ShardState]) -> Iterator[tuple[ShardState, dict[str, list]]]:
+    """Run the shards through one DataLoader and the model; yield each batch's rows with its shard's state."""
     import torch
 
+    shard_size = ctx.run_info["plan"]["shard_size"]
     dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels)
-    loader = make_loader(dataset, [b for _, b in batches], _workers(ctx), ctx.device.type == "cuda")
+    loader = make_loader(dataset, _index_batches(ctx, shards, read), _workers(ctx), ctx.device.type == "cuda")
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
-        for number, _ in batches:
-            state = states[number]
+        while True:
             waited = time.perf_counter()
-            batch = next(loader)
+            batch = next(loader, None)
+            if batch is None:
+                return
+            state = states[batch.samples[0].index // shard_size]
             state.started = state.started or waited
             state.wait_s += time.perf_counter() - waited
-            yield number, _batch_rows(ctx, state, batch, item_id)
+            yield state, _batch_rows(ctx, state, batch)
             if ctx.progress:
                 ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
 
 
-def _process_shards(ctx: Context, shards: list[tuple[int, range]], read: Callable, item_id: Callable) -> None:
-    """Run the given shards through one DataLoader, committing each shard when its last batch is written."""
-    from .writer import BackgroundWriter, prediction_schema
+def _schema(ctx: Context) -> Any:
+    from .writer import prediction_schema
 
+    return prediction_schema(ctx.task.fields, parquet_metadata(ctx.run_info))
+
+
+def _writer(ctx: Context) -> Any:
+    from .writer import BackgroundWriter
+
+    return BackgroundWriter(ctx.rundir, _schema(ctx), ctx.task.prepare_columns, ctx.task.reorder_rows)
+
+
+def _process_shards(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callable) -> None:
+    """Run the given shards through one DataLoader, committing each shard when its last row is written."""
     if not shards:
         return
-    batches = [(number, b) for number, indices in shards for b in shard_batches([indices], ctx.config.batch_size)]
-    states = {number: ShardState(number, sum(1 for n, _ in batches if n == number)) for number, _ in shards}
-    writer = BackgroundWriter(ctx.rundir, prediction_schema("classify", parquet_metadata(ctx.run_info)))
+    if hasattr(ctx.task, "files"):
+        ctx.task.files.read = read
+    states = {number: ShardState(number, len(indices), ctx.task.new_counts()) for number, indices in shards}
+    writer = _writer(ctx)
     try:
-        for number, columns in _predict(ctx, batches, read, item_id, states):
-            writer.write(number, columns)
-            state = states[number]
-            state.remaining_batches -= 1
-            if state.remaining_batches == 0:
-                writer.commit(number, _marker(ctx, state))
+        for state, columns in _predict(ctx, shards, read, states):
+            writer.write(state.number, columns)
+            if state.rows == state.expected_rows:
+                writer.commit(state.number, _marker(ctx, state))
         writer.close()
     except BaseException:
         writer.abort()
@@ -310,80 +322,63 @@ def _retry_errors(ctx: Context, done: dict[int, dict]) -> None:
 def _retry_shard(ctx: Context, number: int, marker: dict, indices: range) -> None:
     import pyarrow.parquet as pq
 
-    from .writer import PartWriter, prediction_schema
+    from .writer import POSITION, PartWriter
 
-    part = ctx.rundir.part_path(number)
-    rows = pq.read_table(part).to_pylist()
+    rows = pq.read_table(ctx.rundir.part_path(number)).to_pylist()
     failed = [position for position, row in enumerate(rows) if row["status"] == "error"]
-    state = ShardState(number, 0)
-    batches = [(number, b) for b in shard_batches([[indices[p] for p in failed]], ctx.config.batch_size)]
+    state = ShardState(number, len(failed), ctx.task.new_counts())
     ctx.total = (ctx.total or 0) + len(failed)
-    new_rows = []
-    for _, columns in _predict(ctx, batches, ctx.source.read, ctx.source.item_id, {number: state}):
-        new_rows += [dict(zip(columns, values)) for values in zip(*columns.values())]
-    for position, row in zip(failed, new_rows):
-        rows[position] = row
-    writer = PartWriter(ctx.rundir, number, prediction_schema("classify", parquet_metadata(ctx.run_info)))
-    writer.write({name: [row[name] for row in rows] for name in rows[0]})
-    merged = ClassifyCounts.from_json(marker["metrics"]).merge(state.counts)
-    writer.commit()
+    for _, columns in _predict(ctx, [(number, [indices[p] for p in failed])], ctx.source.read, {number: state}):
+        ctx.task.prepare_columns(columns)
+        for values in zip(*columns.values()):
+            row = dict(zip(columns, values))
+            rows[row.pop(POSITION) - indices.start] = row
+    part = PartWriter(ctx.rundir, number, _schema(ctx))
+    part.write({name: [row[name] for row in rows] for name in rows[0]})
+    part.commit()
+    merged = ctx.task.counts_from_json(marker["metrics"]).merge(state.counts)
     updated = {**marker, "errors": sum(row["status"] == "error" for row in rows), "metrics": merged.to_json(),
                "retried": marker.get("retried", 0) + 1}
     write_json_atomic(ctx.rundir.marker_path(number), updated)
 
 
-def _batch_rows(ctx: Context, state: ShardState, batch: Any, item_id: Callable) -> dict[str, list]:
+def _batch_rows(ctx: Context, state: ShardState, batch: Any) -> dict[str, list]:
     """Model outputs for the batch's ok images, and one row per sample, errors included, in order."""
-    from .postprocess import softmax_topk
-
-    topk_ids = topk_scores = None
-    if batch.pixels is not None:
-        computed = time.perf_counter()
-        logits = ctx.model(pixel_values=ctx.pixel_stage(batch.pixels)).logits
-        ids, scores = softmax_topk(logits, ctx.config.top_k)
-        topk_ids, topk_scores = ids.tolist(), scores.tolist()
-        state.compute_s += time.perf_counter() - computed
-    columns: dict[str, list] = {name: [] for name in (
-        "id", "path", "shard", "width", "height", "status", "error", "topk_ids", "topk_labels", "topk_scores",
-        "label")}
-    ok_row = 0
-    for sample in batch.samples:
-        row_id = item_id(sample.index)
-        state.first_id = state.first_id or row_id
-        state.last_id = row_id
-        if sample.error is None:
-            ids_row, scores_row = topk_ids[ok_row], topk_scores[ok_row]
-            ok_row += 1
-            if sample.label is not None:
-                state.counts.add(sample.label, ids_row)
-        else:
-            ids_row = scores_row = None
-            state.errors += 1
-            ctx.errors += 1
-        _append_row(columns, row_id, sample, state.number, ids_row, scores_row, ctx.labels)
-    state.rows += len(batch.samples)
-    ctx.done += len(batch.samples)
+    outputs: list[dict | None] = [None] * len(batch.samples)
+    computed = time.perf_counter()
+    for positions, pixels in batch.groups:
+        samples = [batch.samples[p] for p in positions]
+        for position, output in zip(positions, ctx.task.infer(ctx.model, ctx.pixel_stage(pixels), samples)):
+            outputs[position] = output
+    state.compute_s += time.perf_counter() - computed
+    columns: dict[str, list] = {}
+    for sample, output in zip(batch.samples, outputs):
+        if output is not None:
+            ctx.task.count(state.counts, sample, output)
+        for name, value in _row(ctx, state, sample, output).items():
+            columns.setdefault(name, []).append(value)
+    errors = sum(output is None for output in outputs)
+    state.rows, state.errors = state.rows + len(batch.samples), state.errors + errors
+    ctx.done, ctx.errors = ctx.done + len(batch.samples), ctx.errors + errors
     return columns
 
 
-def _append_row(columns: dict, row_id: str, sample: Any, shard: int, ids: list | None, scores: list | None,
-                labels: list[str]) -> None:
-    values = {
-        "id": row_id, "path": sample.path, "shard": shard, "width": sample.width, "height": sample.height,
-        "status": "ok" if sample.error is None else "error", "error": sample.error,
-        "topk_ids": ids, "topk_scores": scores,
-        "topk_labels": [labels[i] if i < len(labels) else str(i) for i in ids] if ids is not None else None,
-        "label": sample.label,
+def _row(ctx: Context, state: ShardState, sample: Any, output: dict | None) -> dict:
+    from .writer import POSITION
+
+    common = {
+        "id": ctx.source.item_id(sample.index), "path": sample.path, "shard": state.number,
+        "width": sample.width, "height": sample.height, "status": "ok" if output is not None else "error",
+        "error": sample.error, POSITION: sample.index,
     }
-    for name, value in values.items():
-        columns[name].append(value)
+    return {**common, **ctx.task.row(sample, output)}
 
 
 def _marker(ctx: Context, state: ShardState) -> dict:
     return {
-        "shard": state.number, "fingerprint": ctx.run_info["fingerprint"], "part": ctx.rundir.part_path(
-            state.number).name, "rows": state.rows, "errors": state.errors, "first_id": state.first_id,
-        "last_id": state.last_id, "metrics": state.counts.to_json(), "rank": ctx.rank.rank,
+        "shard": state.number, "fingerprint": ctx.run_info["fingerprint"],
+        "part": ctx.rundir.part_path(state.number).name, "rows": state.rows, "errors": state.errors,
+        "metrics": state.counts.to_json(), "rank": ctx.rank.rank,
         "timings": {"seconds": time.perf_counter() - state.started, "compute_s": state.compute_s,
                     "wait_input_s": state.wait_s},
     }
@@ -392,7 +387,7 @@ def _marker(ctx: Context, state: ShardState) -> dict:
 def _finish(ctx: Context, elapsed: float, write: bool) -> Report:
     """Merge every marker; write the report once every shard of the plan is done (by one process)."""
     markers = ctx.rundir.committed(ctx.run_info["fingerprint"])
-    report = build_report(ctx.rundir, ctx.run_info, markers, ctx.labels)
+    report = build_report(ctx.rundir, ctx.run_info, markers, ctx.task)
     report.ran_now = ctx.done
     report.elapsed_s = elapsed
     if report.complete and write:

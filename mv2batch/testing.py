@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 TINY = {"width_multiplier": 0.25, "n_attn_blocks": [1, 1, 1], "base_attn_unit_dims": [32, 48, 64], "image_size": 64}
-SIZES = {"tiny": (TINY, 72, 64), "full": ({"width_multiplier": 1.0, "image_size": 256}, 288, 256)}
+SIZES = {
+    ("classify", "tiny"): (TINY, 72, 64),
+    ("classify", "full"): ({"width_multiplier": 1.0, "image_size": 256}, 288, 256),
+    ("segment", "tiny"): ({**TINY, "aspp_out_channels": 32}, 72, 64),
+    ("segment", "full"): ({"width_multiplier": 1.0, "image_size": 512}, 544, 512),
+}
+HEADS = {"classify": "MobileViTV2ForImageClassification", "segment": "MobileViTV2ForSemanticSegmentation"}
 
 
 def _processor(shortest_edge: int, crop: int, resample: int) -> Any:
@@ -48,34 +54,46 @@ def _calibrate_batchnorm(model: Any, pixels: Any) -> None:
             module.momentum = 0.1
 
 
+def _last_layer(model: Any) -> Any:
+    if hasattr(model, "classifier"):
+        return model.classifier
+    return model.segmentation_head.classifier.convolution
+
+
 def _scale_classifier(model: Any, pixels: Any, target_median_top1: float) -> None:
-    """Scale the classifier until the median top-1 probability on the calibration photos reaches the target."""
+    """Scale the last layer until the median top-1 probability on the calibration photos reaches the target."""
     import torch
 
-    classifier = model.classifier
+    layer = _last_layer(model)
+    captured = []
+    hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
     with torch.no_grad():
-        features = model.mobilevitv2(pixel_values=pixels).pooler_output  # the backbone runs once
-        base_w, base_b = classifier.weight.clone(), classifier.bias.clone()
+        model(pixel_values=pixels)  # the backbone runs once; only the last layer runs in the search
+        hook.remove()
+        features = captured[0]
+        base_w, base_b = layer.weight.clone(), layer.bias.clone()
         low, high = 0.01, 1000.0
         for _ in range(40):
             scale = (low * high) ** 0.5
-            classifier.weight.copy_(base_w * scale)
-            classifier.bias.copy_(base_b * scale)
-            top1 = classifier(features).softmax(-1).max(-1).values.median().item()
+            layer.weight.copy_(base_w * scale)
+            layer.bias.copy_(base_b * scale)
+            top1 = layer(features).softmax(1).max(1).values.median().item()
             low, high = (scale, high) if top1 < target_median_top1 else (low, scale)
 
 
 def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny", num_labels: int = 10,
-                    seed: int = 0, resample: int = 2, target_median_top1: float = 0.7) -> Path:
-    """Save a random, calibrated MobileViTV2ForImageClassification (+ preprocessor) to folder."""
+                    seed: int = 0, resample: int = 2, target_median_top1: float = 0.7,
+                    task: str = "classify") -> Path:
+    """Save a random, calibrated MobileViTV2 classifier or DeepLabV3 segmenter (+ preprocessor) to folder."""
     import torch
-    from transformers import MobileViTV2Config, MobileViTV2ForImageClassification
+    import transformers
 
-    overrides, shortest_edge, crop = SIZES[size]
+    overrides, shortest_edge, crop = SIZES[(task, size)]
     torch.manual_seed(seed)
-    config = MobileViTV2Config(num_labels=num_labels, id2label={i: f"class_{i:04d}" for i in range(num_labels)},
-                               label2id={f"class_{i:04d}": i for i in range(num_labels)}, **overrides)
-    model = MobileViTV2ForImageClassification(config)
+    config = transformers.MobileViTV2Config(
+        num_labels=num_labels, id2label={i: f"class_{i:04d}" for i in range(num_labels)},
+        label2id={f"class_{i:04d}": i for i in range(num_labels)}, **overrides)
+    model = getattr(transformers, HEADS[task])(config)
     _he_init(model)
     processor = _processor(shortest_edge, crop, resample)
     pixels = processor(images=list(photos), return_tensors="pt")["pixel_values"]

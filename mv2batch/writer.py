@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,45 +22,46 @@ COMMON_FIELDS = [
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
 ]
-TASK_FIELDS = {
-    "classify": [
-        pa.field("topk_ids", pa.list_(pa.int32())),
-        pa.field("topk_labels", pa.list_(pa.string())),
-        pa.field("topk_scores", pa.list_(pa.float32())),
-        pa.field("label", pa.int32()),
-    ],
-}
 ROW_GROUP_ROWS = 4096
+POSITION = "_index"  # the item index that travels with each row, used for ordering, never written
 
 
-def prediction_schema(task: str, metadata: dict[str, Any]) -> pa.Schema:
+def prediction_schema(task_fields: list[pa.Field], metadata: dict[str, Any]) -> pa.Schema:
     """The Parquet schema of DESIGN.md §3, with the run's identity in the key-value metadata."""
     encoded = {key: json.dumps(value, default=str) for key, value in metadata.items()}
-    return pa.schema(COMMON_FIELDS + TASK_FIELDS[task], metadata=encoded)
+    return pa.schema(COMMON_FIELDS + task_fields, metadata=encoded)
 
 
 class PartWriter:
-    """One shard's Parquet part: buffered rows flushed as row groups into a temporary file."""
+    """One shard's Parquet part, in a temporary file: row groups as rows come, or sorted at commit.
 
-    def __init__(self, rundir: RunDir, shard: int, schema: pa.Schema):
+    reorder: rows arrive out of input order (segmentation batches group images by shape), so they are
+    kept until the shard is complete and written sorted by item index.
+    """
+
+    def __init__(self, rundir: RunDir, shard: int, schema: pa.Schema, reorder: bool = False):
         self.temp, self.final = rundir.part_temp(shard), rundir.part_path(shard)
-        self.schema = schema
+        self.schema, self.reorder = schema, reorder
         self.buffer: list[pa.RecordBatch] = []
+        self.positions: list[int] = []
         self.buffered = 0
         self.writer = pq.ParquetWriter(self.temp, schema, compression="zstd")
 
     def write(self, columns: dict[str, list]) -> None:
-        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        self.positions += columns.get(POSITION) or []
+        batch = pa.RecordBatch.from_pydict({f.name: columns[f.name] for f in self.schema}, schema=self.schema)
         self.buffer.append(batch)
         self.buffered += batch.num_rows
-        if self.buffered >= ROW_GROUP_ROWS:
+        if self.buffered >= ROW_GROUP_ROWS and not self.reorder:
             self._flush()
 
     def _flush(self) -> None:
         if self.buffer:
-            self.writer.write_table(pa.Table.from_batches(self.buffer, schema=self.schema),
-                                    row_group_size=max(self.buffered, 1))
-        self.buffer, self.buffered = [], 0
+            table = pa.Table.from_batches(self.buffer, schema=self.schema)
+            if self.reorder and len(self.positions) == table.num_rows:
+                table = table.take(sorted(range(table.num_rows), key=self.positions.__getitem__))
+            self.writer.write_table(table, row_group_size=min(max(self.buffered, 1), ROW_GROUP_ROWS))
+        self.buffer, self.positions, self.buffered = [], [], 0
 
     def commit(self) -> None:
         self._flush()
@@ -77,8 +78,9 @@ class PartWriter:
 class BackgroundWriter:
     """A thread that owns the part writers so that Parquet encoding and disk I/O stay off the compute loop."""
 
-    def __init__(self, rundir: RunDir, schema: pa.Schema, max_pending: int = 16):
-        self.rundir, self.schema = rundir, schema
+    def __init__(self, rundir: RunDir, schema: pa.Schema, prepare: Callable[[dict], None] | None = None,
+                 reorder: bool = False, max_pending: int = 16):
+        self.rundir, self.schema, self.prepare, self.reorder = rundir, schema, prepare, reorder
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.parts: dict[int, PartWriter] = {}
         self.error: BaseException | None = None
@@ -135,11 +137,13 @@ class BackgroundWriter:
 
     def _handle(self, kind: str, shard: int, payload: Any) -> None:
         if kind == "rows":
+            if self.prepare is not None:
+                self.prepare(payload)
             if shard not in self.parts:
-                self.parts[shard] = PartWriter(self.rundir, shard, self.schema)
+                self.parts[shard] = PartWriter(self.rundir, shard, self.schema, self.reorder)
             self.parts[shard].write(payload)
         elif kind == "commit":
-            part = self.parts.pop(shard, None) or PartWriter(self.rundir, shard, self.schema)
+            part = self.parts.pop(shard, None) or PartWriter(self.rundir, shard, self.schema, self.reorder)
             part.commit()
             write_json_atomic(self.rundir.marker_path(shard), payload)
 

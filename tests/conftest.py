@@ -99,7 +99,8 @@ def classify(input_path: Path, out: Path, model: Path, **options):
     options.setdefault("workers", 0)
     options.setdefault("device", "cpu")
     options.setdefault("source", "folder")
-    config = RunConfig(task="classify", input=str(input_path), out=out, model=str(model), **options)
+    options.setdefault("task", "classify")
+    config = RunConfig(input=str(input_path), out=out, model=str(model), **options)
     return mv2batch.run(config)
 
 
@@ -107,3 +108,26 @@ def read_rows(out: Path) -> list[dict]:
     """Every prediction row of a run, sorted by id, read back from the Parquet it wrote."""
     table = pq.read_table(out / "predictions")
     return sorted(table.to_pylist(), key=lambda row: row["id"])
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory, calibration_photos) -> Path:
+    """A tiny MobileViTV2 + DeepLabV3 (21 VOC-like classes, input 64) with decisive per-pixel outputs."""
+    from mv2batch.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-segmenter"), calibration_photos, size="tiny",
+                           num_labels=21, task="segment")
+
+
+@pytest.fixture(scope="session")
+def full_segmenter(tmp_path_factory, calibration_photos) -> Path:
+    """MobileViTV2-1.0 + DeepLabV3 of the real size (21 classes, 544 / 512), random but calibrated."""
+    from mv2batch.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("full-segmenter"), calibration_photos[:6], size="full",
+                           num_labels=21, task="segment")
+
+
+def segment(input_path: Path, out: Path, model: Path, **options):
+    """mv2batch.run segmentation for a folder, on the CPU, workers in-process unless told otherwise."""
+    return classify(input_path, out, model, task="segment", **options)

@@ -1,0 +1,65 @@
+"""Masks as files: lossless single-channel PNG bytes, VOC palette PNGs, and overlays for people to look at."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def voc_palette(count: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved), as (count, 3) uint8."""
+    palette = np.zeros((count, 3), dtype=np.uint8)
+    for label in range(count):
+        value, red, green, blue = label, 0, 0, 0
+        for shift in range(7, -1, -1):
+            red |= ((value >> 0) & 1) << shift
+            green |= ((value >> 1) & 1) << shift
+            blue |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[label] = (red, green, blue)
+    return palette
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """Class ids as an 8-bit image, or 16-bit when a model has more than 256 classes."""
+    if mask.max(initial=0) < 256:
+        return Image.fromarray(mask.astype(np.uint8), mode="L")
+    return Image.fromarray(mask.astype(np.uint16))
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    """Lossless single-channel PNG of class ids at the mask's size."""
+    buffer = io.BytesIO()
+    mask_image(mask).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The class-id array back from mask_png bytes."""
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def save_palette_png(mask: np.ndarray, path: Path, num_classes: int) -> None:
+    """A mask file viewers show in colour: VOC palette for 21-class models, plain ids otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = mask_image(mask)
+    if num_classes <= 256 and image.mode == "L":
+        image = image.convert("P")
+        image.putpalette(voc_palette().reshape(-1).tolist())
+    image.save(path, format="PNG")
+
+
+def save_overlay(photo: Image.Image, mask: np.ndarray, path: Path, alpha: float = 0.5) -> None:
+    """The photo blended with the coloured mask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colours = voc_palette(max(256, int(mask.max(initial=0)) + 1))[mask]
+    blended = (np.asarray(photo.convert("RGB"), dtype=np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
+    Image.fromarray(blended).save(path, format="JPEG", quality=90)
+
+
+def mask_file_name(item_id: str, suffix: str) -> str:
+    """A file name under the masks / overlays folder that mirrors the image id (subfolders kept)."""
+    return str(Path(item_id.replace("\\", "/")).with_suffix(suffix))

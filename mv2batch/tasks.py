@@ -1,0 +1,193 @@
+"""Tasks: what differs between classification and segmentation, behind one interface the runner uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+from .decode import decode_image, probe_size
+from .errors import ConfigError
+from .loader import consecutive_batches, grouped_batches
+from .metrics import ClassifyCounts, SegmentCounts
+from .postprocess import class_histogram, softmax_topk, upsample_argmax
+from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
+
+
+class ClassifyTask:
+    """Softmax top-k per image; rows in input order; top-1 / top-5 where gold labels are known."""
+
+    name = "classify"
+    default_protocol = "hf"
+    fields = [
+        pa.field("topk_ids", pa.list_(pa.int32())),
+        pa.field("topk_labels", pa.list_(pa.string())),
+        pa.field("topk_scores", pa.list_(pa.float32())),
+        pa.field("label", pa.int32()),
+    ]
+    reorder_rows = False
+
+    def __init__(self, labels: list[str], top_k: int = 5):
+        self.labels, self.top_k = labels, top_k
+
+    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
+        if protocol == "paper":
+            return paper_preprocessing()
+        chosen = hf_preprocessing(processor())
+        if chosen.resize_crop.crop_height is None:
+            raise ConfigError(f"{model}'s preprocessor does no centre crop: classification needs fixed-size inputs")
+        return chosen
+
+    def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
+        return consecutive_batches(indices, size)
+
+    def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
+        ids, scores = softmax_topk(model(pixel_values=pixels).logits, self.top_k)
+        return [{"topk_ids": i, "topk_scores": s, "topk_labels": [self._label(c) for c in i]}
+                for i, s in zip(ids.tolist(), scores.tolist())]
+
+    def _label(self, class_id: int) -> str:
+        return self.labels[class_id] if class_id < len(self.labels) else str(class_id)
+
+    def row(self, sample: Any, output: dict | None) -> dict:
+        values = output or {"topk_ids": None, "topk_scores": None, "topk_labels": None}
+        return {**values, "label": sample.label}
+
+    def new_counts(self) -> ClassifyCounts:
+        return ClassifyCounts()
+
+    def count(self, counts: ClassifyCounts, sample: Any, output: dict) -> None:
+        if sample.label is not None:
+            counts.add(sample.label, output["topk_ids"])
+
+    counts_from_json = staticmethod(ClassifyCounts.from_json)
+
+    def prepare_columns(self, columns: dict[str, list]) -> None:
+        """Nothing to encode for classification."""
+
+    def summarize(self, counts: ClassifyCounts) -> tuple[dict, list[dict]]:
+        """Summary metrics and per-class rows (top-1 / top-5, where gold labels were known)."""
+        if not counts.n:
+            return {}, []
+        per_class = [
+            {"class_id": c, "class_name": self._label(c), "support": n,
+             "top1_acc": counts.top1.get(c, 0) / n, "top5_acc": counts.top5.get(c, 0) / n}
+            for c, n in sorted(counts.support.items())
+        ]
+        return {"top1": counts.top1_acc(), "top5": counts.top5_acc()}, per_class
+
+
+@dataclass
+class MaskFiles:
+    """Where optional mask and overlay files go, and how to re-read a photo for its overlay."""
+
+    masks_dir: Path | None = None
+    overlays_dir: Path | None = None
+    read: Callable | None = None
+    num_classes: int = 0
+    max_pixels: int = 0
+    written: list = field(default_factory=list)
+
+
+class SegmentTask:
+    """Per-pixel classes at the original size: upsample + argmax on the device, PNG encoding in the writer."""
+
+    name = "segment"
+    default_protocol = "paper"
+    fields = [
+        pa.field("mask_png", pa.binary()),
+        pa.field("classes", pa.list_(pa.int32())),
+        pa.field("class_pixels", pa.list_(pa.int64())),
+    ]
+    reorder_rows = True  # batches group images by shape, so rows arrive out of order
+
+    def __init__(self, labels: list[str], files: MaskFiles | None = None):
+        self.labels = labels
+        self.files = files or MaskFiles()
+
+    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
+        chosen = hf_preprocessing(processor())
+        if protocol == "hf":
+            return chosen
+        # Apple's protocol: the short side becomes the model's input size; no crop, no padding.
+        input_size = chosen.resize_crop.crop_height or chosen.resize_crop.shortest_edge
+        resize = ResizeCrop(shortest_edge=input_size, crop_height=None, crop_width=None,
+                            resample=chosen.resize_crop.resample)
+        return Preprocessing(protocol="paper", resize_crop=resize, norm=chosen.norm)
+
+    def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
+        def shape_of(index: int) -> tuple | None:
+            probed = probe_size(read(index).raw)
+            return _resized_shape(resize_crop, probed) if probed else None
+
+        return grouped_batches(indices, shape_of, size)
+
+    def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
+        logits = model(pixel_values=pixels).logits
+        outputs = []
+        for one, sample in zip(logits, samples):
+            mask = upsample_argmax(one, sample.height, sample.width)
+            classes, pixel_counts = class_histogram(mask, one.shape[0])
+            outputs.append({"mask": mask.cpu().numpy(), "classes": classes, "class_pixels": pixel_counts})
+        return outputs
+
+    def row(self, sample: Any, output: dict | None) -> dict:
+        if output is None:
+            return {"mask_png": None, "classes": None, "class_pixels": None}
+        return {"mask_png": output["mask"], "classes": output["classes"], "class_pixels": output["class_pixels"]}
+
+    def new_counts(self) -> SegmentCounts:
+        return SegmentCounts()
+
+    def count(self, counts: SegmentCounts, sample: Any, output: dict) -> None:
+        counts.add(output["classes"], output["class_pixels"])
+
+    counts_from_json = staticmethod(SegmentCounts.from_json)
+
+    def summarize(self, counts: SegmentCounts) -> tuple[dict, list[dict]]:
+        """No metrics without ground truth; per class, how many images and pixels were predicted."""
+        per_class = [
+            {"class_id": c, "class_name": self.labels[c] if c < len(self.labels) else str(c),
+             "images": counts.images[c], "pred_pixels": counts.pixels.get(c, 0)}
+            for c in sorted(counts.images, key=lambda c: (-counts.images[c], c))
+        ]
+        return {}, per_class
+
+    def prepare_columns(self, columns: dict[str, list]) -> None:
+        """In the writer thread: masks to PNG bytes, and the optional mask / overlay files."""
+        from .masks import encode_png
+
+        for position, mask in enumerate(columns["mask_png"]):
+            if mask is None:
+                continue
+            self._save_files(columns["id"][position], columns["_index"][position], mask)
+            columns["mask_png"][position] = encode_png(mask)
+
+    def _save_files(self, item_id: str, index: int, mask: Any) -> None:
+        from .masks import mask_file_name, save_overlay, save_palette_png
+
+        if self.files.masks_dir is not None:
+            save_palette_png(mask, self.files.masks_dir / mask_file_name(item_id, ".png"), self.files.num_classes)
+        if self.files.overlays_dir is not None and self.files.read is not None:
+            photo = decode_image(self.files.read(index).raw, self.files.max_pixels).image
+            save_overlay(photo, mask, self.files.overlays_dir / mask_file_name(item_id, ".jpg"))
+
+
+def _resized_shape(resize_crop: ResizeCrop, size: tuple[int, int]) -> tuple[int, int]:
+    if resize_crop.crop_height is not None:
+        return resize_crop.crop_width, resize_crop.crop_height
+    return resize_crop.output_size(*size)
+
+
+TASKS = {"classify": ClassifyTask, "segment": SegmentTask}
+
+
+def make_task(config: Any, labels: list[str]) -> ClassifyTask | SegmentTask:
+    """The task object for a run's configuration."""
+    if config.task.value == "classify":
+        return ClassifyTask(labels, top_k=config.top_k)
+    files = MaskFiles(masks_dir=config.masks_dir, overlays_dir=config.overlays_dir, num_classes=len(labels),
+                      max_pixels=config.max_pixels)
+    return SegmentTask(labels, files)
