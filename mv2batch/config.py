@@ -18,6 +18,9 @@ class Task(str, Enum):
 class SourceKind(str, Enum):
     folder = "folder"
     dataset = "dataset"
+    imagenet = "imagenet"  # evaluation inputs: labelled layouts
+    voc = "voc"
+    ade20k = "ade20k"
 
 
 class Protocol(str, Enum):
@@ -61,6 +64,8 @@ class RunConfig:
     label_column: str | None = None
     masks_dir: Path | None = None
     overlays_dir: Path | None = None
+    labels_file: Path | None = None  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
+    real_labels: Path | None = None  # ImageNet-ReaL real.json
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class RunConfig:
         object.__setattr__(self, "dtype", Dtype(self.dtype))
         if self.preprocess is not None:
             object.__setattr__(self, "preprocess", Protocol(self.preprocess))
-        for name in ("masks_dir", "overlays_dir"):
+        for name in ("masks_dir", "overlays_dir", "labels_file", "real_labels"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "out", Path(self.out))
@@ -87,5 +92,7 @@ class RunConfig:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         if self.task is Task.classify and (self.masks_dir or self.overlays_dir):
             raise ConfigError("--masks-dir and --overlays-dir apply to segmentation")
+        if (self.labels_file or self.real_labels) and self.source is not SourceKind.imagenet:
+            raise ConfigError("--labels and --real-labels apply to `mv2batch eval imagenet-val`")
         if self.source is SourceKind.folder and self.streaming:
             raise ConfigError("--streaming applies to datasets, not folders")

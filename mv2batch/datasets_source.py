@@ -24,7 +24,8 @@ class DatasetSpec:
     revision: str | None = None
 
 
-def _is_saved_to_disk(path: Path) -> bool:
+def is_saved_to_disk(path: Path) -> bool:
+    """A folder written by Dataset.save_to_disk / DatasetDict.save_to_disk."""
     return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
@@ -32,7 +33,7 @@ def _load(spec: DatasetSpec) -> Any:
     import datasets
 
     path = Path(spec.name).expanduser()
-    if _is_saved_to_disk(path):
+    if is_saved_to_disk(path):
         return datasets.load_from_disk(str(path))
     if path.is_file():
         builder = DATA_FILE_BUILDERS.get(path.suffix.lower())

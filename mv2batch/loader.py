@@ -22,6 +22,7 @@ class Sample:
     path: str | None
     label: int | None
     error: str | None
+    target: np.ndarray | None = None  # ground-truth class ids at the original size (segmentation eval)
 
 
 @dataclass
@@ -44,10 +45,12 @@ class Batch:
 class ImageDataset:
     """Map-style dataset over a record reader; __getitem__ runs in a worker and never raises for bad images."""
 
-    def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 reduce_labels: bool = False):
         self.read = read
         self.transform = transform
         self.max_pixels = max_pixels
+        self.reduce_labels = reduce_labels
 
     def __getitem__(self, index: int) -> Sample:
         record = self.read(index)
@@ -55,12 +58,45 @@ class ImageDataset:
             decoded = decode_image(record.raw, self.max_pixels)
         except DecodeError as exc:
             return Sample(index, None, None, None, record.path, record.label, str(exc))
+        sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None)
         try:
-            pixels = np.ascontiguousarray(self.transform(decoded.image))
+            sample.target = self._target(record.target, decoded) if record.target else None
+            sample.pixels = np.ascontiguousarray(self.transform(decoded.image))
+        except TargetError as exc:
+            sample.error = str(exc)
         except Exception as exc:  # a resize that Pillow refuses is one bad image, not a failed run
-            return Sample(index, None, decoded.width, decoded.height, record.path, record.label,
-                          f"preprocessing failed: {type(exc).__name__}: {exc}")
-        return Sample(index, pixels, decoded.width, decoded.height, record.path, record.label, None)
+            sample.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
+        return sample
+
+    def _target(self, path: str, decoded: Any) -> np.ndarray:
+        target = read_target(path, self.reduce_labels)
+        if target.shape != (decoded.height, decoded.width):
+            raise TargetError(f"ground-truth mask is {target.shape[1]}x{target.shape[0]} but the image is "
+                              f"{decoded.width}x{decoded.height}")
+        return target
+
+
+class TargetError(Exception):
+    """A ground-truth mask that is missing, unreadable or of the wrong size."""
+
+
+def read_target(path: str, reduce_labels: bool) -> np.ndarray:
+    """Class ids of a ground-truth PNG (palette index or grey level); reduce_labels: ADE20k's 0 = ignore."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            target = np.array(image)
+    except Exception as exc:
+        raise TargetError(f"cannot read ground-truth mask: {type(exc).__name__}: {exc}") from None
+    if target.ndim != 2:
+        raise TargetError(f"ground-truth mask must have one channel, it has shape {target.shape}")
+    target = target.astype(np.uint8)
+    if reduce_labels:  # as transformers' do_reduce_labels: 0 -> 255 (ignored), k -> k - 1
+        target[target == 0] = 255
+        target = target - 1
+        target[target == 254] = 255
+    return target
 
 
 def collate(samples: list[Sample]) -> Batch:

@@ -57,3 +57,14 @@ def class_histogram(mask: Any, num_classes: int) -> tuple[list[int], list[int]]:
     counts = torch.bincount(mask.reshape(-1), minlength=num_classes).cpu()
     present = torch.nonzero(counts).reshape(-1)
     return present.to(torch.int32).tolist(), counts[present].tolist()
+
+
+def confusion_cells(mask: Any, target: Any, num_classes: int) -> dict[int, int]:
+    """Pixels per (ground truth, prediction) pair, as {gt * num_classes + pred: count}; 255 and others ignored."""
+    import torch
+
+    gt = torch.as_tensor(target, device=mask.device).to(torch.int64)
+    valid = gt < num_classes
+    cells = torch.bincount(gt[valid] * num_classes + mask[valid].to(torch.int64), minlength=num_classes**2).cpu()
+    present = torch.nonzero(cells).reshape(-1)
+    return dict(zip(present.tolist(), cells[present].tolist()))

@@ -68,6 +68,10 @@ def print_report(report: Any, console: Console | None = None) -> None:
         worst = sorted(report.per_class, key=lambda r: (r["top1_acc"], r["class_id"]))
         _print_classes("worst classes (top-1)", worst, ("class_id", "class_name", "support", "top1_acc", "top5_acc"),
                        console)
+    elif report.per_class and "iou" in report.per_class[0]:
+        scored = [r for r in report.per_class if r["iou"] is not None]
+        _print_classes("worst classes (IoU)", sorted(scored, key=lambda r: (r["iou"], r["class_id"])),
+                       ("class_id", "class_name", "iou", "acc", "gt_pixels", "pred_pixels"), console)
     elif report.per_class:
         _print_classes("classes found most often", report.per_class,
                        ("class_id", "class_name", "images", "pred_pixels"), console)

@@ -27,6 +27,7 @@ class Report:
     complete: bool
     metrics: dict[str, Any] = field(default_factory=dict)
     per_class: list[dict] = field(default_factory=list)
+    confusion: list[dict] = field(default_factory=list)  # segmentation eval: non-zero (gt, pred) cells
     shards_done: int = 0
     shards_total: int = 0
     ran_now: int = 0  # rows processed by this invocation
@@ -50,12 +51,16 @@ def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task:
         counts = counts.merge(task.counts_from_json(marker.get("metrics", {})))
     n_shards = run_info["plan"].get("n_shards")
     metrics, per_class = task.summarize(counts)
+    confusion = getattr(counts, "confusion", {})
+    classes = max(1, len(task.labels))
     return Report(
         task=run_info["task"], out=rundir.root, dataset=run_info["input"]["description"],
         model=run_info["model"]["id"], n_images=rows, n_errors=errors,
         images_per_s=(rows - errors) / seconds if seconds > 0 else None,
         complete=n_shards is not None and len(markers) == n_shards, metrics=metrics,
         per_class=per_class, shards_done=len(markers), shards_total=n_shards or 0,
+        confusion=[{"gt_class": cell // classes, "pred_class": cell % classes, "pixels": pixels}
+                   for cell, pixels in sorted(confusion.items())],
     )
 
 
@@ -72,6 +77,8 @@ def write_report(report: Report, rundir: RunDir) -> None:
         _write_table([report.summary_row()], rundir.report / "summary.parquet")
         if report.per_class:
             _write_table(report.per_class, rundir.report / "per_class.parquet")
+        if report.confusion:
+            _write_table(report.confusion, rundir.report / "confusion.parquet")
 
 
 def load_report(out: Path) -> Report:

@@ -20,6 +20,7 @@ class Record:
     raw: str | bytes
     path: str | None
     label: int | None
+    target: str | None = None  # a ground-truth mask file, for segmentation evaluation
 
 
 class Source(Protocol):
@@ -56,13 +57,18 @@ def list_images(root: Path) -> tuple[list[str], int]:
 
 @dataclass
 class FolderSource:
-    """Every image file under a folder, recursively, in sorted order; id = path relative to the folder."""
+    """Every image file under a folder, recursively, in sorted order; id = path relative to the folder.
+
+    Evaluation layouts attach a gold label, or a ground-truth mask file, to each image.
+    """
 
     root: Path
     ids: list[str]
     skipped_files: int = 0
     label_names: list[str] | None = None
     description: str = ""
+    labels: list[int | None] | None = None
+    targets: list[str] | None = None
 
     @classmethod
     def open(cls, root: str | Path) -> "FolderSource":
@@ -86,17 +92,21 @@ class FolderSource:
 
     def read(self, index: int) -> Record:
         path = str(self.root / self.ids[index])
-        return Record(raw=path, path=path, label=None)
+        label = self.labels[index] if self.labels is not None else None
+        target = self.targets[index] if self.targets is not None else None
+        return Record(raw=path, path=path, label=label, target=target)
 
     def fingerprint(self) -> str:
-        """Hash of the listing: ids and file sizes, so a changed file set is a different run."""
+        """Hash of the listing: ids, file sizes and gold labels, so a changed input is a different run."""
         digest = hashlib.sha256()
-        for item in self.ids:
+        for index, item in enumerate(self.ids):
             try:
                 size = (self.root / item).stat().st_size
             except OSError:
                 size = -1
-            digest.update(f"{item}\0{size}\n".encode())
+            label = self.labels[index] if self.labels is not None else ""
+            target = self.targets[index] if self.targets is not None else ""
+            digest.update(f"{item}\0{size}\0{label}\0{target}\n".encode())
         return digest.hexdigest()
 
 

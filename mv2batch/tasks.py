@@ -11,8 +11,8 @@ import pyarrow as pa
 from .decode import decode_image, probe_size
 from .errors import ConfigError
 from .loader import consecutive_batches, grouped_batches
-from .metrics import ClassifyCounts, SegmentCounts
-from .postprocess import class_histogram, softmax_topk, upsample_argmax
+from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
+from .postprocess import class_histogram, confusion_cells, softmax_topk, upsample_argmax
 from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
 
 
@@ -29,8 +29,8 @@ class ClassifyTask:
     ]
     reorder_rows = False
 
-    def __init__(self, labels: list[str], top_k: int = 5):
-        self.labels, self.top_k = labels, top_k
+    def __init__(self, labels: list[str], top_k: int = 5, real: dict[str, frozenset[int]] | None = None):
+        self.labels, self.top_k, self.real = labels, top_k, real
 
     def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
         if protocol == "paper":
@@ -59,8 +59,10 @@ class ClassifyTask:
         return ClassifyCounts()
 
     def count(self, counts: ClassifyCounts, sample: Any, output: dict) -> None:
-        if sample.label is not None:
-            counts.add(sample.label, output["topk_ids"])
+        if sample.label is None:
+            return
+        real = self.real.get(Path(sample.path).stem) if self.real is not None and sample.path else None
+        counts.add(sample.label, output["topk_ids"], real)
 
     counts_from_json = staticmethod(ClassifyCounts.from_json)
 
@@ -76,7 +78,10 @@ class ClassifyTask:
              "top1_acc": counts.top1.get(c, 0) / n, "top5_acc": counts.top5.get(c, 0) / n}
             for c, n in sorted(counts.support.items())
         ]
-        return {"top1": counts.top1_acc(), "top5": counts.top5_acc()}, per_class
+        metrics = {"top1": counts.top1_acc(), "top5": counts.top5_acc()}
+        if counts.real_support:
+            metrics["real_top1"] = counts.real_acc()
+        return metrics, per_class
 
 
 @dataclass
@@ -130,7 +135,9 @@ class SegmentTask:
         for one, sample in zip(logits, samples):
             mask = upsample_argmax(one, sample.height, sample.width)
             classes, pixel_counts = class_histogram(mask, one.shape[0])
-            outputs.append({"mask": mask.cpu().numpy(), "classes": classes, "class_pixels": pixel_counts})
+            confusion = confusion_cells(mask, sample.target, one.shape[0]) if sample.target is not None else None
+            outputs.append({"mask": mask.cpu().numpy(), "classes": classes, "class_pixels": pixel_counts,
+                            "confusion": confusion})
         return outputs
 
     def row(self, sample: Any, output: dict | None) -> dict:
@@ -142,12 +149,17 @@ class SegmentTask:
         return SegmentCounts()
 
     def count(self, counts: SegmentCounts, sample: Any, output: dict) -> None:
-        counts.add(output["classes"], output["class_pixels"])
+        counts.add(output["classes"], output["class_pixels"], output["confusion"])
 
     counts_from_json = staticmethod(SegmentCounts.from_json)
 
     def summarize(self, counts: SegmentCounts) -> tuple[dict, list[dict]]:
-        """No metrics without ground truth; per class, how many images and pixels were predicted."""
+        """mIoU and per-class IoU with ground truth; without, how many images and pixels each class got."""
+        if counts.confusion:
+            metrics, per_class = segmentation_metrics(counts.confusion_matrix(len(self.labels)))
+            for row in per_class:
+                row["class_name"] = self.labels[row["class_id"]]
+            return metrics, per_class
         per_class = [
             {"class_id": c, "class_name": self.labels[c] if c < len(self.labels) else str(c),
              "images": counts.images[c], "pred_pixels": counts.pixels.get(c, 0)}
@@ -187,7 +199,10 @@ TASKS = {"classify": ClassifyTask, "segment": SegmentTask}
 def make_task(config: Any, labels: list[str]) -> ClassifyTask | SegmentTask:
     """The task object for a run's configuration."""
     if config.task.value == "classify":
-        return ClassifyTask(labels, top_k=config.top_k)
+        from .eval_sources import read_real_labels
+
+        real = read_real_labels(config.real_labels) if config.real_labels else None
+        return ClassifyTask(labels, top_k=config.top_k, real=real)
     files = MaskFiles(masks_dir=config.masks_dir, overlays_dir=config.overlays_dir, num_classes=len(labels),
                       max_pixels=config.max_pixels)
     return SegmentTask(labels, files)
