@@ -9,7 +9,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from .config import Dtype, Protocol
+from .config import Dtype, Engine, Protocol
 from .errors import Mv2batchError
 
 app = typer.Typer(
@@ -55,6 +55,7 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("retry_errors", bool, False, _option("Run the failed rows of finished shards again.", "--retry-errors")),
     ("max_pixels", Optional[int], None, _option("Refuse images larger than this many pixels "
                                                 "(default: Pillow's limit).")),
+    ("engine", Engine, Engine.local, _option("local (torchrun / Slurm set the rank) or ray (shards as Ray tasks).")),
     ("quiet", bool, False, _option("No progress bar or summary.", "--quiet", "-q")),
     ("strict", bool, False, _option(f"Exit with {STRICT_EXIT} when any image failed.", "--strict")),
 ]

@@ -35,6 +35,11 @@ class Dtype(str, Enum):
     fp16 = "fp16"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; the CLI builds it, examples and tests may too."""
@@ -66,12 +71,15 @@ class RunConfig:
     overlays_dir: Path | None = None
     labels_file: Path | None = None  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
     real_labels: Path | None = None  # ImageNet-ReaL real.json
+    engine: Engine = Engine.local  # local (torchrun / Slurm set the rank) or ray (shards as Ray tasks)
+    only_shards: tuple[int, ...] | None = None  # internal: the shards one engine task runs
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
         object.__setattr__(self, "source", SourceKind(self.source))
         object.__setattr__(self, "dtype", Dtype(self.dtype))
+        object.__setattr__(self, "engine", Engine(self.engine))
         if self.preprocess is not None:
             object.__setattr__(self, "preprocess", Protocol(self.preprocess))
         for name in ("masks_dir", "overlays_dir", "labels_file", "real_labels"):
@@ -88,6 +96,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be at least 1 (got {value})")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more (got {self.workers})")
+        if self.engine is Engine.ray and self.streaming:
+            raise ConfigError("--engine ray needs a folder or a non-streaming dataset (shards are planned up front)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
         if self.task is Task.classify and (self.masks_dir or self.overlays_dir):

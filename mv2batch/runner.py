@@ -54,6 +54,10 @@ class Context:
 
 def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
     """Run one job end to end and return its report (the library's main entry point)."""
+    if config.engine.value == "ray":
+        from .ray_engine import run_on_ray
+
+        return run_on_ray(config, progress)
     started = time.perf_counter()
     rank = rank_from_env()
     group = Group(rank)
@@ -161,11 +165,12 @@ def _prepare_rundir(rundir: RunDir, run_info: dict, config: RunConfig, rank: Ran
     if rank.world_size > 1 and config.overwrite and not group.active:
         raise ConfigError("--overwrite needs one process (or torchrun) to clear OUT before the others start: "
                           "clear OUT first, then launch the processes without --overwrite")
+    owns = _owner(config, rank)
     if rank.is_first:
-        rundir.prepare(run_info, config.overwrite, config.resume, rank.owns)
+        rundir.prepare(run_info, config.overwrite, config.resume, owns)
     group.barrier()
     if not rank.is_first:
-        rundir.prepare(run_info, False, config.resume, rank.owns)
+        rundir.prepare(run_info, False, config.resume, owns)
 
 
 def _place_model(module: Any, device: Any, dtype: Any, compile_model: bool) -> Any:
@@ -268,7 +273,7 @@ class ShardState:
 
 def _run_planned(ctx: Context, done: dict[int, dict]) -> None:
     plan = ShardPlan(ctx.run_info["plan"]["n_items"], ctx.run_info["plan"]["shard_size"])
-    todo = [s for s in range(plan.n_shards) if s not in done and ctx.rank.owns(s)]
+    todo = [s for s in range(plan.n_shards) if s not in done and _runs_here(ctx, s)]
     ctx.total = sum(len(plan.shard(s)) for s in todo)
     _process_shards(ctx, [(s, plan.shard(s)) for s in todo], ctx.source.read)
 
@@ -278,7 +283,7 @@ def _run_stream(ctx: Context, done: dict[int, dict]) -> None:
     n_shards = 0
     for number, start, records in _stream_chunks(ctx.source.records(), shard_size, ctx.config.limit):
         n_shards = number + 1
-        if number in done or not ctx.rank.owns(number):
+        if number in done or not _runs_here(ctx, number):
             continue
         indices = range(start, start + len(records))
         _process_shards(ctx, [(number, indices)], lambda i, rs=records, s=start: rs[i - s])
@@ -286,6 +291,16 @@ def _run_stream(ctx: Context, done: dict[int, dict]) -> None:
     if n_shards != ctx.run_info["plan"].get("n_shards"):
         ctx.run_info["plan"].update({"n_shards": n_shards})
         write_json_atomic(ctx.rundir.run_json, ctx.run_info)
+
+
+def _runs_here(ctx: Context, shard: int) -> bool:
+    return _owner(ctx.config, ctx.rank)(shard)
+
+
+def _owner(config: RunConfig, rank: Rank) -> Callable[[int], bool]:
+    """This process's shards: by rank, narrowed to the ones an engine task was given."""
+    only = config.only_shards
+    return lambda shard: rank.owns(shard) and (only is None or shard in only)
 
 
 def _stream_chunks(records: Iterable[Record], size: int, limit: int | None) -> Iterator[tuple[int, int, list]]:
@@ -369,7 +384,7 @@ def _retry_errors(ctx: Context, done: dict[int, dict]) -> None:
     if not hasattr(ctx.source, "read"):
         raise ConfigError("--retry-errors needs a folder or a non-streaming dataset")
     plan = ShardPlan(ctx.run_info["plan"]["n_items"], ctx.run_info["plan"]["shard_size"])
-    retry = {n: m for n, m in sorted(done.items()) if m["errors"] and ctx.rank.owns(n)}
+    retry = {n: m for n, m in sorted(done.items()) if m["errors"] and _runs_here(ctx, n)}
     for number, marker in retry.items():
         _retry_shard(ctx, number, marker, plan.shard(number))
 

@@ -184,3 +184,16 @@ def test_unwritable_output_is_one_clear_error(reference, tiny_model, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OutputError):
         classify(folder, blocker / "out", tiny_model)
+
+
+def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, tmp_path):
+    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
+    folder, expected = reference
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        report = classify(folder, out, tiny_model, shard_size=3, batch_size=1, engine="ray")
+    finally:
+        ray.shutdown()
+    assert report.complete and report.ran_now == 20
+    _assert_same_output(out, expected)
