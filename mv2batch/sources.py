@@ -111,8 +111,8 @@ class FolderSource:
 
 
 @dataclass
-class DatasetSource:
-    """A map-style `datasets.Dataset`; the image column is read undecoded and decoded in the workers."""
+class DatasetColumns:
+    """A `datasets` split and the columns that hold the image and the gold label; ids are `split/index`."""
 
     dataset: Any
     split: str
@@ -121,15 +121,23 @@ class DatasetSource:
     label_names: list[str] | None = None
     description: str = ""
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def item_id(self, index: int) -> str:
         return f"{self.split}/{index}"
 
-    def read(self, index: int) -> Record:
-        row = self.dataset[index]
+    def record(self, row: dict) -> Record:
+        """One row's undecoded image cell and label."""
         return cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None)
+
+
+@dataclass
+class DatasetSource(DatasetColumns):
+    """A map-style `datasets.Dataset`; the image column is read undecoded and decoded in the workers."""
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, index: int) -> Record:
+        return self.record(self.dataset[index])
 
     def fingerprint(self) -> str:
         """The dataset's own content fingerprint, with split and length."""
