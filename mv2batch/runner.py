@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import models
@@ -286,11 +286,22 @@ def _run_stream(ctx: Context, done: dict[int, dict]) -> None:
         if number in done or not _runs_here(ctx, number):
             continue
         indices = range(start, start + len(records))
-        _process_shards(ctx, [(number, indices)], lambda i, rs=records, s=start: rs[i - s])
+        _process_shards(ctx, [(number, indices)], ChunkReader(records, start))
     # Only now is the stream's length known; record it so that `mv2batch report` can tell a run is complete.
     if n_shards != ctx.run_info["plan"].get("n_shards"):
         ctx.run_info["plan"].update({"n_shards": n_shards})
         write_json_atomic(ctx.rundir.run_json, ctx.run_info)
+
+
+@dataclass
+class ChunkReader:
+    """Reads a stream's chunk by global index; a class, not a closure, so that spawned workers can unpickle it."""
+
+    records: list[Record]
+    start: int
+
+    def __call__(self, index: int) -> Record:
+        return self.records[index - self.start]
 
 
 def _runs_here(ctx: Context, shard: int) -> bool:
