@@ -66,7 +66,6 @@ def _folder_hash(folder: Path) -> str:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
     try:

@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import models
+from . import inputs, models, runinfo
 from .config import RunConfig, SourceKind
-from .errors import ConfigError, InputError, ModelError
+from .errors import ConfigError
 from .loader import ImageDataset, make_loader
-from .plan import DEFAULT_SHARD_SIZE, Group, Rank, ShardPlan, rank_from_env
+from .plan import Group, Rank, ShardPlan, rank_from_env
 from .preprocess import Preprocessing
 from .report import Report, build_report, write_report
-from .rundir import RunDir, fingerprint_of, write_json_atomic
+from .rundir import RunDir, write_json_atomic
 from .sources import Record
 
 
@@ -76,73 +75,18 @@ def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
         group.close()
 
 
-def _open_dataset(config: RunConfig) -> Any:
-    from .datasets_source import DatasetSpec, open_dataset
-
-    spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming)
-    return open_dataset(spec)
-
-
-def _open_imagenet(config: RunConfig) -> Any:
-    from .datasets_source import is_saved_to_disk
-    from .eval_sources import open_imagenet
-
-    path = Path(config.input).expanduser()
-    if path.is_dir() and not is_saved_to_disk(path):
-        return open_imagenet(path, config.labels_file)
-    source = _open_dataset(config)
-    if source.label_column is None:
-        raise InputError(f"{config.input} has no label column: name it with --label-column")
-    return source
-
-
-def _open_folder(config: RunConfig) -> Any:
-    from .sources import FolderSource
-
-    return FolderSource.open(config.input)
-
-
-def _open_voc(config: RunConfig) -> Any:
-    from .eval_sources import open_voc
-
-    return open_voc(Path(config.input).expanduser(), config.split)
-
-
-def _open_ade20k(config: RunConfig) -> Any:
-    from .eval_sources import open_ade20k
-
-    return open_ade20k(Path(config.input).expanduser(), config.split)
-
-
-SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dataset,
-                  SourceKind.imagenet: _open_imagenet, SourceKind.voc: _open_voc, SourceKind.ade20k: _open_ade20k}
-EVAL_CLASSES = {SourceKind.imagenet: 1000, SourceKind.voc: 21, SourceKind.ade20k: 150}
-
-
-def open_source(config: RunConfig) -> Any:
-    """The folder, dataset or evaluation layout named by the config."""
-    return SOURCE_OPENERS[config.source](config)
-
-
-def _check_classes(config: RunConfig, labels: list[str], model_name: str) -> None:
-    expected = EVAL_CLASSES.get(config.source)
-    if expected is not None and len(labels) != expected:
-        raise ModelError(f"{model_name} has {len(labels)} classes; evaluating on {config.source.value} needs "
-                         f"a checkpoint with {expected}")
-
-
 def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, group: Group) -> Context:
     from .device import PixelStage, pick_device, pick_dtype
     from .tasks import make_task
 
     name = config.task.value
-    source = open_source(config)  # a wrong input path is the cheapest mistake to report, so first
+    source = inputs.open_source(config)  # a wrong input path is the cheapest mistake to report, so first
     model_name = config.model or models.DEFAULT_MODELS[name]
     resolved = models.resolve_model(model_name, config.revision)
     model_config = models.read_config(resolved.folder)
     models.check_head(model_config, name, model_name)
     labels = models.label_names(model_config)
-    _check_classes(config, labels, model_name)
+    inputs.check_classes(config, labels, model_name)
     task = make_task(config, labels)
     protocol = config.preprocess.value if config.preprocess else task.default_protocol
     preprocessing = task.preprocessing(protocol, lambda: models.load_processor(resolved.folder, model_name),
@@ -150,7 +94,7 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     device = pick_device(config.device, rank.local_rank)
     dtype = pick_dtype(config.dtype.value, device)
     module = models.load_weights(resolved.folder, name, model_name)  # refuse a bad checkpoint before OUT is touched
-    run_info = _describe_run(config, source, resolved, preprocessing, dtype, labels)
+    run_info = runinfo.describe_run(config, source, resolved, preprocessing, dtype, labels)
     rundir = RunDir(config.out)
     _prepare_rundir(rundir, run_info, config, rank, group)
     ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, task=task, device=device,
@@ -178,71 +122,6 @@ def _place_model(module: Any, device: Any, dtype: Any, compile_model: bool) -> A
 
     module = module.to(device=device, dtype=dtype)
     return torch.compile(module) if compile_model else module
-
-
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": platform.python_version()}
-    for package in ("mv2batch", "torch", "transformers", "pillow", "pyarrow", "datasets"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def _shard_size(config: RunConfig) -> int:
-    return config.shard_size or DEFAULT_SHARD_SIZE[config.task.value]
-
-
-def _n_items(config: RunConfig, source: Any) -> int | None:
-    if not hasattr(source, "read"):
-        return None  # a stream: unknown until read
-    return min(len(source), config.limit) if config.limit else len(source)
-
-
-def _file_digest(path: Path | None) -> str | None:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else None
-
-
-def _describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
-                  dtype: Any, labels: list[str]) -> dict:
-    n_items = _n_items(config, source)
-    fields = {
-        "task": config.task.value, "input": source.fingerprint(), "n_items": n_items, "limit": config.limit,
-        "model": resolved.model_id, "revision": resolved.revision, "preprocessing": preprocessing.describe(),
-        "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""), "shard_size": _shard_size(config),
-        "source": config.source.value, "real_labels": _file_digest(config.real_labels),
-    }
-    plan = ShardPlan(n_items, _shard_size(config)).describe() if n_items is not None else {
-        "n_items": None, "shard_size": _shard_size(config), "n_shards": None}
-    return {
-        "task": config.task.value,
-        "fingerprint": fingerprint_of(fields),
-        "fingerprint_fields": fields,
-        "input": {"kind": config.source.value, "name": config.input, "description": source.description,
-                  "split": getattr(source, "split", None), "skipped_files": getattr(source, "skipped_files", 0)},
-        "model": {"id": resolved.model_id, "revision": resolved.revision, "origin": resolved.origin,
-                  "labels": labels},
-        "preprocessing": preprocessing.describe(),
-        "options": {"batch_size": config.batch_size, "device": config.device, "dtype": config.dtype.value,
-                    "labels_file": config.labels_file, "real_labels": config.real_labels,
-                    "compile": config.compile, "top_k": config.top_k, "max_pixels": config.max_pixels},
-        "plan": plan,
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def parquet_metadata(run_info: dict) -> dict:
-    """The run's identity, repeated in every Parquet part's key-value metadata."""
-    return {"mv2batch.model": run_info["model"]["id"], "mv2batch.revision": run_info["model"]["revision"],
-            "mv2batch.preprocessing": run_info["preprocessing"], "mv2batch.versions": run_info["versions"],
-            "mv2batch.task": run_info["task"], "mv2batch.fingerprint": run_info["fingerprint"]}
 
 
 def _workers(ctx: Context) -> int:
@@ -362,7 +241,7 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
 def _schema(ctx: Context) -> Any:
     from .writer import prediction_schema
 
-    return prediction_schema(ctx.task.fields, parquet_metadata(ctx.run_info))
+    return prediction_schema(ctx.task.fields, runinfo.parquet_metadata(ctx.run_info))
 
 
 def _writer(ctx: Context) -> Any:

@@ -1,0 +1,65 @@
+"""Inputs: the folder, dataset or evaluation layout a configuration names, opened as a Source (a table of openers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, SourceKind
+from .errors import InputError, ModelError
+
+
+def _open_dataset(config: RunConfig) -> Any:
+    from .datasets_source import DatasetSpec, open_dataset
+
+    spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming)
+    return open_dataset(spec)
+
+
+def _open_imagenet(config: RunConfig) -> Any:
+    from .datasets_source import is_saved_to_disk
+    from .eval_sources import open_imagenet
+
+    path = Path(config.input).expanduser()
+    if path.is_dir() and not is_saved_to_disk(path):
+        return open_imagenet(path, config.labels_file)
+    source = _open_dataset(config)
+    if source.label_column is None:
+        raise InputError(f"{config.input} has no label column: name it with --label-column")
+    return source
+
+
+def _open_folder(config: RunConfig) -> Any:
+    from .sources import FolderSource
+
+    return FolderSource.open(config.input)
+
+
+def _open_voc(config: RunConfig) -> Any:
+    from .eval_sources import open_voc
+
+    return open_voc(Path(config.input).expanduser(), config.split)
+
+
+def _open_ade20k(config: RunConfig) -> Any:
+    from .eval_sources import open_ade20k
+
+    return open_ade20k(Path(config.input).expanduser(), config.split)
+
+
+SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dataset,
+                  SourceKind.imagenet: _open_imagenet, SourceKind.voc: _open_voc, SourceKind.ade20k: _open_ade20k}
+EVAL_CLASSES = {SourceKind.imagenet: 1000, SourceKind.voc: 21, SourceKind.ade20k: 150}
+
+
+def open_source(config: RunConfig) -> Any:
+    """The folder, dataset or evaluation layout named by the config."""
+    return SOURCE_OPENERS[config.source](config)
+
+
+def check_classes(config: RunConfig, labels: list[str], model_name: str) -> None:
+    """Evaluation layouts need a model with their number of classes."""
+    expected = EVAL_CLASSES.get(config.source)
+    if expected is not None and len(labels) != expected:
+        raise ModelError(f"{model_name} has {len(labels)} classes; evaluating on {config.source.value} needs "
+                         f"a checkpoint with {expected}")

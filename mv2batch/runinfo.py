@@ -1,0 +1,78 @@
+"""The run's description: what run.json records, the fingerprint fields, the Parquet key-value metadata."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .plan import DEFAULT_SHARD_SIZE, ShardPlan
+from .preprocess import Preprocessing
+from .rundir import fingerprint_of
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("mv2batch", "torch", "transformers", "pillow", "pyarrow", "datasets"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _shard_size(config: RunConfig) -> int:
+    return config.shard_size or DEFAULT_SHARD_SIZE[config.task.value]
+
+
+def _n_items(config: RunConfig, source: Any) -> int | None:
+    if not hasattr(source, "read"):
+        return None  # a stream: unknown until read
+    return min(len(source), config.limit) if config.limit else len(source)
+
+
+def _file_digest(path: Path | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else None
+
+
+def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
+                 dtype: Any, labels: list[str]) -> dict:
+    """run.json's content; `fingerprint` hashes the fields that change outputs."""
+    n_items = _n_items(config, source)
+    fields = {
+        "task": config.task.value, "input": source.fingerprint(), "n_items": n_items, "limit": config.limit,
+        "model": resolved.model_id, "revision": resolved.revision, "preprocessing": preprocessing.describe(),
+        "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""), "shard_size": _shard_size(config),
+        "source": config.source.value, "real_labels": _file_digest(config.real_labels),
+    }
+    plan = ShardPlan(n_items, _shard_size(config)).describe() if n_items is not None else {
+        "n_items": None, "shard_size": _shard_size(config), "n_shards": None}
+    return {
+        "task": config.task.value,
+        "fingerprint": fingerprint_of(fields),
+        "fingerprint_fields": fields,
+        "input": {"kind": config.source.value, "name": config.input, "description": source.description,
+                  "split": getattr(source, "split", None), "skipped_files": getattr(source, "skipped_files", 0)},
+        "model": {"id": resolved.model_id, "revision": resolved.revision, "origin": resolved.origin,
+                  "labels": labels},
+        "preprocessing": preprocessing.describe(),
+        "options": {"batch_size": config.batch_size, "device": config.device, "dtype": config.dtype.value,
+                    "labels_file": config.labels_file, "real_labels": config.real_labels,
+                    "compile": config.compile, "top_k": config.top_k, "max_pixels": config.max_pixels},
+        "plan": plan,
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def parquet_metadata(run_info: dict) -> dict:
+    """The run's identity, repeated in every Parquet part's key-value metadata."""
+    return {"mv2batch.model": run_info["model"]["id"], "mv2batch.revision": run_info["model"]["revision"],
+            "mv2batch.preprocessing": run_info["preprocessing"], "mv2batch.versions": run_info["versions"],
+            "mv2batch.task": run_info["task"], "mv2batch.fingerprint": run_info["fingerprint"]}
