@@ -45,6 +45,9 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("batch_size", int, 32, _option("Images per forward pass.")),
     ("workers", Optional[int], None, _option("DataLoader worker processes (default: from device and cores).")),
     ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),
+    ("speedups", Optional[bool], None, _option("Folded BatchNorm, fused convolutions, channels-last: several times "
+                                               "faster, within 1e-4 of transformers (default: on for bf16/fp16, "
+                                               "off for fp32).", "--speedups/--no-speedups")),
     ("limit", Optional[int], None, _option("Only the first N images.")),
     ("shard_size", Optional[int], None, _option("Images per shard / Parquet part "
                                                 "(default: 10000 classify, 1000 segment).")),

@@ -99,8 +99,11 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     _prepare_rundir(rundir, run_info, config, rank, group)
     ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, task=task, device=device,
                   progress=progress)
-    ctx.model = _place_model(module, device, dtype, config.compile)
-    ctx.pixel_stage = PixelStage(preprocessing.norm, device, dtype)
+    ctx.model = _place_model(module, device, dtype, config)
+    # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
+    speedups = getattr(ctx.model, "mv2batch_speedups", None)
+    ctx.pixel_stage = PixelStage(preprocessing.norm, device, dtype,
+                                 channels_last=bool(speedups and speedups.channels_last))
     return ctx
 
 
@@ -117,11 +120,17 @@ def _prepare_rundir(rundir: RunDir, run_info: dict, config: RunConfig, rank: Ran
         rundir.prepare(run_info, False, config.resume, owns)
 
 
-def _place_model(module: Any, device: Any, dtype: Any, compile_model: bool) -> Any:
+def _place_model(module: Any, device: Any, dtype: Any, config: RunConfig) -> Any:
     import torch
 
-    module = module.to(device=device, dtype=dtype)
-    return torch.compile(module) if compile_model else module
+    from .speed import optimize_for_inference
+
+    if config.speedups if config.speedups is not None else dtype != torch.float32:
+        # BatchNorm is folded in float64 before the cast; compile changes which rewrites pay.
+        module = optimize_for_inference(module, device, dtype, compile=config.compile)
+    else:
+        module = module.to(device=device, dtype=dtype)
+    return torch.compile(module) if config.compile else module
 
 
 def _workers(ctx: Context) -> int:

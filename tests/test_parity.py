@@ -31,7 +31,7 @@ def _pipeline_topk(model: Path, paths: list[Path], k: int, batch_size: int) -> l
     return [([label2id[p["label"]] for p in predictions], [p["score"] for p in predictions]) for predictions in outputs]
 
 
-def _check_parity(model: Path, tmp_path: Path, batch_size: int) -> None:
+def _check_parity(model: Path, tmp_path: Path, batch_size: int, atol: float = 1e-5, **options) -> None:
     """Same files, same batch composition: the pipeline batches with the same batch size, in the same order.
 
     float32 results depend slightly on the batch a convolution sees (about 1e-5 in probability on these
@@ -39,7 +39,7 @@ def _check_parity(model: Path, tmp_path: Path, batch_size: int) -> None:
     """
     folder = tmp_path / "images"
     names = _input_folder(folder)
-    classify(folder, tmp_path / "out", model, batch_size=batch_size)
+    classify(folder, tmp_path / "out", model, batch_size=batch_size, **options)
     rows = read_rows(tmp_path / "out")
     assert [r["id"] for r in rows] == names
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["error"]]
@@ -52,7 +52,7 @@ def _check_parity(model: Path, tmp_path: Path, batch_size: int) -> None:
 
     for row, (ids, scores) in zip(rows, expected):
         assert row["topk_ids"] == ids, row["id"]
-        np.testing.assert_allclose(row["topk_scores"], scores, atol=1e-5, rtol=0, err_msg=row["id"])
+        np.testing.assert_allclose(row["topk_scores"], scores, atol=atol, rtol=0, err_msg=row["id"])
 
 
 @pytest.mark.parametrize("batch_size", [1, 8])
@@ -64,3 +64,9 @@ def test_parity_with_pipeline_tiny_checkpoint(tiny_model, tmp_path, batch_size):
 @pytest.mark.parametrize("batch_size", [1, 16])
 def test_parity_with_pipeline_full_size_checkpoint(full_model, tmp_path, batch_size):
     _check_parity(full_model, tmp_path, batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_speedups_stay_within_1e4_of_pipeline(tiny_model, tmp_path, batch_size):
+    """--speedups (folded BatchNorm, fused convolutions, channels-last) in fp32: same ids, scores within 1e-4."""
+    _check_parity(tiny_model, tmp_path, batch_size, atol=1e-4, speedups=True)

@@ -1,0 +1,211 @@
+"""Classification speed: transformers.pipeline vs mv2batch end to end, the model alone and the input alone.
+
+    python benchmarks/bench_classify.py --images DIR -n 1000 [--model PATH]
+    python benchmarks/bench_classify.py --rss-check          # peak RSS of 1,000 vs 10,000 images
+
+Every measurement runs in its own child process, on the same images and checkpoint, one after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (the benchmarks folder is not a package)
+
+SCRIPT = Path(__file__).resolve()
+PRECISION_PHOTOS = 64
+
+
+# ---- measurements (children) -------------------------------------------------------------------------------
+
+
+def pipeline_run(spec: dict, clock: common.Clock) -> dict:
+    """transformers.pipeline("image-classification", batch_size=...) over the same files, top 5."""
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=spec["model"], device="cpu", batch_size=spec["batch_size"])
+    label2id = classifier.model.config.label2id
+    paths = [str(p) for p in common.source_photos(Path(spec["images"]))]
+    clock.ready()
+    topk = {}
+    outputs = classifier((p for p in paths), top_k=5)  # a generator in, so results stream out batch by batch
+    for done, (path, predictions) in enumerate(zip(paths, outputs), start=1):
+        topk[Path(path).name] = ([label2id[p["label"]] for p in predictions], [p["score"] for p in predictions])
+        if done % spec["batch_size"] == 0 or done == len(paths):
+            clock.mark(done)
+    return {"images": len(paths), "topk": topk}
+
+
+def precision(spec: dict, clock: common.Clock) -> dict:
+    """On the first photos: how far float32 transformers, mv2batch fp32 and bf16 are from float64 transformers."""
+    import torch
+    from PIL import Image
+
+    from mv2batch import models
+    from mv2batch.speed import optimize_for_inference
+
+    folder = models.resolve_model(spec["model"]).folder
+    processor = models.load_processor(folder, spec["model"])
+    photos = [Image.open(p).convert("RGB") for p in common.source_photos(Path(spec["images"]))[:PRECISION_PHOTOS]]
+    pixels = processor(images=photos, return_tensors="pt")["pixel_values"]
+    load = lambda: models.load_weights(folder, "classify", spec["model"])
+    clock.ready()
+    probs = {
+        "transformers fp64": _probs(load().double(), pixels, torch.float64, spec["batch_size"]),
+        "transformers fp32": _probs(load(), pixels, torch.float32, spec["batch_size"]),
+        "mv2batch fp32": _probs(optimize_for_inference(load(), torch.device("cpu"), torch.float32), pixels,
+                                torch.float32, spec["batch_size"]),
+        "mv2batch bf16": _probs(optimize_for_inference(load(), torch.device("cpu"), torch.bfloat16), pixels,
+                                torch.bfloat16, spec["batch_size"]),
+    }
+    pairs = [("transformers fp32", "transformers fp64"), ("mv2batch fp32", "transformers fp64"),
+             ("mv2batch fp32", "transformers fp32"), ("mv2batch bf16", "transformers fp32")]
+    rows = [[a, b, f"{(probs[a] - probs[b]).abs().max().item():.2e}",
+             f"{(probs[a].argmax(-1) == probs[b].argmax(-1)).double().mean().item():.3f}"] for a, b in pairs]
+    return {"images": len(photos), "rows": rows}
+
+
+def _probs(model, pixels, dtype, batch_size):
+    import torch
+
+    with torch.inference_mode():
+        return torch.cat([model(pixel_values=pixels[i : i + batch_size].to(dtype)).logits.double().softmax(-1)
+                          for i in range(0, len(pixels), batch_size)])
+
+
+MEASUREMENTS = {**common.SHARED_MEASUREMENTS, "pipeline": pipeline_run, "precision": precision}
+
+
+# ---- agreement ---------------------------------------------------------------------------------------------
+
+
+def read_topk(out: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Top-k ids and scores per image id from the Parquet mv2batch wrote."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(out) / "predictions", columns=["id", "topk_ids", "topk_scores"]).to_pylist()
+    return {row["id"]: (row["topk_ids"], row["topk_scores"]) for row in table}
+
+
+def agreement(got: dict, reference: dict) -> tuple[float, float, float]:
+    """(max |probability difference| over the classes both top-5s hold, top-1 agreement, top-5 set agreement)."""
+    max_diff, top1, top5 = 0.0, 0, 0
+    for name, (ref_ids, ref_scores) in reference.items():
+        ids, scores = got[name]
+        top1 += ids[0] == ref_ids[0]
+        top5 += set(ids) == set(ref_ids)
+        mine = dict(zip(ids, scores))
+        max_diff = max([max_diff] + [abs(mine[c] - s) for c, s in zip(ref_ids, ref_scores) if c in mine])
+    return max_diff, top1 / len(reference), top5 / len(reference)
+
+
+# ---- the parent --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.common_arguments(parser, default_n=1000, default_batch=32)
+    parser.add_argument("--rss-check", action="store_true", help="peak RSS of mv2batch on 1,000 vs 10,000 images")
+    parser.add_argument("--rss-dtype", default="fp32")
+    parser.add_argument("--with-shipped", action="store_true", help="also run mv2batch as shipped (no speed-ups)")
+    parser.add_argument("--pipeline-small-batch", type=int, default=4,
+                        help="also run the pipeline at this batch size, for context (0: don't)")
+    args = parser.parse_args()
+    model, how = common.checkpoint(args.model, "classify", args.images)
+    print(f"{common.machine()}\n{how}", flush=True)
+    if args.rss_check:
+        return rss_check(args, model)
+    run(args, model, how)
+
+
+def _spec(args: argparse.Namespace, model: str, images: Path, **extra) -> dict:
+    workers = args.workers if args.workers is not None else common.default_workers()
+    return {"task": "classify", "model": model, "images": str(images), "batch_size": args.batch_size,
+            "workers": workers, **extra}
+
+
+def run(args: argparse.Namespace, model: str, how: str) -> None:
+    folder = common.image_folder(args.images, args.n)
+    spec = lambda **extra: _spec(args, model, folder, **extra)
+    out = lambda name: str(common.CACHE / f"out-classify-{name}")
+    child = lambda name, label, dtype, s: common.run_child(SCRIPT, name, label, dtype, s, args.wait_idle)
+    print(f"{args.n} images from {args.images}, batch {args.batch_size}", flush=True)
+    pipe = child("pipeline", f"transformers.pipeline (batch {args.batch_size})", "fp32", spec())
+    others = [child("pipeline", f"transformers.pipeline (batch {small})", "fp32", {**spec(), "batch_size": small})
+              for small in [args.pipeline_small_batch] if small]
+    e2e = {dtype: child("mv2batch", "mv2batch.run, speed-ups", dtype, spec(dtype=dtype, out=out(dtype)))
+           for dtype in ("fp32", "bf16")}
+    if args.with_shipped:
+        e2e["shipped"] = child("mv2batch", "mv2batch.run as shipped", "fp32",
+                               spec(dtype="fp32", out=out("shipped"), speedups=False))
+    alone = {dtype: child("model", "model alone, speed-ups", dtype, spec(dtype=dtype, count=args.model_images))
+             for dtype in ("fp32", "bf16")}
+    alone["transformers"] = child("model", "model alone, transformers as is", "fp32",
+                                  spec(dtype="fp32", count=args.model_images, speedups=False))
+    loader = child("input", "input alone (decode + preprocess)", "fp32", spec(dtype="fp32"))
+    exact = child("precision", "precision on the first photos", "fp32", spec())
+    report(args, how, pipe, others, e2e, alone, loader, exact)
+
+
+def report(args, how, pipe, others, e2e, alone, loader, exact) -> None:
+    speed_rows, agree_rows = [], []
+    ranked = [pipe, *others, *e2e.values(), *alone.values(), loader]
+    for result in ranked:
+        end_to_end = result is pipe or result in others or result in e2e.values()
+        of_model = alone.get(result.dtype) if end_to_end and "speed" in result.name else None
+        share = f"{100 * result.steady / of_model.steady:.0f}%" if of_model else ""
+        speed_rows.append([result.name, result.dtype, str(result.images),
+                           *common.speed_columns(result, pipe, end_to_end), share])
+    for key, result in e2e.items():
+        diff, top1, top5 = agreement(read_topk(result.data["out"]), pipe.data["topk"])
+        agree_rows.append([f"{result.name} ({result.dtype})", f"{diff:.2e}", f"{top1:.3f}", f"{top5:.3f}"])
+    print("\n" + common.table(["run", "dtype", "images", *common.SPEED_HEADERS, "of model alone"], speed_rows))
+    print("\n" + common.applied(list(e2e.values())))
+    print("\nAgreement with transformers fp32 (the pipeline's top 5), all images:\n")
+    print(common.table(["run", "max |dp|", "top-1 agree", "top-5 agree"], agree_rows))
+    print(f"\nPrecision on the first {exact.data['images']} photos (all 1000 probabilities):\n")
+    print(common.table(["this", "against", "max |dp|", "top-1 agree"], exact.data["rows"]))
+    print("\n" + "\n".join(targets(pipe, e2e, alone, agree_rows)))
+    common.write_json(args.json, {"how": how, "machine": common.machine(), "speed": speed_rows,
+                                  "agreement": agree_rows, "precision": exact.data["rows"]})
+
+
+def targets(pipe, e2e, alone, agree_rows) -> list[str]:
+    """Issue 5's targets, each with its number and whether it is met."""
+    fp32, bf16 = e2e["fp32"], e2e["bf16"]
+    checks = [
+        ("fp32 throughput >= 3x pipeline", fp32.steady / pipe.steady, 3.0),
+        ("fp32 wall time (incl. start-up) >= 2x better", pipe.wall_s / fp32.wall_s, 2.0),
+        ("bf16 throughput >= 4.5x pipeline", bf16.steady / pipe.steady, 4.5),
+        ("fp32 end to end >= 85% of the model alone", fp32.steady / alone["fp32"].steady, 0.85),
+        ("bf16 end to end >= 85% of the model alone", bf16.steady / alone["bf16"].steady, 0.85),
+    ]
+    lines = [f"{'MET    ' if value >= goal else 'NOT MET'} {name}: {value:.2f}" for name, value, goal in checks]
+    fp32_diff = float(agree_rows[0][1])
+    lines.append(f"{'MET    ' if fp32_diff <= 1e-4 else 'NOT MET'} fp32 within 1e-4 of transformers: {fp32_diff:.2e}")
+    return lines
+
+
+def rss_check(args: argparse.Namespace, model: str) -> None:
+    """mv2batch's peak RSS must not grow with the number of images: 10,000 within 110% of 1,000."""
+    results = []
+    for n in (1000, 10000):
+        folder = common.image_folder(args.images, n)
+        spec = _spec(args, model, folder, dtype=args.rss_dtype, out=str(common.CACHE / f"out-rss-{n}"))
+        results.append(common.run_child(SCRIPT, "mv2batch", f"mv2batch.run, {n} images", args.rss_dtype, spec,
+                                        args.wait_idle))
+    small, large = (r.data["peak_rss_mb"] for r in results)
+    rows = [[r.name, r.dtype, str(r.images), f"{r.steady:.1f}", f"{r.wall_s:.1f}", f"{r.data['peak_rss_mb']:.0f}"]
+            for r in results]
+    print("\n" + common.table(["run", "dtype", "images", "images/s", "wall s", "peak RSS MB (VmHWM)"], rows))
+    verdict = "MET    " if large <= 1.1 * small else "NOT MET"
+    print(f"\n{verdict} peak RSS of 10,000 images <= 110% of 1,000: {100 * large / small:.0f}%")
+    common.write_json(args.json, {"rss": rows, "ratio": large / small})
+
+
+if __name__ == "__main__":
+    common.child_main(MEASUREMENTS) if common.is_child() else main()

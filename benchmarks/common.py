@@ -1,0 +1,439 @@
+"""Shared benchmark machinery: inputs, checkpoints, one child process per measurement (own clock, peak RSS), tables."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-photos"
+CACHE = Path(tempfile.gettempdir()) / "mv2batch-bench"
+IDLE_FRACTION = 0.9  # the machine counts as idle when at least this share of its CPU time is idle
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------
+
+
+def source_photos(folder: Path) -> list[Path]:
+    """The photos under folder, in mv2batch's order (sorted relative paths)."""
+    from mv2batch.sources import list_images
+
+    found, _ = list_images(folder)
+    if not found:
+        sys.exit(f"no images under {folder}")
+    return [folder / name for name in found]
+
+
+def image_folder(source: Path, n: int) -> Path:
+    """A flat folder of exactly n images, cycling the source photos (hard links: no copies, same bytes)."""
+    photos = source_photos(source)
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    folder = CACHE / f"images-{digest}-{n}"
+    if folder.is_dir() and len(list(folder.iterdir())) == n:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        target = folder / f"{i:06d}_{photo.name}"
+        if not target.exists():
+            _link(photo, target)
+    return folder
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system: a symbolic link reads the same bytes
+        target.symlink_to(source.resolve())
+
+
+def checkpoint(model: str | None, task: str, photos: Path) -> tuple[str, str]:
+    """The checkpoint to measure and how it was obtained; without --model, a calibrated random one built once."""
+    if model:
+        return model, f"checkpoint {model}"
+    size, labels = ("full", 1000) if task == "classify" else ("full", 21)
+    folder = CACHE / f"random-{task}-{size}-{labels}"
+    if not (folder / "model.safetensors").is_file():
+        from PIL import Image
+
+        from mv2batch.testing import make_checkpoint
+
+        print(f"building a calibrated random MobileViTV2-1.0 {task} checkpoint in {folder} ...", flush=True)
+        calibration = [Image.open(p).convert("RGB") for p in source_photos(photos)[::50][:12]]
+        make_checkpoint(folder, calibration, size=size, num_labels=labels, task=task)
+    return str(folder), (f"random calibrated full-size checkpoint (mv2batch.testing.make_checkpoint, "
+                         f"task={task}, num_labels={labels}): no --model given")
+
+
+# ---- the child side ----------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Time stamps of a child, counted from the moment its parent spawned it."""
+
+    def __init__(self, spawned: float):
+        self.spawned = spawned
+        self.ready_s: float | None = None
+        self.marks: list[tuple[float, int]] = []
+
+    def now(self) -> float:
+        return time.time() - self.spawned
+
+    def ready(self) -> None:
+        """The model (or loader) is built: what follows is work on images."""
+        self.ready_s = self.now()
+
+    def mark(self, done: int) -> None:
+        """done images have been completely processed."""
+        self.marks.append((self.now(), done))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM). ru_maxrss would report a forked parent's peak after exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_main(measurements: dict[str, Callable[[dict, Clock], dict]]) -> None:
+    """Entry point of a child: run one named measurement, write its result as JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True)
+    parser.add_argument("--spec", required=True)
+    args = parser.parse_args()
+    spec = json.loads(args.spec)
+    clock = Clock(spec["spawned"])
+    extra = measurements[args.child](spec, clock)
+    result = {"ready_s": clock.ready_s, "marks": clock.marks, "peak_rss_mb": peak_rss_mb(), **extra}
+    Path(spec["result"]).write_text(json.dumps(result))
+
+
+def is_child() -> bool:
+    return "--child" in sys.argv
+
+
+# ---- the parent side ---------------------------------------------------------------------------------------
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine, in clock ticks."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def wait_for_idle(limit_s: float) -> bool:
+    """Wait until other processes leave the CPUs alone (the machine is shared); False if they never did."""
+    deadline = time.time() + limit_s
+    while True:
+        busy0, total0 = _cpu_jiffies()
+        time.sleep(2)
+        busy1, total1 = _cpu_jiffies()
+        if (busy1 - busy0) <= (1 - IDLE_FRACTION) * max(1, total1 - total0):
+            return True
+        if time.time() >= deadline:
+            return False
+
+
+@dataclass
+class Result:
+    """One measurement: the child's own numbers plus what the parent saw from outside."""
+
+    name: str
+    dtype: str
+    data: dict
+    wall_s: float
+    cpu_s: float  # the child and its workers
+    others_cpu_share: float  # the share of the machine other processes used meanwhile
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return self.data.get("images", 0)
+
+    @property
+    def steady(self) -> float:
+        return steady_rate(self.data.get("marks", []), self.images, self.wall_s)
+
+
+def steady_rate(marks: list, images: int, wall_s: float) -> float:
+    """Images per second after the first batch (warm-up, lazy initialisation); the overall rate if too few marks."""
+    if len(marks) >= 3:
+        (t0, d0), (t1, d1) = marks[0], marks[-1]
+        if t1 > t0 and d1 > d0:
+            return (d1 - d0) / (t1 - t0)
+    return images / wall_s if wall_s else float("nan")
+
+
+def run_child(script: Path, name: str, label: str, dtype: str, spec: dict, idle_s: float) -> Result:
+    """Run one measurement in a fresh interpreter, timing it from spawn to exit."""
+    idle = wait_for_idle(idle_s) if idle_s > 0 else True
+    with tempfile.TemporaryDirectory(prefix="mv2batch-bench-") as scratch:
+        result_file = Path(scratch) / "result.json"
+        busy0, total0 = _cpu_jiffies()
+        spawned = time.time()
+        full = {**spec, "spawned": spawned, "result": str(result_file), "scratch": scratch}
+        process = subprocess.Popen([sys.executable, str(script), "--child", name, "--spec", json.dumps(full)],
+                                   stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.time() - spawned
+        stderr = process.stderr.read()
+        process.stderr.close()
+        busy1, total1 = _cpu_jiffies()
+        if status != 0 or not result_file.is_file():
+            sys.exit(f"{label} failed:\n{stderr[-3000:]}")
+        data = json.loads(result_file.read_text())
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = usage.ru_utime + usage.ru_stime
+    others = max(0.0, (busy1 - busy0) / ticks - cpu) / max(1e-9, (total1 - total0) / ticks)
+    result = Result(label, dtype, data, wall, cpu, others)
+    if not idle:
+        result.notes.append("started while the machine was busy")
+    print(f"  {label:<38} {result.steady:7.1f} img/s  wall {wall:6.1f} s  peak RSS {data['peak_rss_mb']:6.0f} MB"
+          f"  others {100 * others:3.0f}%", flush=True)
+    return result
+
+
+def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_batch: int) -> None:
+    """The options every benchmark script shares."""
+    parser.add_argument("--images", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (cycled up to -n)")
+    parser.add_argument("-n", type=int, default=default_n, help="images per end-to-end run")
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: a random calibrated full-size one)")
+    parser.add_argument("--batch-size", type=int, default=default_batch)
+    parser.add_argument("--model-images", type=int, default=320, help="images per model-alone run")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: mv2batch's choice)")
+    parser.add_argument("--wait-idle", type=float, default=300,
+                        help="before each run, wait up to this many seconds for other processes to go quiet")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+
+
+# ---- measurements shared by both tasks (run in children) ---------------------------------------------------
+
+
+def wire_speedups() -> None:
+    """For a runner without RunConfig.speedups: make mv2batch.run apply mv2batch.speed the recommended way.
+
+    _place_model: optimize_for_inference before the cast (BatchNorm is folded in float64 first), told whether
+    torch.compile follows; _prepare: the pixel stage emits the layout the model runs in (no conversion at the stem).
+    """
+    from mv2batch import runner
+    from mv2batch.speed import optimize_for_inference
+
+    place, prepare = runner._place_model, runner._prepare
+
+    def place_optimized(module: Any, device: Any, dtype: Any, compile_model: Any) -> Any:
+        compile_flag = bool(getattr(compile_model, "compile", compile_model))  # a bool, or a RunConfig
+        module = optimize_for_inference(module, device, dtype, compile=compile_flag)
+        return place(module, device, dtype, compile_model)
+
+    def prepare_matching(*args: Any, **kwargs: Any) -> Any:
+        ctx = prepare(*args, **kwargs)
+        speedups = getattr(ctx.model, "mv2batch_speedups", None)
+        if speedups is not None:
+            ctx.pixel_stage.channels_last = speedups.channels_last
+        return ctx
+
+    runner._place_model, runner._prepare = place_optimized, prepare_matching
+
+
+def speedup_options(want: bool) -> dict:
+    """RunConfig options for mv2batch.speed on or off: the runner's own switch where it has one."""
+    from dataclasses import fields
+
+    from mv2batch.config import RunConfig
+
+    if "speedups" in {f.name for f in fields(RunConfig)}:
+        return {"speedups": want}
+    if want:
+        wire_speedups()
+    return {}
+
+
+def mv2batch_run(spec: dict, clock: Clock) -> dict:
+    """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it."""
+    import mv2batch
+    from mv2batch.config import RunConfig
+    from mv2batch.runner import ProgressUpdate
+
+    out = Path(spec["out"])
+    options = speedup_options(spec.get("speedups", True))
+    config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
+                       device="cpu", dtype=spec["dtype"], batch_size=spec["batch_size"], workers=spec["workers"],
+                       preprocess=spec.get("preprocess"), overwrite=True, **options)
+    applied = _observe_speedups()
+
+    def progress(update: ProgressUpdate) -> None:
+        if update.done == 0 and clock.ready_s is None:
+            clock.ready()  # the model is placed and the loader is starting
+        elif update.done:
+            clock.mark(update.done)
+
+    report = mv2batch.run(config, progress)
+    return {"images": report.ran_now, "out": str(out), **applied}
+
+
+def _observe_speedups() -> dict:
+    """Filled, once mv2batch.run has placed its model, with the speed-ups it really applied (None: none)."""
+    from mv2batch import runner
+
+    seen: dict = {}
+    prepare = runner._prepare
+
+    def observed(*args: Any, **kwargs: Any) -> Any:
+        ctx = prepare(*args, **kwargs)
+        speedups = getattr(ctx.model, "mv2batch_speedups", None)
+        seen.update(speedups=speedups.describe() if speedups else None,
+                    channels_last_pixels=ctx.pixel_stage.channels_last)
+        return ctx
+
+    runner._prepare = observed
+    return seen
+
+
+def task_preprocessing(spec: dict) -> tuple[Path, Any, Any]:
+    """(checkpoint folder, task object, preprocessing) exactly as mv2batch.run chooses them by default."""
+    from mv2batch import models
+    from mv2batch.tasks import ClassifyTask, SegmentTask
+
+    folder = models.resolve_model(spec["model"]).folder
+    labels = models.label_names(models.read_config(folder))
+    task = (ClassifyTask if spec["task"] == "classify" else SegmentTask)(labels)
+    protocol = spec.get("preprocess") or task.default_protocol
+    preprocessing = task.preprocessing(protocol, lambda: models.load_processor(folder, spec["model"]), spec["model"])
+    return folder, task, preprocessing
+
+
+def ready_pixels(spec: dict, preprocessing: Any, count: int) -> Any:
+    """Up to count real photos of the commonest resized shape, decoded and resized as the workers do (uint8 NHWC)."""
+    import numpy as np
+    import torch
+
+    from mv2batch.decode import decode_image
+
+    photos = source_photos(Path(spec["images"]))[: count * 8]
+    arrays = [preprocessing.resize_crop(decode_image(p.read_bytes()).image) for p in photos]
+    shapes = [a.shape for a in arrays]
+    commonest = max(set(shapes), key=shapes.count)
+    return torch.from_numpy(np.stack([a for a in arrays if a.shape == commonest][:count]))
+
+
+def model_alone(spec: dict, clock: Clock) -> dict:
+    """The model on ready tensors (decoded, resized, normalised, cast, in its layout): the compute limit."""
+    import torch
+
+    from mv2batch import models
+    from mv2batch.device import PixelStage, pick_dtype
+    from mv2batch.speed import optimize_for_inference
+
+    folder, _, preprocessing = task_preprocessing(spec)
+    uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
+    device, dtype = torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu"))
+    module = models.load_weights(folder, spec["task"], spec["model"])
+    if spec.get("speedups", True):
+        module = optimize_for_inference(module, device, dtype)
+    else:
+        module = module.to(dtype)
+    channels_last = getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False)
+    pixels = PixelStage(preprocessing.norm, device, dtype, channels_last)(uint8)
+    clock.ready()
+    done = 0
+    with torch.inference_mode():
+        while done < spec["count"]:
+            module(pixel_values=pixels).logits.float()
+            done += len(pixels)
+            clock.mark(done)
+    return {"images": done, "shape": list(uint8.shape[1:3])}
+
+
+def input_limit(spec: dict, clock: Clock) -> dict:
+    """mv2batch's loader alone (decode, EXIF, RGB, resize, crop in workers; pixel stage here): the input limit."""
+    import torch
+
+    from mv2batch.device import PixelStage, pick_dtype
+    from mv2batch.loader import ImageDataset, make_loader
+    from mv2batch.sources import FolderSource
+
+    _, task, preprocessing = task_preprocessing(spec)
+    source = FolderSource.open(spec["images"])
+    dataset = ImageDataset(source.read, preprocessing.resize_crop)
+    batches = task.batches(range(len(source)), source.read, preprocessing.resize_crop, spec["batch_size"])
+    stage = PixelStage(preprocessing.norm, torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu")), True)
+    clock.ready()
+    done = 0
+    for batch in make_loader(dataset, iter(batches), spec["workers"], False):
+        for _, pixels in batch.groups:
+            stage(pixels)
+        done += len(batch.samples)
+        clock.mark(done)
+    return {"images": done}
+
+
+def default_workers() -> int:
+    """The number of loader workers mv2batch picks on this machine's CPU."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+SHARED_MEASUREMENTS = {"mv2batch": mv2batch_run, "model": model_alone, "input": input_limit}
+
+
+# ---- reporting ---------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """One line about the CPU, memory and software the numbers come from."""
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
+    cores = len(os.sched_getaffinity(0))
+    return (f"{cpu}, {cores} cores, {memory:.0f} GiB RAM; Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (pipes), readable in a terminal too."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def speed_columns(result: Result, baseline: Result, same_work: bool) -> list[str]:
+    """The SPEED_HEADERS columns; the wall-time ratio only where the work is the same as the baseline's."""
+    ratio = f"{result.steady / baseline.steady:.2f}x"
+    wall_ratio = f"{baseline.wall_s / result.wall_s:.2f}x" if same_work else ""
+    flag = " !" if result.others_cpu_share > 0.1 or result.notes else ""
+    return [f"{result.steady:.1f}", ratio, f"{result.wall_s:.1f}", wall_ratio, f"{result.data.get('ready_s') or 0:.1f}",
+            f"{result.data['peak_rss_mb']:.0f}", f"{100 * result.others_cpu_share:.0f}%{flag}"]
+
+
+SPEED_HEADERS = ["images/s", "x pipeline", "wall s", "wall x", "ready s", "peak RSS MB", "others' CPU"]
+
+
+def applied(results: list[Result]) -> str:
+    """What mv2batch.run really applied in each end-to-end run (the runner decides; this reports it)."""
+    lines = []
+    for result in results:
+        speedups = result.data.get("speedups")
+        what = ", ".join(f"{k}={v}" for k, v in speedups.items()) if speedups else "none"
+        lines.append(f"- {result.name} ({result.dtype}): {what}; channels-last pixels: "
+                     f"{result.data.get('channels_last_pixels')}")
+    return "Speed-ups the runner applied:\n" + "\n".join(lines)
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=1, default=str))

@@ -1,0 +1,209 @@
+"""Speed-ups: the optimised module gives transformers' outputs on real photos, and really changed the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import imagenet_photo_paths
+from mv2batch.speed import (Speedups, default_speedups, fold_batchnorm, fold_patches, optimize_for_inference,
+                            unfold_patches)
+
+TOLERANCE = 1e-4  # probabilities; a float32 rewrite of the model should move them far less
+CPU_DEFAULT = Speedups()
+# What a GPU gets, run here on the CPU: BatchNorm folding, reshape patches, in-place activations, NCHW.
+NO_ONEDNN = Speedups(fuse_convolutions=False, channels_last=False)
+HEAD = {"classify": "MobileViTV2ForImageClassification", "segment": "MobileViTV2ForSemanticSegmentation"}
+
+
+def _load(folder: Path, task: str = "classify") -> torch.nn.Module:
+    import transformers
+
+    return getattr(transformers, HEAD[task]).from_pretrained(str(folder)).eval()
+
+
+def _pixels(folder: Path, count: int) -> torch.Tensor:
+    """Real photos as transformers' own processor prepares them for this checkpoint."""
+    from transformers import MobileViTImageProcessorPil
+
+    processor = MobileViTImageProcessorPil.from_pretrained(str(folder))
+    photos = [Image.open(p).convert("RGB") for p in imagenet_photo_paths(count)]
+    return processor(images=photos, return_tensors="pt")["pixel_values"]
+
+
+def _probs(model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(pixel_values=pixels.to(dtype)).logits.to(torch.float64).softmax(-1)
+
+
+def _assert_same_topk(reference: torch.Tensor, got: torch.Tensor, k: int, tolerance: float) -> None:
+    """Top-k ids equal, except where the reference's own scores tie within the tolerance (order there is noise)."""
+    ref_scores, ref_ids = reference.topk(k)
+    got_ids = got.topk(k).indices
+    chosen_in_reference = reference.gather(1, got_ids)
+    differs = got_ids != ref_ids
+    assert (chosen_in_reference[differs] >= ref_scores[differs] - tolerance).all(), (ref_ids, got_ids)
+    assert differs.float().mean() < 0.05, "more than near-ties changed"
+
+
+def _check_classifier(folder: Path, photos: int, speedups: Speedups, tolerance: float) -> None:
+    pixels = _pixels(folder, photos)
+    reference = _probs(_load(folder), pixels)
+    got = _probs(optimize_for_inference(_load(folder), torch.device("cpu"), torch.float32, speedups=speedups),
+                 pixels)
+    assert len(set(reference.argmax(-1).tolist())) >= 3, "the checkpoint must be input-dependent"
+    _assert_same_topk(reference, got, k=5, tolerance=tolerance)
+    np.testing.assert_allclose(got.numpy(), reference.numpy(), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("speedups", [CPU_DEFAULT, NO_ONEDNN], ids=["cpu-default", "no-onednn"])
+def test_tiny_classifier_matches_transformers(tiny_model, speedups):
+    _check_classifier(tiny_model, 24, speedups, TOLERANCE)
+
+
+def _float32_noise(folder: Path, pixels: torch.Tensor, task: str = "classify") -> float:
+    """How far transformers' own float32 output is from the same model run in float64."""
+    exact = _probs(_load(folder, task).double(), pixels, torch.float64)
+    return (_probs(_load(folder, task), pixels) - exact).abs().max().item()
+
+
+@pytest.mark.slow
+def test_full_size_classifier_matches_transformers(full_model):
+    """MobileViTV2-1.0 at 256x256: within 1e-4, or within twice the rounding noise transformers itself carries.
+
+    The random calibrated checkpoint amplifies float32 rounding: transformers' own probabilities are up to
+    ~1e-4 away from the float64 result, and merely switching it to channels-last moves them by as much.
+    Any non-bit-identical kernel therefore needs the tolerance that the reference itself deserves.
+    """
+    pixels = _pixels(full_model, 16)
+    tolerance = max(TOLERANCE, 2 * _float32_noise(full_model, pixels))
+    _check_classifier(full_model, 16, CPU_DEFAULT, tolerance)
+
+
+def test_batchnorm_folding_removes_every_batchnorm(tiny_model, tiny_segmenter):
+    for folder, task in ((tiny_model, "classify"), (tiny_segmenter, "segment")):
+        model = _load(folder, task)
+        before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        optimize_for_inference(model, torch.device("cpu"), torch.float32)
+        assert before > 0
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert fold_batchnorm(model) == 0  # nothing left to fold; a second call is harmless
+
+
+def test_optimised_model_keeps_its_interface(tiny_model):
+    model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32)
+    assert type(model).__name__ == HEAD["classify"]
+    assert model.mv2batch_speedups == CPU_DEFAULT
+    with torch.inference_mode():
+        outputs = model(pixel_values=torch.rand(3, 3, 64, 64), output_hidden_states=True)
+    assert outputs.logits.shape == (3, 10) and len(outputs.hidden_states) == 5
+    assert outputs.logits.is_contiguous()  # no channels-last layout leaks out of the model
+
+
+def test_defaults_per_device():
+    cpu = default_speedups(torch.device("cpu"), torch.float32)
+    cuda = default_speedups(torch.device("cuda"), torch.float32)
+    assert cpu.fold_batchnorm and cpu.reshape_patches and cpu.channels_last
+    assert cuda.fold_batchnorm and cuda.reshape_patches
+    assert not cuda.channels_last and not cuda.fuse_convolutions  # no oneDNN there; channels-last hurts
+    assert cpu.micro_batch_pixels and cuda.micro_batch_pixels is None  # GPUs want whole batches
+    compiled = default_speedups(torch.device("cpu"), torch.float32, compile=True)
+    assert compiled.fold_batchnorm and not compiled.fuse_convolutions and compiled.micro_batch_pixels is None
+
+
+def test_micro_batches_give_the_whole_batch_outputs(tiny_model, tiny_segmenter):
+    """One image per call (64x64 pixels each) or the whole batch at once: the same outputs, hidden states too."""
+    for folder, task in ((tiny_model, "classify"), (tiny_segmenter, "segment")):
+        whole = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32,
+                                       speedups=Speedups(micro_batch_pixels=None))
+        single = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32,
+                                        speedups=Speedups(micro_batch_pixels=64 * 64))
+        pixels = torch.rand(5, 3, 64, 64)
+        with torch.inference_mode():
+            expected = whole(pixel_values=pixels, output_hidden_states=True)
+            got = single(pixel_values=pixels, output_hidden_states=True)
+            positional = single(pixels)
+        assert type(got) is type(expected) and got.keys() == expected.keys()
+        torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(positional.logits, got.logits, atol=0, rtol=0)
+        assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 8, 43, 22), (1, 5, 7, 9)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reshape_patches_equal_unfold_and_fold(shape, channels_last):
+    """Bit-identical to transformers' unfold / fold, including the rows and columns a patch does not fill."""
+    features = torch.randn(shape)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    patches, size = unfold_patches(features, (2, 2))
+    expected = F.unfold(features, kernel_size=2, stride=2).reshape(shape[0], shape[1], 4, -1)
+    assert size == shape[2:] and torch.equal(patches, expected)
+    folded = fold_patches(patches, size, (2, 2))
+    assert torch.equal(folded, F.fold(expected.reshape(shape[0], shape[1] * 4, -1), size, kernel_size=2, stride=2))
+
+
+def test_bf16_runs_and_keeps_float_outputs_finite(tiny_model):
+    model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.bfloat16)
+    probs = _probs(model, _pixels(tiny_model, 4), torch.bfloat16)
+    assert probs.shape == (4, 10) and torch.isfinite(probs).all()
+
+
+# ---- segmentation -------------------------------------------------------------------------------------------
+
+
+def _segment_pixels(short_side: int, count: int) -> torch.Tensor:
+    """Photos of one size resized as mv2batch segments them (short side = input size, no crop): odd shapes."""
+    from mv2batch.device import PixelStage
+    from mv2batch.preprocess import PixelNorm, ResizeCrop
+
+    resize = ResizeCrop(shortest_edge=short_side, crop_height=None, crop_width=None, resample=2)
+    photos = [Image.open(p).convert("RGB") for p in imagenet_photo_paths(200)]
+    same_size = [p for p in photos if p.size == (500, 375)][:count]
+    batch = torch.from_numpy(np.stack([resize(p) for p in same_size]))
+    return PixelStage(PixelNorm(rescale_factor=1 / 255, flip_bgr=True), torch.device("cpu"), torch.float32)(batch)
+
+
+def _masks(logits: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks at size and, for each pixel, the upsampled logits they came from."""
+    upsampled = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return upsampled.argmax(1), upsampled
+
+
+def _check_segmenter(folder: Path, pixels: torch.Tensor, speedups: Speedups, tolerance: float) -> None:
+    """Per-pixel class probabilities within the tolerance; masks equal except where the reference hesitated."""
+    with torch.inference_mode():
+        reference = _load(folder, "segment")(pixel_values=pixels).logits
+        model = optimize_for_inference(_load(folder, "segment"), torch.device("cpu"), torch.float32,
+                                       speedups=speedups)
+        got = model(pixel_values=pixels).logits
+    torch.testing.assert_close(got.softmax(1), reference.softmax(1), atol=tolerance, rtol=0)
+    size = (375, 500)
+    ref_mask, ref_up = _masks(reference, size)
+    got_mask, _ = _masks(got, size)
+    assert len(ref_mask.unique()) >= 3, "the checkpoint must be input-dependent"
+    differs = ref_mask != got_mask
+    # A pixel can only flip where the reference's two classes are closer than the logits moved (twice, at most).
+    margin = ref_up.gather(1, ref_mask[:, None]) - ref_up.gather(1, got_mask[:, None])
+    assert (margin[:, 0][differs] <= 2 * (got - reference).abs().max()).all()
+    assert differs.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("speedups", [CPU_DEFAULT, NO_ONEDNN], ids=["cpu-default", "no-onednn"])
+def test_tiny_segmenter_masks_match_transformers(tiny_segmenter, speedups):
+    _check_segmenter(tiny_segmenter, _segment_pixels(64, 4), speedups, TOLERANCE)
+
+
+@pytest.mark.slow
+def test_full_size_segmenter_masks_match_transformers(full_segmenter):
+    """DeepLabV3 1.0 at 512 short side (512x682: patches that do not tile the feature maps exactly)."""
+    pixels = _segment_pixels(512, 2)
+    with torch.inference_mode():
+        exact = _load(full_segmenter, "segment").double()(pixel_values=pixels.double()).logits.softmax(1)
+        noise = (_load(full_segmenter, "segment")(pixel_values=pixels).logits.softmax(1) - exact).abs().max().item()
+    _check_segmenter(full_segmenter, pixels, CPU_DEFAULT, max(1e-4, 2 * noise))
