@@ -28,6 +28,31 @@ def imagenet_photo_paths(count: int) -> list[Path]:
     return paths[:: max(1, len(paths) // count)][:count] if paths else []
 
 
+def real_photos(count: int, size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """count real photos: the shared ImageNet ones where present (CI has them), else scikit-image's, cycled.
+
+    size: only photos of that size (scikit-image's are resized to it when the shared ones are absent).
+    """
+    shared = [Image.open(p).convert("RGB") for p in imagenet_photo_paths(200 if size else count)]
+    if size:
+        shared = [p for p in shared if p.size == size]
+    if len(shared) >= count:
+        return shared[:count]
+    return [_varied_crop(i, size) for i in range(count)]
+
+
+def _varied_crop(i: int, size: tuple[int, int] | None) -> Image.Image:
+    """The i-th of many different crops of scikit-image's photos (so that predictions vary)."""
+    photos = list(skimage_photos().values())
+    photo = photos[i % len(photos)]
+    scale = 0.5 + 0.1 * ((i // len(photos)) % 5)
+    width, height = int(photo.width * scale), int(photo.height * scale)
+    left = (i * 37) % (photo.width - width + 1)
+    top = (i * 53) % (photo.height - height + 1)
+    crop = photo.crop((left, top, left + width, top + height))
+    return crop.resize(size) if size else crop
+
+
 @pytest.fixture(scope="session")
 def calibration_photos() -> list[Image.Image]:
     """Real photos the random checkpoints are calibrated on."""

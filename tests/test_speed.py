@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from conftest import imagenet_photo_paths
+from conftest import real_photos
 from mv2batch.speed import (Speedups, default_speedups, fold_batchnorm, fold_patches, optimize_for_inference,
                             unfold_patches)
 
@@ -32,8 +31,7 @@ def _pixels(folder: Path, count: int) -> torch.Tensor:
     from transformers import MobileViTImageProcessorPil
 
     processor = MobileViTImageProcessorPil.from_pretrained(str(folder))
-    photos = [Image.open(p).convert("RGB") for p in imagenet_photo_paths(count)]
-    return processor(images=photos, return_tensors="pt")["pixel_values"]
+    return processor(images=real_photos(count), return_tensors="pt")["pixel_values"]
 
 
 def _probs(model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -163,9 +161,7 @@ def _segment_pixels(short_side: int, count: int) -> torch.Tensor:
     from mv2batch.preprocess import PixelNorm, ResizeCrop
 
     resize = ResizeCrop(shortest_edge=short_side, crop_height=None, crop_width=None, resample=2)
-    photos = [Image.open(p).convert("RGB") for p in imagenet_photo_paths(200)]
-    same_size = [p for p in photos if p.size == (500, 375)][:count]
-    batch = torch.from_numpy(np.stack([resize(p) for p in same_size]))
+    batch = torch.from_numpy(np.stack([resize(p) for p in real_photos(count, size=(500, 375))]))
     return PixelStage(PixelNorm(rescale_factor=1 / 255, flip_bgr=True), torch.device("cpu"), torch.float32)(batch)
 
 
