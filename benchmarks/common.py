@@ -221,45 +221,6 @@ def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_ba
 # ---- measurements shared by both tasks (run in children) ---------------------------------------------------
 
 
-def wire_speedups() -> None:
-    """For a runner without RunConfig.speedups: make mv2batch.run apply mv2batch.speed the recommended way.
-
-    _place_model: optimize_for_inference before the cast (BatchNorm is folded in float64 first), told whether
-    torch.compile follows; _prepare: the pixel stage emits the layout the model runs in (no conversion at the stem).
-    """
-    from mv2batch import runner
-    from mv2batch.speed import optimize_for_inference
-
-    place, prepare = runner._place_model, runner._prepare
-
-    def place_optimized(module: Any, device: Any, dtype: Any, compile_model: Any) -> Any:
-        compile_flag = bool(getattr(compile_model, "compile", compile_model))  # a bool, or a RunConfig
-        module = optimize_for_inference(module, device, dtype, compile=compile_flag)
-        return place(module, device, dtype, compile_model)
-
-    def prepare_matching(*args: Any, **kwargs: Any) -> Any:
-        ctx = prepare(*args, **kwargs)
-        speedups = getattr(ctx.model, "mv2batch_speedups", None)
-        if speedups is not None:
-            ctx.pixel_stage.channels_last = speedups.channels_last
-        return ctx
-
-    runner._place_model, runner._prepare = place_optimized, prepare_matching
-
-
-def speedup_options(want: bool) -> dict:
-    """RunConfig options for mv2batch.speed on or off: the runner's own switch where it has one."""
-    from dataclasses import fields
-
-    from mv2batch.config import RunConfig
-
-    if "speedups" in {f.name for f in fields(RunConfig)}:
-        return {"speedups": want}
-    if want:
-        wire_speedups()
-    return {}
-
-
 def mv2batch_run(spec: dict, clock: Clock) -> dict:
     """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it."""
     import mv2batch
@@ -267,7 +228,7 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
     from mv2batch.runner import ProgressUpdate
 
     out = Path(spec["out"])
-    options = speedup_options(spec.get("speedups", True))
+    options = {"speedups": spec.get("speedups", True)}
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
                        device="cpu", dtype=spec["dtype"], batch_size=spec["batch_size"], workers=spec["workers"],
                        preprocess=spec.get("preprocess"), overwrite=True, **options)
