@@ -39,7 +39,6 @@ class Context:
     rundir: RunDir
     run_info: dict
     preprocessing: Preprocessing
-    labels: list[str]
     rank: Rank
     task: Any = None
     device: Any = None
@@ -97,7 +96,7 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     run_info = runinfo.describe_run(config, source, resolved, preprocessing, dtype, labels)
     rundir = RunDir(config.out)
     _prepare_rundir(rundir, run_info, config, rank, group)
-    ctx = Context(config, source, rundir, run_info, preprocessing, labels, rank, task=task, device=device,
+    ctx = Context(config, source, rundir, run_info, preprocessing, rank, task=task, device=device,
                   progress=progress)
     ctx.model = _place_model(module, device, dtype, config)
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
