@@ -45,9 +45,10 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("batch_size", int, 32, _option("Images per forward pass.")),
     ("workers", Optional[int], None, _option("DataLoader worker processes (default: from device and cores).")),
     ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),
-    ("speedups", Optional[bool], None, _option("Folded BatchNorm, fused convolutions, channels-last: several times "
-                                               "faster, within 1e-4 of transformers (default: on for bf16/fp16, "
-                                               "off for fp32).", "--speedups/--no-speedups")),
+    ("speedups", Optional[bool], None, _option("Also fold BatchNorm, fuse convolutions, channels-last: faster, "
+                                               "but rounds differently from transformers (default: exact "
+                                               "rewrites only for fp32, all for bf16/fp16; --no-speedups: "
+                                               "transformers' modules as they are).", "--speedups/--no-speedups")),
     ("limit", Optional[int], None, _option("Only the first N images.")),
     ("shard_size", Optional[int], None, _option("Images per shard / Parquet part "
                                                 "(default: 10000 classify, 1000 segment).")),

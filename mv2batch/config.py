@@ -55,8 +55,8 @@ class RunConfig:
     batch_size: int = 32
     workers: int | None = None  # None: chosen from the device and the cores
     compile: bool = False
-    # mv2batch.speed's rewrites (folded BatchNorm, fused convolutions...; outputs within 1e-4 of transformers).
-    # None: on for bf16 / fp16, off for fp32, whose default promise is transformers' own numbers (1e-5).
+    # mv2batch.speed's rewrites (speed.speedups_mode). None: the exact ones for fp32, whose promise is
+    # transformers' own numbers, all for bf16 / fp16; True: all; False: none.
     speedups: bool | None = None
     limit: int | None = None
     shard_size: int | None = None  # None: the task's default

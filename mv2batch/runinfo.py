@@ -10,6 +10,7 @@ from .config import RunConfig
 from .plan import DEFAULT_SHARD_SIZE, ShardPlan
 from .preprocess import Preprocessing
 from .rundir import fingerprint_of
+from .speed import speedups_mode
 
 
 def _versions() -> dict[str, str]:
@@ -50,6 +51,7 @@ def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: P
         "model": resolved.model_id, "revision": resolved.revision, "preprocessing": preprocessing.describe(),
         "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""), "shard_size": _shard_size(config),
         "source": config.source.value, "real_labels": _file_digest(config.real_labels),
+        "speedups": speedups_mode(config.speedups, dtype),
     }
     plan = ShardPlan(n_items, _shard_size(config)).describe() if n_items is not None else {
         "n_items": None, "shard_size": _shard_size(config), "n_shards": None}

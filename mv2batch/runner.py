@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import inputs, models, runinfo
+from .allocator import keep_freed_memory
 from .config import RunConfig, SourceKind
 from .errors import ConfigError
 from .loader import ImageDataset, make_loader
@@ -91,6 +92,8 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     preprocessing = task.preprocessing(protocol, lambda: models.load_processor(resolved.folder, model_name),
                                        model_name)
     device = pick_device(config.device, rank.local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # reuse activation memory between layers instead of page-faulting it in again
     dtype = pick_dtype(config.dtype.value, device)
     module = models.load_weights(resolved.folder, name, model_name)  # refuse a bad checkpoint before OUT is touched
     run_info = runinfo.describe_run(config, source, resolved, preprocessing, dtype, labels)
@@ -122,11 +125,12 @@ def _prepare_rundir(rundir: RunDir, run_info: dict, config: RunConfig, rank: Ran
 def _place_model(module: Any, device: Any, dtype: Any, config: RunConfig) -> Any:
     import torch
 
-    from .speed import optimize_for_inference
+    from .speed import choose_speedups, optimize_for_inference
 
-    if config.speedups if config.speedups is not None else dtype != torch.float32:
-        # BatchNorm is folded in float64 before the cast; compile changes which rewrites pay.
-        module = optimize_for_inference(module, device, dtype, compile=config.compile)
+    chosen = choose_speedups(config.speedups, device, dtype, config.compile)
+    if chosen is not None:
+        # BatchNorm is folded (where chosen) in float64 before the cast; compile changes which rewrites pay.
+        module = optimize_for_inference(module, device, dtype, speedups=chosen, compile=config.compile)
     else:
         module = module.to(device=device, dtype=dtype)
     return torch.compile(module) if config.compile else module

@@ -1,4 +1,13 @@
-"""Inference speed-ups that keep transformers' MobileViTV2 outputs: folded BatchNorm, fused convs, micro-batches."""
+"""Inference speed-ups for transformers' MobileViTV2: exact ones (bit-identical outputs) and faster rounding-level ones.
+
+Two sets (choose_speedups):
+- exact: patches by reshape, in-place activations, cache-sized micro-batches on the CPU. Every operation that
+  does arithmetic is transformers' own, on the same values: fp32 outputs stay bit-identical to transformers'
+  (measured on 600 photos against transformers at batch 32). The fp32 default.
+- all: also BatchNorm folded into the convolutions, oneDNN fused convolution + activation, channels-last.
+  Each rounds differently from transformers (as far from float64 as transformers itself is, but elsewhere):
+  --speedups for fp32, the default for bf16 / fp16.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +47,38 @@ def default_speedups(device: Any, dtype: Any, compile: bool = False) -> Speedups
     eager_cpu = on_cpu and not compile
     return Speedups(fuse_convolutions=eager_cpu and fusion_available(), channels_last=on_cpu,
                     micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None)
+
+
+def exact_speedups(device: Any, compile: bool = False) -> Speedups:
+    """The rewrites that change no arithmetic: reshapes, in-place activations, micro-batches (eager CPU only).
+
+    Micro-batches change which images share a convolution call, not how any output element is summed
+    (oneDNN's direct kernels accumulate each output the same way for any batch size).
+    """
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
+                    micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if on_cpu and not compile else None)
+
+
+def speedups_mode(requested: bool | None, dtype: Any) -> str:
+    """--speedups (True): "all"; --no-speedups (False): "none", transformers' modules as they are; the default
+    (None): "exact" for fp32, whose promise is transformers' own numbers, "all" for bf16 / fp16.
+
+    run.json records the mode among the fields that change outputs: the rewrites move low-order bits.
+    """
+    import torch
+
+    if requested is None:
+        return "exact" if dtype == torch.float32 else "all"
+    return "all" if requested else "none"
+
+
+def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bool = False) -> Speedups | None:
+    """The rewrites of speedups_mode for this device (None: none)."""
+    mode = speedups_mode(requested, dtype)
+    if mode == "none":
+        return None
+    return exact_speedups(device, compile) if mode == "exact" else default_speedups(device, dtype, compile)
 
 
 def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: bool | None = None,

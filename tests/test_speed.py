@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import real_photos
-from mv2batch.speed import (Speedups, default_speedups, fold_batchnorm, fold_patches, optimize_for_inference,
-                            unfold_patches)
+from conftest import classify, real_photos
+from mv2batch.config import Dtype
+from mv2batch.speed import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
+                            fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
 
 TOLERANCE = 1e-4  # probabilities; a float32 rewrite of the model should move them far less
 CPU_DEFAULT = Speedups()
@@ -81,6 +84,44 @@ def test_full_size_classifier_matches_transformers(full_model):
     pixels = _pixels(full_model, 16)
     tolerance = max(TOLERANCE, 2 * _float32_noise(full_model, pixels))
     _check_classifier(full_model, 16, CPU_DEFAULT, tolerance)
+
+
+def _exact_logits(folder: Path, task: str, pixels: torch.Tensor, per_call: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers on the whole batch, and the exact rewrites in micro-batches of per_call images."""
+    speedups = replace(exact_speedups(torch.device("cpu")), micro_batch_pixels=per_call * pixels[0, 0].numel())
+    with torch.inference_mode():
+        reference = _load(folder, task)(pixel_values=pixels).logits
+        model = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32, speedups=speedups)
+        return reference, model(pixel_values=pixels).logits
+
+
+def test_exact_rewrites_are_bit_identical_to_transformers(tiny_model, tiny_segmenter):
+    """The fp32 default's rewrites (reshape patches, in-place activations, micro-batches) change no bit."""
+    for folder, task in ((tiny_model, "classify"), (tiny_segmenter, "segment")):
+        pixels = _pixels(tiny_model, 8) if task == "classify" else _segment_pixels(64, 8)
+        reference, got = _exact_logits(folder, task, pixels, per_call=4)
+        assert torch.equal(got, reference), (got - reference).abs().max()
+        assert reference.std(0).mean() > 0.1  # input-dependent outputs, or equality would be vacuous
+
+
+@pytest.mark.slow
+def test_full_size_exact_rewrites_are_bit_identical_to_transformers(full_model):
+    """MobileViTV2-1.0 at 256x256: transformers at batch 32 (the pipeline's) against 4 images per call."""
+    reference, got = _exact_logits(full_model, "classify", _pixels(full_model, 32), per_call=4)
+    assert torch.equal(got, reference), (got - reference).abs().max()
+
+
+def test_speedups_modes():
+    """--speedups / --no-speedups / the default per dtype, and what each mode applies."""
+    cpu = torch.device("cpu")
+    assert speedups_mode(None, torch.float32) == "exact" and speedups_mode(None, torch.bfloat16) == "all"
+    assert speedups_mode(True, torch.float32) == "all" and speedups_mode(False, torch.bfloat16) == "none"
+    assert choose_speedups(False, cpu, torch.float32) is None
+    assert choose_speedups(True, cpu, torch.float32) == default_speedups(cpu, torch.float32)
+    exact = choose_speedups(None, cpu, torch.float32)
+    assert exact == exact_speedups(cpu) and exact.reshape_patches and exact.micro_batch_pixels
+    assert not (exact.fold_batchnorm or exact.fuse_convolutions or exact.channels_last)
+    assert exact_speedups(torch.device("cuda")).micro_batch_pixels is None
 
 
 def test_batchnorm_folding_removes_every_batchnorm(tiny_model, tiny_segmenter):
@@ -203,3 +244,18 @@ def test_full_size_segmenter_masks_match_transformers(full_segmenter):
         exact = _load(full_segmenter, "segment").double()(pixel_values=pixels.double()).logits.softmax(1)
         noise = (_load(full_segmenter, "segment")(pixel_values=pixels).logits.softmax(1) - exact).abs().max().item()
     _check_segmenter(full_segmenter, pixels, CPU_DEFAULT, max(1e-4, 2 * noise))
+
+
+@pytest.mark.parametrize("options, mode", [({}, "exact"), ({"speedups": True}, "all"),
+                                           ({"speedups": False}, "none"), ({"dtype": "bf16"}, "all")])
+def test_run_records_its_speedups_among_the_fingerprint_fields(tiny_model, tmp_path, options, mode):
+    """Rewrites move low-order bits, so a run resumed with other ones is another run; run.json says which."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(2)):
+        photo.save(folder / f"{i}.png")
+    if "dtype" in options:
+        options = {**options, "dtype": Dtype(options["dtype"])}
+    classify(folder, tmp_path / "out", tiny_model, **options)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["fingerprint_fields"]["speedups"] == mode
