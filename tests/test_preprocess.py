@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mv2batch.device import PixelStage, rescale
-from mv2batch.preprocess import FULL_RESIZE_MAX_PIXELS, ResizeCrop, hf_preprocessing, paper_preprocessing
+from mv2batch.preprocess import (FULL_RESIZE_MAX_PIXELS, PixelNorm, ResizeCrop, hf_preprocessing,
+                                 paper_preprocessing)
 
 
 def _processor(shortest_edge: int, crop: int, resample: int):
@@ -61,6 +62,21 @@ def test_bgr_flip_and_nchw_layout():
     out = stage(pixels)
     assert out.shape == (1, 3, 2, 2)
     assert torch.all(out[0, 2] == 1) and torch.all(out[0, :2] == 0)  # red went to the last channel (BGR)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [PixelNorm(1 / 255, True), PixelNorm(1 / 255, False), PixelNorm(0.5, True),
+                                  PixelNorm(None, False)])
+def test_pixel_stage_equals_rescale_then_flip_then_layout(norm, dtype, channels_last):
+    """The stage flips and lays out uint8 before converting: the same bits as converting first, in the layout asked."""
+    pixels = torch.randint(0, 256, (3, 17, 9, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = rescale(pixels, norm.rescale_factor)
+    expected = (expected.flip(-1) if norm.flip_bgr else expected).permute(0, 3, 1, 2)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = PixelStage(norm, torch.device("cpu"), dtype, channels_last=channels_last)(pixels)
+    assert torch.equal(out, expected.to(dtype)) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=layout)
 
 
 def test_paper_protocol_is_bicubic_288_then_256():
