@@ -31,6 +31,9 @@ class Speedups:
     fuse_convolutions: bool = True  # oneDNN convolution + activation / + residual add: CPU only
     channels_last: bool = True
     micro_batch_pixels: int | None = CPU_MICRO_BATCH_PIXELS  # None: the whole batch in one call
+    # Micro-batches run this many at a time, each on its own thread with its share of the intra-op threads.
+    # 1: one after the other, every call using all of them.
+    streams: int = 1
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description, for run.json and benchmark tables."""
@@ -42,11 +45,18 @@ def default_speedups(device: Any, dtype: Any, compile: bool = False) -> Speedups
 
     A model that torch.compile will see gets neither the fused oneDNN calls nor micro-batches: inductor fuses
     by itself and would trace every micro-batch. (On the CPU the eager rewrites are faster than compiling.)
+    On the CPU the micro-batches run as parallel single-threaded streams: no OpenMP barrier per layer, so a
+    loader worker that takes a core for a moment delays one stream instead of stalling every thread (and the
+    outputs are bit-identical to one stream's; measured). The exact set keeps one stream: transformers'
+    fp32 NCHW convolutions round differently with one thread than with several.
     """
+    import torch
+
     on_cpu = getattr(device, "type", str(device)) == "cpu"
     eager_cpu = on_cpu and not compile
     return Speedups(fuse_convolutions=eager_cpu and fusion_available(), channels_last=on_cpu,
-                    micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None)
+                    micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None,
+                    streams=torch.get_num_threads() if eager_cpu else 1)
 
 
 def exact_speedups(device: Any, compile: bool = False) -> Speedups:
@@ -111,7 +121,7 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
     else:
         use_inplace_activations(module)
     if chosen.micro_batch_pixels:
-        use_micro_batches(module, chosen.micro_batch_pixels)
+        use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
     module.mv2batch_speedups = chosen  # so that callers and benchmarks can report what was applied
     return module
 
@@ -222,18 +232,64 @@ def fold_patches(patches: Any, output_size: tuple[int, int], patch: tuple[int, i
 # ---- micro-batches -----------------------------------------------------------------------------------------
 
 
-def use_micro_batches(module: Any, pixels_per_call: int) -> None:
-    """Run each batch as consecutive micro-batches of about pixels_per_call input pixels, outputs concatenated."""
-    module.forward = functools.partial(_micro_batched, module.forward, pixels_per_call)
+def use_micro_batches(module: Any, pixels_per_call: int, streams: int = 1) -> None:
+    """Run each batch as micro-batches of about pixels_per_call input pixels, outputs concatenated in order;
+    with streams > 1, that many micro-batches at a time on a pool of threads."""
+    pool = _stream_pool(streams) if streams > 1 else None
+    module.forward = functools.partial(_micro_batched, module.forward, pixels_per_call, pool)
 
 
-def _micro_batched(forward: Callable, pixels_per_call: int, pixel_values: Any = None, *args: Any, **kwargs: Any) -> Any:
+def _stream_pool(streams: int) -> Any:
+    """Threads that each run torch ops with their share of the intra-op threads (OpenMP settings are per thread).
+
+    torch.set_num_threads also sets the default for threads created later, so the caller's value is put back
+    once every stream thread has taken its own.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    total = torch.get_num_threads()
+    per_stream = max(1, total // streams)
+    started = threading.Barrier(streams + 1)
+
+    def start() -> None:
+        torch.set_num_threads(per_stream)
+        started.wait()
+
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="mv2batch-stream", initializer=start)
+    for _ in range(streams):
+        pool.submit(lambda: None)
+    started.wait()
+    torch.set_num_threads(total)
+    return pool
+
+
+def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_values: Any = None, *args: Any,
+                   **kwargs: Any) -> Any:
     if pixel_values is None or args or kwargs.get("labels") is not None:
         return forward(pixel_values, *args, **kwargs)  # a loss is not a per-image sum: leave such calls whole
     size = max(1, pixels_per_call // (pixel_values.shape[-2] * pixel_values.shape[-1]))
     if len(pixel_values) <= size:
         return forward(pixel_values, **kwargs)
-    return _concatenate([forward(part, **kwargs) for part in pixel_values.split(size)])
+    parts = pixel_values.split(size)
+    if pool is None or len(parts) == 1:
+        return _concatenate([forward(part, **kwargs) for part in parts])
+    return _concatenate(list(pool.map(functools.partial(_in_callers_mode(forward), **kwargs), parts)))
+
+
+def _in_callers_mode(forward: Callable) -> Callable:
+    """forward wrapped in the calling thread's grad / inference mode, which other threads do not inherit."""
+    import torch
+
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def call(part: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return forward(part, **kwargs)
+
+    return call
 
 
 def _concatenate(parts: list) -> Any:

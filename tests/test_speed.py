@@ -17,7 +17,7 @@ from mv2batch.speed import (Speedups, choose_speedups, default_speedups, exact_s
                             fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
 
 TOLERANCE = 1e-4  # probabilities; a float32 rewrite of the model should move them far less
-CPU_DEFAULT = Speedups()
+CPU_DEFAULT = default_speedups(torch.device("cpu"), torch.float32)  # streams: this machine's threads
 # What a GPU gets, run here on the CPU: BatchNorm folding, reshape patches, in-place activations, NCHW.
 NO_ONEDNN = Speedups(fuse_convolutions=False, channels_last=False)
 HEAD = {"classify": "MobileViTV2ForImageClassification", "segment": "MobileViTV2ForSemanticSegmentation"}
@@ -151,6 +151,7 @@ def test_defaults_per_device():
     assert cuda.fold_batchnorm and cuda.reshape_patches
     assert not cuda.channels_last and not cuda.fuse_convolutions  # no oneDNN there; channels-last hurts
     assert cpu.micro_batch_pixels and cuda.micro_batch_pixels is None  # GPUs want whole batches
+    assert cpu.streams == torch.get_num_threads() and cuda.streams == 1
     compiled = default_speedups(torch.device("cpu"), torch.float32, compile=True)
     assert compiled.fold_batchnorm and not compiled.fuse_convolutions and compiled.micro_batch_pixels is None
 
@@ -171,6 +172,23 @@ def test_micro_batches_give_the_whole_batch_outputs(tiny_model, tiny_segmenter):
         torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(positional.logits, got.logits, atol=0, rtol=0)
         assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parallel_streams_give_one_streams_outputs(tiny_model, dtype):
+    """Micro-batches on two single-threaded streams: the same bits as one after the other, in order."""
+    threads = torch.get_num_threads()
+    one = replace(CPU_DEFAULT, micro_batch_pixels=2 * 64 * 64, streams=1)
+    sequential = optimize_for_inference(_load(tiny_model), torch.device("cpu"), dtype, speedups=one)
+    parallel = optimize_for_inference(_load(tiny_model), torch.device("cpu"), dtype,
+                                      speedups=replace(one, streams=2))
+    assert torch.get_num_threads() == threads  # the streams' own setting does not leak into the caller
+    pixels = _pixels(tiny_model, 7).to(dtype)
+    with torch.inference_mode():
+        expected = sequential(pixel_values=pixels).logits
+        got = parallel(pixel_values=pixels).logits
+    assert torch.equal(got, expected)
+    assert not got.requires_grad and got.is_inference()  # the caller's inference mode reached the streams
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 8, 43, 22), (1, 5, 7, 9)])
