@@ -228,10 +228,9 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
     from mv2batch.runner import ProgressUpdate
 
     out = Path(spec["out"])
-    options = {"speedups": spec.get("speedups", True)}
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
                        device="cpu", dtype=spec["dtype"], batch_size=spec["batch_size"], workers=spec["workers"],
-                       preprocess=spec.get("preprocess"), overwrite=True, **options)
+                       preprocess=spec.get("preprocess"), overwrite=True, speedups=spec.get("speedups"))
     applied = _observe_speedups()
 
     def progress(update: ProgressUpdate) -> None:
@@ -294,16 +293,19 @@ def model_alone(spec: dict, clock: Clock) -> dict:
     import torch
 
     from mv2batch import models
+    from mv2batch.allocator import keep_freed_memory
     from mv2batch.device import PixelStage, pick_dtype
-    from mv2batch.speed import optimize_for_inference
+    from mv2batch.speed import choose_speedups, optimize_for_inference
 
     folder, _, preprocessing = task_preprocessing(spec)
     uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
     device, dtype = torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu"))
     module = models.load_weights(folder, spec["task"], spec["model"])
-    if spec.get("speedups", True):
-        module = optimize_for_inference(module, device, dtype)
-    else:
+    chosen = choose_speedups(spec.get("speedups"), device, dtype)  # as mv2batch.run chooses
+    if chosen is not None:
+        keep_freed_memory()  # as mv2batch.run does on the CPU
+        module = optimize_for_inference(module, device, dtype, speedups=chosen)
+    else:  # transformers' model as a transformers user runs it
         module = module.to(dtype)
     channels_last = getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False)
     pixels = PixelStage(preprocessing.norm, device, dtype, channels_last)(uint8)
