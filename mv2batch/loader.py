@@ -120,12 +120,16 @@ def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[in
 
 
 def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | None], batch_size: int) -> list[list[int]]:
-    """Batches of one shard whose images share a resized shape (so batching changes nothing)."""
+    """Batches of one shard with equal resized shapes next to each other (so batching changes nothing).
+
+    A batch may hold several shapes (collate stacks each shape apart): photos come in many aspect ratios,
+    and batches of one photo each would leave the loader's prefetch and the model's streams idle.
+    """
     groups: dict[Any, list[int]] = {}
     for index in indices:
         shape = shape_of(index)
         groups.setdefault(shape if shape is not None else ("unknown", index), []).append(index)
-    return [batch for group in groups.values() for batch in consecutive_batches(group, batch_size)]
+    return consecutive_batches([index for group in groups.values() for index in group], batch_size)
 
 
 def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool) -> Iterator[Batch]:

@@ -318,9 +318,8 @@ def _batch_rows(ctx: Context, state: ShardState, batch: Any) -> dict[str, list]:
     """Model outputs for the batch's ok images, and one row per sample, errors included, in order."""
     outputs: list[dict | None] = [None] * len(batch.samples)
     computed = time.perf_counter()
-    for positions, pixels in batch.groups:
-        samples = [batch.samples[p] for p in positions]
-        for position, output in zip(positions, ctx.task.infer(ctx.model, ctx.pixel_stage(pixels), samples)):
+    for positions, group_outputs in _infer_groups(ctx, batch):
+        for position, output in zip(positions, group_outputs):
             outputs[position] = output
     state.compute_s += time.perf_counter() - computed
     columns: dict[str, list] = {}
@@ -333,6 +332,25 @@ def _batch_rows(ctx: Context, state: ShardState, batch: Any) -> dict[str, list]:
     state.rows, state.errors = state.rows + len(batch.samples), state.errors + errors
     ctx.done, ctx.errors = ctx.done + len(batch.samples), ctx.errors + errors
     return columns
+
+
+def _infer_groups(ctx: Context, batch: Any) -> list[tuple[list[int], list[dict]]]:
+    """(positions, outputs) per shape group. On a model with parallel streams the groups are cut into its
+    micro-batches and run side by side: a segmentation batch holds many shapes of one or two photos each."""
+    from .speed import micro_batch_images, run_in_streams
+
+    parts = []
+    for positions, pixels in batch.groups:  # uint8 NHWC
+        size = micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) or len(positions)
+        if getattr(ctx.model, "mv2batch_streams", None) is None:
+            size = len(positions)  # one call per group: the model micro-batches it itself
+        parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
+
+    def infer(part: tuple[list[int], Any]) -> list[dict]:
+        positions, pixels = part
+        return ctx.task.infer(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
+
+    return list(zip((positions for positions, _ in parts), run_in_streams(ctx.model, infer, parts)))
 
 
 def _row(ctx: Context, state: ShardState, sample: Any, output: dict | None) -> dict:

@@ -12,6 +12,7 @@ Two sets (choose_speedups):
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
@@ -234,9 +235,13 @@ def fold_patches(patches: Any, output_size: tuple[int, int], patch: tuple[int, i
 
 def use_micro_batches(module: Any, pixels_per_call: int, streams: int = 1) -> None:
     """Run each batch as micro-batches of about pixels_per_call input pixels, outputs concatenated in order;
-    with streams > 1, that many micro-batches at a time on a pool of threads."""
+    with streams > 1, that many micro-batches at a time on a pool of threads (module.mv2batch_streams)."""
     pool = _stream_pool(streams) if streams > 1 else None
+    module.mv2batch_streams = pool
     module.forward = functools.partial(_micro_batched, module.forward, pixels_per_call, pool)
+
+
+_STREAM_THREAD = threading.local()  # .active is set in the stream threads: they never wait on their own pool
 
 
 def _stream_pool(streams: int) -> Any:
@@ -245,7 +250,6 @@ def _stream_pool(streams: int) -> Any:
     torch.set_num_threads also sets the default for threads created later, so the caller's value is put back
     once every stream thread has taken its own.
     """
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -256,6 +260,7 @@ def _stream_pool(streams: int) -> Any:
 
     def start() -> None:
         torch.set_num_threads(per_stream)
+        _STREAM_THREAD.active = True
         started.wait()
 
     pool = ThreadPoolExecutor(streams, thread_name_prefix="mv2batch-stream", initializer=start)
@@ -266,6 +271,24 @@ def _stream_pool(streams: int) -> Any:
     return pool
 
 
+def micro_batch_images(module: Any, height: int, width: int) -> int | None:
+    """How many height x width images the module runs per call (None: whole batches)."""
+    speedups = getattr(module, "mv2batch_speedups", None)
+    pixels = speedups.micro_batch_pixels if speedups is not None else None
+    return max(1, pixels // (height * width)) if pixels else None
+
+
+def run_in_streams(module: Any, function: Callable, items: list) -> list:
+    """[function(item) for item in items], side by side on the module's parallel streams where it has them.
+
+    The runner uses this to run micro-batches of different shapes (a segmentation batch's groups) together.
+    """
+    pool = getattr(module, "mv2batch_streams", None)
+    if pool is None or len(items) < 2 or getattr(_STREAM_THREAD, "active", False):
+        return [function(item) for item in items]
+    return list(pool.map(_in_callers_mode(function), items))
+
+
 def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_values: Any = None, *args: Any,
                    **kwargs: Any) -> Any:
     if pixel_values is None or args or kwargs.get("labels") is not None:
@@ -273,21 +296,21 @@ def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_val
     size = max(1, pixels_per_call // (pixel_values.shape[-2] * pixel_values.shape[-1]))
     if len(pixel_values) <= size:
         return forward(pixel_values, **kwargs)
-    parts = pixel_values.split(size)
-    if pool is None or len(parts) == 1:
+    parts = list(pixel_values.split(size))
+    if pool is None or getattr(_STREAM_THREAD, "active", False):
         return _concatenate([forward(part, **kwargs) for part in parts])
     return _concatenate(list(pool.map(functools.partial(_in_callers_mode(forward), **kwargs), parts)))
 
 
-def _in_callers_mode(forward: Callable) -> Callable:
-    """forward wrapped in the calling thread's grad / inference mode, which other threads do not inherit."""
+def _in_callers_mode(function: Callable) -> Callable:
+    """function wrapped in the calling thread's grad / inference mode, which other threads do not inherit."""
     import torch
 
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-    def call(part: Any, **kwargs: Any) -> Any:
+    def call(item: Any, **kwargs: Any) -> Any:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return forward(part, **kwargs)
+            return function(item, **kwargs)
 
     return call
 

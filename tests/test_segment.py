@@ -209,3 +209,21 @@ def test_6000x4000_photo_peak_memory(tiny_segmenter, tmp_path):
     print(f"peak RSS: {peak} MB for a 6000x4000 photo, {baseline} MB for a 512x512 one")
     assert peak - baseline < 600
     assert decode_png(read_rows(tmp_path / "o_big")[0]["mask_png"]).shape == (4000, 6000)
+
+
+def test_streams_run_the_shape_groups_of_a_batch_side_by_side_with_the_same_masks(tiny_segmenter, tmp_path):
+    """bf16 (all rewrites, parallel streams): a batch of 16 photos of several shapes, its groups run on the
+    streams, gives batch size 1's masks bit for bit; batches now mix shapes, equal shapes next to each other."""
+    from mv2batch.config import Dtype
+    from mv2batch.loader import grouped_batches
+
+    folder = tmp_path / "photos"
+    names = _photo_folder(folder)
+    segment(folder, tmp_path / "b1", tiny_segmenter, batch_size=1, dtype=Dtype.bf16)
+    segment(folder, tmp_path / "b16", tiny_segmenter, batch_size=16, dtype=Dtype.bf16)
+    rows_b1, rows_b16 = read_rows(tmp_path / "b1"), read_rows(tmp_path / "b16")
+    assert [r["id"] for r in rows_b16] == [r["id"] for r in rows_b1] == names
+    for one, batched in zip(rows_b1, rows_b16):
+        assert np.array_equal(decode_png(one["mask_png"]), decode_png(batched["mask_png"])), one["id"]
+    shapes = {0: "a", 1: "b", 2: "a", 3: None, 4: "b", 5: "a"}
+    assert grouped_batches(range(6), shapes.get, 4) == [[0, 2, 5, 1], [4, 3]]
