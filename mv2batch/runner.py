@@ -237,17 +237,24 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
+        # One batch ahead: the next batch is fetched and started before the current one is collected.
+        pending: tuple | None = None
         while True:
             waited = time.perf_counter()
             batch = next(loader, None)
-            if batch is None:
+            started = None
+            if batch is not None:
+                state = states[batch.samples[0].index // shard_size]
+                state.started = state.started or waited
+                state.wait_s += time.perf_counter() - waited
+                started = (state, batch, _start_batch(ctx, state, batch))
+            if pending is not None:
+                yield pending[0], _batch_rows(ctx, *pending)
+                if ctx.progress:
+                    ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+            if started is None:
                 return
-            state = states[batch.samples[0].index // shard_size]
-            state.started = state.started or waited
-            state.wait_s += time.perf_counter() - waited
-            yield state, _batch_rows(ctx, state, batch)
-            if ctx.progress:
-                ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+            pending = started
 
 
 def _schema(ctx: Context) -> Any:
@@ -314,11 +321,11 @@ def _retry_shard(ctx: Context, number: int, marker: dict, indices: range) -> Non
     write_json_atomic(ctx.rundir.marker_path(number), updated)
 
 
-def _batch_rows(ctx: Context, state: ShardState, batch: Any) -> dict[str, list]:
+def _batch_rows(ctx: Context, state: ShardState, batch: Any, results: Callable[[], list]) -> dict[str, list]:
     """Model outputs for the batch's ok images, and one row per sample, errors included, in order."""
     outputs: list[dict | None] = [None] * len(batch.samples)
     computed = time.perf_counter()
-    for positions, group_outputs in _infer_groups(ctx, batch):
+    for positions, group_outputs in results():
         for position, output in zip(positions, group_outputs):
             outputs[position] = output
     state.compute_s += time.perf_counter() - computed
@@ -334,10 +341,13 @@ def _batch_rows(ctx: Context, state: ShardState, batch: Any) -> dict[str, list]:
     return columns
 
 
-def _infer_groups(ctx: Context, batch: Any) -> list[tuple[list[int], list[dict]]]:
-    """(positions, outputs) per shape group. On a model with parallel streams the groups are cut into its
-    micro-batches and run side by side: a segmentation batch holds many shapes of one or two photos each."""
-    from .speed import micro_batch_images, run_in_streams
+def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], list[tuple[list[int], list]]]:
+    """Start the model on a batch; the result gives (positions, outputs) per part once they are ready.
+
+    On a model with parallel streams the shape groups are cut into its micro-batches and run side by side
+    (a segmentation batch holds many shapes of one or two photos each); otherwise this computes them now.
+    """
+    from .speed import micro_batch_images, start_in_streams
 
     parts = []
     for positions, pixels in batch.groups:  # uint8 NHWC
@@ -350,7 +360,10 @@ def _infer_groups(ctx: Context, batch: Any) -> list[tuple[list[int], list[dict]]
         positions, pixels = part
         return ctx.task.infer(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
 
-    return list(zip((positions for positions, _ in parts), run_in_streams(ctx.model, infer, parts)))
+    computed = time.perf_counter()
+    results = start_in_streams(ctx.model, infer, parts)
+    state.compute_s += time.perf_counter() - computed
+    return lambda: list(zip((positions for positions, _ in parts), results()))
 
 
 def _row(ctx: Context, state: ShardState, sample: Any, output: dict | None) -> dict:

@@ -279,14 +279,22 @@ def micro_batch_images(module: Any, height: int, width: int) -> int | None:
 
 
 def run_in_streams(module: Any, function: Callable, items: list) -> list:
-    """[function(item) for item in items], side by side on the module's parallel streams where it has them.
+    """[function(item) for item in items], side by side on the module's parallel streams where it has them."""
+    return start_in_streams(module, function, items)()
 
-    The runner uses this to run micro-batches of different shapes (a segmentation batch's groups) together.
+
+def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[], list]:
+    """Start run_in_streams's work and return at once; calling the result waits for it (and raises its errors).
+
+    The runner starts a batch before it collects the previous one, so that the streams never sit idle while
+    the slowest one finishes a batch. Without streams the work is done here, before returning.
     """
     pool = getattr(module, "mv2batch_streams", None)
     if pool is None or len(items) < 2 or getattr(_STREAM_THREAD, "active", False):
-        return [function(item) for item in items]
-    return list(pool.map(_in_callers_mode(function), items))
+        results = [function(item) for item in items]
+        return lambda: results
+    pending = pool.map(_in_callers_mode(function), items)  # every item is submitted now
+    return lambda: list(pending)
 
 
 def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_values: Any = None, *args: Any,
