@@ -349,11 +349,11 @@ def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], li
     """
     from .speed import micro_batch_images, start_in_streams
 
+    streams = getattr(ctx.model, "mv2batch_streams", None) is not None
     parts = []
     for positions, pixels in batch.groups:  # uint8 NHWC
-        size = micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) or len(positions)
-        if getattr(ctx.model, "mv2batch_streams", None) is None:
-            size = len(positions)  # one call per group: the model micro-batches it itself
+        # Without streams, one call per group: the model micro-batches it itself.
+        size = (micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) if streams else None) or len(positions)
         parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
 
     def infer(part: tuple[list[int], Any]) -> list[dict]:

@@ -278,13 +278,9 @@ def micro_batch_images(module: Any, height: int, width: int) -> int | None:
     return max(1, pixels // (height * width)) if pixels else None
 
 
-def run_in_streams(module: Any, function: Callable, items: list) -> list:
-    """[function(item) for item in items], side by side on the module's parallel streams where it has them."""
-    return start_in_streams(module, function, items)()
-
-
 def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[], list]:
-    """Start run_in_streams's work and return at once; calling the result waits for it (and raises its errors).
+    """Start [function(item) for item in items] side by side on the module's parallel streams, where it has
+    them, and return at once; calling the result waits for the list (and raises the work's errors).
 
     The runner starts a batch before it collects the previous one, so that the streams never sit idle while
     the slowest one finishes a batch. Without streams the work is done here, before returning.

@@ -279,14 +279,14 @@ def test_run_records_its_speedups_among_the_fingerprint_fields(tiny_model, tmp_p
     assert run["fingerprint_fields"]["speedups"] == mode
 
 
-def test_run_in_streams_keeps_order_and_never_waits_on_itself(tiny_model):
+def test_streams_keep_order_and_never_wait_on_themselves(tiny_model):
     """Items come back in order; a call from inside a stream runs in place instead of queueing on its own pool."""
-    from mv2batch.speed import run_in_streams
+    from mv2batch.speed import start_in_streams
 
     model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
                                    speedups=replace(CPU_DEFAULT, streams=2))
-    nested = lambda item: run_in_streams(model, lambda x: x * 10, [item, item + 1, item + 2])
-    assert run_in_streams(model, nested, list(range(6))) == [[10 * i, 10 * i + 10, 10 * i + 20] for i in range(6)]
+    nested = lambda item: start_in_streams(model, lambda x: x * 10, [item, item + 1, item + 2])()
+    assert start_in_streams(model, nested, list(range(6)))() == [[10 * i, 10 * i + 10, 10 * i + 20] for i in range(6)]
     plain = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
                                    speedups=replace(CPU_DEFAULT, streams=1))
-    assert getattr(plain, "mv2batch_streams") is None and run_in_streams(plain, str, [1, 2]) == ["1", "2"]
+    assert getattr(plain, "mv2batch_streams") is None and start_in_streams(plain, str, [1, 2])() == ["1", "2"]
