@@ -275,7 +275,11 @@ def micro_batch_images(module: Any, height: int, width: int) -> int | None:
     """How many height x width images the module runs per call (None: whole batches)."""
     speedups = getattr(module, "mv2batch_speedups", None)
     pixels = speedups.micro_batch_pixels if speedups is not None else None
-    return max(1, pixels // (height * width)) if pixels else None
+    return _images_per_call(pixels, height, width) if pixels else None
+
+
+def _images_per_call(pixels_per_call: int, height: int, width: int) -> int:
+    return max(1, pixels_per_call // (height * width))
 
 
 def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[], list]:
@@ -285,7 +289,11 @@ def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[
     The runner starts a batch before it collects the previous one, so that the streams never sit idle while
     the slowest one finishes a batch. Without streams the work is done here, before returning.
     """
-    pool = getattr(module, "mv2batch_streams", None)
+    return _start_on(getattr(module, "mv2batch_streams", None), function, items)
+
+
+def _start_on(pool: Any, function: Callable, items: list) -> Callable[[], list]:
+    """start_in_streams on a given pool (None: in this thread, now). A stream never queues on its own pool."""
     if pool is None or len(items) < 2 or getattr(_STREAM_THREAD, "active", False):
         results = [function(item) for item in items]
         return lambda: results
@@ -297,13 +305,10 @@ def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_val
                    **kwargs: Any) -> Any:
     if pixel_values is None or args or kwargs.get("labels") is not None:
         return forward(pixel_values, *args, **kwargs)  # a loss is not a per-image sum: leave such calls whole
-    size = max(1, pixels_per_call // (pixel_values.shape[-2] * pixel_values.shape[-1]))
+    size = _images_per_call(pixels_per_call, pixel_values.shape[-2], pixel_values.shape[-1])
     if len(pixel_values) <= size:
         return forward(pixel_values, **kwargs)
-    parts = list(pixel_values.split(size))
-    if pool is None or getattr(_STREAM_THREAD, "active", False):
-        return _concatenate([forward(part, **kwargs) for part in parts])
-    return _concatenate(list(pool.map(functools.partial(_in_callers_mode(forward), **kwargs), parts)))
+    return _concatenate(_start_on(pool, functools.partial(forward, **kwargs), list(pixel_values.split(size)))())
 
 
 def _in_callers_mode(function: Callable) -> Callable:
@@ -312,9 +317,9 @@ def _in_callers_mode(function: Callable) -> Callable:
 
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-    def call(item: Any, **kwargs: Any) -> Any:
+    def call(item: Any) -> Any:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return function(item, **kwargs)
+            return function(item)
 
     return call
 
