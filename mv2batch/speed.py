@@ -260,6 +260,9 @@ def _stream_pool(streams: int) -> Any:
 
     def start() -> None:
         torch.set_num_threads(per_stream)
+        # ATen sets a thread's OpenMP team size lazily, at its first parallel op, from the process-wide value,
+        # which the caller puts back below: without this first call each stream would run a team of `total`.
+        torch.get_num_threads()
         _STREAM_THREAD.active = True
         started.wait()
 

@@ -191,6 +191,27 @@ def test_parallel_streams_give_one_streams_outputs(tiny_model, dtype):
     assert not got.requires_grad and got.is_inference()  # the caller's inference mode reached the streams
 
 
+def test_each_stream_keeps_its_share_of_the_threads():
+    """ATen sizes a thread's OpenMP team at its first parallel op from the process-wide setting, which the
+    pool puts back: a stream must still run with its share, or two streams oversubscribe the cores."""
+    from mv2batch.speed import _stream_pool
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        pool = _stream_pool(2)
+        assert torch.get_num_threads() == 4
+
+        def threads_after_a_parallel_op() -> int:
+            torch.ones(1 << 16).add_(1).sum()
+            return torch.get_num_threads()
+
+        assert [future.result() for future in [pool.submit(threads_after_a_parallel_op) for _ in range(4)]] == [2] * 4
+        pool.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 8), (2, 8, 43, 22), (1, 5, 7, 9)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_reshape_patches_equal_unfold_and_fold(shape, channels_last):
