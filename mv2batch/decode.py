@@ -64,9 +64,11 @@ def decode_image(raw: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) 
     try:
         image = _open(data, max_pixels)
         _check_pixels(image, max_pixels)
-        # The same two calls, in the same order, as transformers.image_utils.load_image.
-        image = ImageOps.exif_transpose(image)
-        image = image.convert("RGB")
+        # The same two steps, in the same order, as transformers.image_utils.load_image, without the copies
+        # of the whole image those calls make when there is nothing to rotate or convert (same pixels).
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:  # Pillow's message names a memory address: not reproducible

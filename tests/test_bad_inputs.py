@@ -201,6 +201,20 @@ def test_exif_orientation_gives_upright_size(mixed, orientation):
     _assert_ok_row(mixed["rows"][f"odd/exif_{orientation}.jpg"], stored if orientation < 5 else stored[::-1])
 
 
+def test_decoded_pixels_equal_transformers_load_image(tmp_path):
+    """Every odd mode and EXIF orientation decodes to the very pixels transformers' load_image gives."""
+    from transformers.image_utils import load_image
+
+    from mv2batch.decode import decode_image
+
+    folder = tmp_path / "odd"
+    for name in write_odd_images(folder):
+        ours = decode_image(folder / name).image
+        theirs = load_image(str(folder / name))
+        assert ours.mode == theirs.mode == "RGB", name
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), name
+
+
 def test_exif_rotation_changes_the_pixels_seen(mixed):
     rows = mixed["rows"]
     assert rows["odd/exif_1.jpg"]["topk_scores"] != rows["odd/exif_6.jpg"]["topk_scores"]

@@ -25,7 +25,9 @@ def _ours(processor, image: Image.Image) -> torch.Tensor:
     return PixelStage(preprocessing.norm, torch.device("cpu"), torch.float32)(pixels)
 
 
-SIZES = [(1, 1), (1, 300), (300, 1), (31, 17), (64, 64), (500, 375), (375, 500), (257, 256), (1023, 7)]
+# Odd sizes, both orientations, and sizes where only one of the two resize passes runs (288 x ..., ... x 288).
+SIZES = [(1, 1), (1, 300), (300, 1), (31, 17), (64, 64), (500, 375), (375, 500), (257, 256), (1023, 7), (288, 431),
+         (431, 288), (289, 1000)]
 
 
 @pytest.mark.parametrize("resample", [Image.BILINEAR, Image.BICUBIC])
