@@ -288,27 +288,46 @@ def ready_pixels(spec: dict, preprocessing: Any, count: int) -> Any:
     return torch.from_numpy(np.stack([a for a in arrays if a.shape == commonest][:count]))
 
 
-def model_alone(spec: dict, clock: Clock) -> dict:
-    """The model on ready tensors (decoded, resized, normalised, cast, in its layout): the compute limit."""
+def _placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
+    """(module, dtype): the checkpoint rewritten and cast as mv2batch.run does on the CPU."""
     import torch
 
     from mv2batch import models
     from mv2batch.allocator import keep_freed_memory
-    from mv2batch.device import PixelStage, pick_dtype
+    from mv2batch.device import pick_dtype
     from mv2batch.speed import choose_speedups, optimize_for_inference
 
-    folder, _, preprocessing = task_preprocessing(spec)
-    uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
     device, dtype = torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu"))
     module = models.load_weights(folder, spec["task"], spec["model"])
     chosen = choose_speedups(spec.get("speedups"), device, dtype)  # as mv2batch.run chooses
     if chosen is not None:
         keep_freed_memory()  # as mv2batch.run does on the CPU
-        module = optimize_for_inference(module, device, dtype, speedups=chosen)
-    else:  # transformers' model as a transformers user runs it
-        module = module.to(dtype)
+        return optimize_for_inference(module, device, dtype, speedups=chosen), dtype
+    return module.to(dtype), dtype  # transformers' model as a transformers user runs it
+
+
+def _pixel_stage(module: Any, preprocessing: Any, dtype: Any) -> Any:
+    import torch
+
+    from mv2batch.device import PixelStage
+
     channels_last = getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False)
-    pixels = PixelStage(preprocessing.norm, device, dtype, channels_last)(uint8)
+    return PixelStage(preprocessing.norm, torch.device("cpu"), dtype, channels_last)
+
+
+def model_alone(spec: dict, clock: Clock) -> dict:
+    """The model on ready tensors (decoded, resized, normalised, cast, in its layout): the compute limit.
+
+    One batch of the commonest shape, repeated; with spec["shape_mix"], the photos' own shapes instead.
+    """
+    import torch
+
+    if spec.get("shape_mix"):
+        return model_alone_over_shapes(spec, clock)
+    folder, _, preprocessing = task_preprocessing(spec)
+    uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
+    module, dtype = _placed_model(spec, folder)
+    pixels = _pixel_stage(module, preprocessing, dtype)(uint8)
     clock.ready()
     done = 0
     with torch.inference_mode():
@@ -316,7 +335,51 @@ def model_alone(spec: dict, clock: Clock) -> dict:
             module(pixel_values=pixels).logits.float()
             done += len(pixels)
             clock.mark(done)
-    return {"images": done, "shape": list(uint8.shape[1:3])}
+    return {"images": done, "pixels_per_image": uint8.shape[1] * uint8.shape[2]}
+
+
+def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
+    """The model on the first count photos, each at its own resized shape, batched and run as mv2batch.run does
+    (equal shapes next to each other, each shape group cut into the model's micro-batches on its streams, the
+    next batch started before the previous one is collected): the compute limit of a whole-photo run."""
+    import numpy as np
+    import torch
+
+    from mv2batch.decode import decode_image
+    from mv2batch.speed import micro_batch_images, start_in_streams
+
+    folder, _, preprocessing = task_preprocessing(spec)
+    module, dtype = _placed_model(spec, folder)
+    stage = _pixel_stage(module, preprocessing, dtype)
+    arrays = [preprocessing.resize_crop(decode_image(p.read_bytes()).image)
+              for p in source_photos(Path(spec["images"]))[: spec["count"]]]
+    by_shape: dict[tuple, list] = {}
+    for array in arrays:
+        by_shape.setdefault(array.shape, []).append(torch.from_numpy(np.array(array)))  # a writable copy
+    ordered = [(shape, tensor) for shape, tensors in by_shape.items() for tensor in tensors]
+    batches = []
+    for start in range(0, len(ordered), spec["batch_size"]):
+        groups: dict[tuple, list] = {}
+        for shape, tensor in ordered[start : start + spec["batch_size"]]:
+            groups.setdefault(shape, []).append(tensor)
+        parts = []
+        for tensors in groups.values():
+            size = micro_batch_images(module, *tensors[0].shape[:2]) or len(tensors)
+            parts += [stage(torch.stack(tensors[i : i + size])) for i in range(0, len(tensors), size)]
+        batches.append(parts)
+    run = lambda pixels: module(pixel_values=pixels).logits.float()
+    clock.ready()
+    done, pending = 0, None
+    with torch.inference_mode():
+        for parts in batches + [None]:
+            started = start_in_streams(module, run, parts) if parts is not None else None
+            if pending is not None:
+                pending[0]()
+                done += pending[1]
+                clock.mark(done)
+            pending = (started, sum(len(p) for p in parts)) if parts is not None else None
+    return {"images": done, "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays),
+            "shapes": len(by_shape)}
 
 
 def input_limit(spec: dict, clock: Clock) -> dict:
