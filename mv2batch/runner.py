@@ -230,31 +230,35 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
     """Run the shards through one DataLoader and the model; yield each batch's rows with its shard's state."""
     import torch
 
+    from .speed import module_has_streams
+
     shard_size = ctx.run_info["plan"]["shard_size"]
+    # With parallel streams the next batch is started before the current one is collected, so that no stream
+    # idles at a batch boundary. Without them a started batch is already computed: it is collected at once,
+    # so that every row (and progress update) leaves as soon as its batch is done.
+    ahead = module_has_streams(ctx.model)
     dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels,
                            reduce_labels=ctx.config.source is SourceKind.ade20k)
     loader = make_loader(dataset, _index_batches(ctx, shards, read), _workers(ctx), ctx.device.type == "cuda")
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
-        # One batch ahead: the next batch is fetched and started before the current one is collected.
-        pending: tuple | None = None
+        pending: list[tuple] = []  # started batches not yet collected: at most one
         while True:
             waited = time.perf_counter()
             batch = next(loader, None)
-            started = None
             if batch is not None:
                 state = states[batch.samples[0].index // shard_size]
                 state.started = state.started or waited
                 state.wait_s += time.perf_counter() - waited
-                started = (state, batch, _start_batch(ctx, state, batch))
-            if pending is not None:
-                yield pending[0], _batch_rows(ctx, *pending)
+                pending.append((state, batch, _start_batch(ctx, state, batch)))
+            while pending and (batch is None or len(pending) > 1 or not ahead):
+                started = pending.pop(0)
+                yield started[0], _batch_rows(ctx, *started)
                 if ctx.progress:
                     ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
-            if started is None:
+            if batch is None:
                 return
-            pending = started
 
 
 def _schema(ctx: Context) -> Any:
@@ -347,9 +351,9 @@ def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], li
     On a model with parallel streams the shape groups are cut into its micro-batches and run side by side
     (a segmentation batch holds many shapes of one or two photos each); otherwise this computes them now.
     """
-    from .speed import micro_batch_images, start_in_streams
+    from .speed import micro_batch_images, module_has_streams, start_in_streams
 
-    streams = getattr(ctx.model, "mv2batch_streams", None) is not None
+    streams = module_has_streams(ctx.model)
     parts = []
     for positions, pixels in batch.groups:  # uint8 NHWC
         # Without streams, one call per group: the model micro-batches it itself.

@@ -290,14 +290,20 @@ def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[
     them, and return at once; calling the result waits for the list (and raises the work's errors).
 
     The runner starts a batch before it collects the previous one, so that the streams never sit idle while
-    the slowest one finishes a batch. Without streams the work is done here, before returning.
+    the slowest one finishes a batch. Without streams (module_has_streams) the work is done here, before returning.
     """
     return _start_on(getattr(module, "mv2batch_streams", None), function, items)
 
 
+def module_has_streams(module: Any) -> bool:
+    """Whether start_in_streams returns before the work is done (parallel streams), so that a caller gains by
+    starting the next piece of work before it collects this one."""
+    return getattr(module, "mv2batch_streams", None) is not None
+
+
 def _start_on(pool: Any, function: Callable, items: list) -> Callable[[], list]:
     """start_in_streams on a given pool (None: in this thread, now). A stream never queues on its own pool."""
-    if pool is None or len(items) < 2 or getattr(_STREAM_THREAD, "active", False):
+    if pool is None or not items or getattr(_STREAM_THREAD, "active", False):
         results = [function(item) for item in items]
         return lambda: results
     pending = pool.map(_in_callers_mode(function), items)  # every item is submitted now

@@ -311,3 +311,32 @@ def test_streams_keep_order_and_never_wait_on_themselves(tiny_model):
     plain = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
                                    speedups=replace(CPU_DEFAULT, streams=1))
     assert getattr(plain, "mv2batch_streams") is None and start_in_streams(plain, str, [1, 2])() == ["1", "2"]
+
+
+@pytest.mark.parametrize("speedups, streams", [(None, 1), (True, 2)])
+def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny_model, tmp_path, monkeypatch,
+                                                                             speedups, streams):
+    """Without streams a started batch is already computed: its rows and progress leave at once (a progress
+    update that waited for the next batch would also make every measured rate look a batch faster). With
+    streams the next batch is started before the current one is collected, so the streams never idle."""
+    import mv2batch
+    from mv2batch import runner
+    from mv2batch.config import RunConfig
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: streams)  # the default set's stream count
+    started_batches, seen = [], []
+    start_batch = runner._start_batch
+    monkeypatch.setattr(runner, "_start_batch", lambda *args: started_batches.append(1) or start_batch(*args))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(7)):
+        photo.save(folder / f"{i}.png")
+    config = RunConfig(task="classify", source="folder", input=str(folder), out=tmp_path / "out", model=str(tiny_model),
+                       device="cpu", workers=0,
+                       batch_size=2, speedups=speedups)
+    mv2batch.run(config, lambda update: seen.append((update.done, len(started_batches))))
+    done_batches = [(done + 1) // 2 for done, _ in seen if done]
+    started = [count for done, count in seen if done]
+    assert done_batches == [1, 2, 3, 4]
+    expected = done_batches if streams == 1 else [2, 3, 4, 4]  # the last batch has no successor to start
+    assert started == expected
