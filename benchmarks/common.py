@@ -346,7 +346,7 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     import torch
 
     from mv2batch.decode import decode_image
-    from mv2batch.speed import micro_batch_images, start_in_streams
+    from mv2batch.speed import micro_batch_images, module_has_streams, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
     module, dtype = _placed_model(spec, folder)
@@ -368,16 +368,17 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
             parts += [stage(torch.stack(tensors[i : i + size])) for i in range(0, len(tensors), size)]
         batches.append(parts)
     run = lambda pixels: module(pixel_values=pixels).logits.float()
+    ahead = module_has_streams(module)
     clock.ready()
-    done, pending = 0, None
+    done, pending = 0, []
     with torch.inference_mode():
-        for parts in batches + [None]:
-            started = start_in_streams(module, run, parts) if parts is not None else None
-            if pending is not None:
-                pending[0]()
-                done += pending[1]
+        for position, parts in enumerate(batches):
+            pending.append((start_in_streams(module, run, parts), sum(len(p) for p in parts)))
+            while pending and (position == len(batches) - 1 or len(pending) > 1 or not ahead):
+                results, images = pending.pop(0)
+                results()
+                done += images
                 clock.mark(done)
-            pending = (started, sum(len(p) for p in parts)) if parts is not None else None
     return {"images": done, "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays),
             "shapes": len(by_shape)}
 
