@@ -109,11 +109,11 @@ def main() -> None:
     alone = {}
     for key, label in ALONE.items():
         protocol, dtype, speedups = key
-        # Whole photos come in many shapes, some slower per pixel than others: the model alone runs over the
-        # photos' own shapes, batched as mv2batch.run batches them (the crop has one shape).
+        # Whole photos come in many shapes, some slower per pixel than others, and a random checkpoint's speed
+        # depends a little on the pixels (denormal activations): the model alone runs over the first photos of
+        # the end-to-end runs, each at its own resized shape, batched as mv2batch.run batches them.
         alone[key] = child("model", f"model alone, {label}, {PROTOCOLS[protocol]}", dtype, spec(
-            dtype=dtype, count=args.model_images, preprocess=protocol, speedups=speedups,
-            shape_mix=protocol == "paper"))
+            dtype=dtype, count=args.model_images, preprocess=protocol, speedups=speedups, own_shapes=True))
     loader = child("input", "input alone (decode + preprocess), whole photo", "fp32", spec(dtype="fp32"))
     masks = str(common.CACHE / "segment-reference.npz")
     child("reference", "reference masks (transformers fp32)", "fp32", spec(masks=masks))

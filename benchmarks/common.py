@@ -318,11 +318,12 @@ def _pixel_stage(module: Any, preprocessing: Any, dtype: Any) -> Any:
 def model_alone(spec: dict, clock: Clock) -> dict:
     """The model on ready tensors (decoded, resized, normalised, cast, in its layout): the compute limit.
 
-    One batch of the commonest shape, repeated; with spec["shape_mix"], the photos' own shapes instead.
+    One batch of the commonest shape, repeated; with spec["own_shapes"], the photos themselves, each at its own
+    resized shape.
     """
     import torch
 
-    if spec.get("shape_mix"):
+    if spec.get("own_shapes"):
         return model_alone_over_shapes(spec, clock)
     folder, _, preprocessing = task_preprocessing(spec)
     uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
