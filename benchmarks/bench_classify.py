@@ -116,7 +116,7 @@ def agreement(got: dict, reference: dict) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.common_arguments(parser, default_n=1000, default_batch=32)
+    common.common_arguments(parser, default_n=1000, default_batch=32, default_model_images=640)
     parser.add_argument("--rss-check", action="store_true", help="peak RSS of mv2batch on 1,000 vs 10,000 images")
     parser.add_argument("--rss-dtype", default="fp32")
     parser.add_argument("--with-shipped", action="store_true", help="also run mv2batch --no-speedups")
@@ -159,11 +159,19 @@ def run(args: argparse.Namespace, model: str, how: str) -> None:
     if args.pipeline_tuned_malloc:
         others.append(child("pipeline", f"transformers.pipeline (batch {args.batch_size}), mv2batch's malloc",
                             "fp32", spec(tuned_malloc=True)))
-    runs = {**E2E, **(SHIPPED if args.with_shipped else {})}
-    e2e = {key: child("mv2batch", label, key[0], spec(dtype=key[0], speedups=key[1], out=out(*key)))
-           for key, label in runs.items()}
-    alone = {key: child("model", label, key[0], spec(dtype=key[0], speedups=key[1], count=args.model_images))
-             for key, label in ALONE.items()}
+    # Each end-to-end run is measured between two model-alone runs of its mode, and compared with their mean:
+    # the speed of this shared machine drifts by several percent over minutes, as much as the margins measured.
+    alone_run = lambda key: child("model", ALONE[key], key[0], spec(dtype=key[0], speedups=key[1],
+                                                                     count=args.model_images))
+    e2e, alone = {}, {}
+    for key, label in {**E2E, **(SHIPPED if args.with_shipped else {})}.items():
+        before = alone_run(key) if key in E2E else None
+        e2e[key] = child("mv2batch", label, key[0], spec(dtype=key[0], speedups=key[1], out=out(*key)))
+        if before is not None:
+            after = alone_run(key)
+            alone[key] = common.mean_of([before, after], f"{ALONE[key]} (mean of {before.steady:.1f} before, "
+                                                         f"{after.steady:.1f} after)")
+    alone.update({key: alone_run(key) for key in ALONE if key not in alone})
     loader = child("input", "input alone (decode + preprocess)", "fp32", spec(dtype="fp32"))
     exact = child("precision", "precision on the first photos", "fp32", spec())
     report(args, how, pipe, others, e2e, alone, loader, exact)

@@ -89,7 +89,7 @@ def mask_agreement(out: str, reference_file: str) -> tuple[float, int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.common_arguments(parser, default_n=200, default_batch=32)
+    common.common_arguments(parser, default_n=200, default_batch=32, default_model_images=96)
     args = parser.parse_args()
     model, how = common.checkpoint(args.model, "segment", args.images)
     print(f"{common.machine()}\n{how}", flush=True)

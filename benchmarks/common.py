@@ -157,6 +157,7 @@ class Result:
     cpu_s: float  # the child and its workers
     others_cpu_share: float  # the share of the machine other processes used meanwhile
     notes: list[str] = field(default_factory=list)
+    rate: float | None = None  # set for a mean of several runs (see mean_of)
 
     @property
     def images(self) -> int:
@@ -164,7 +165,19 @@ class Result:
 
     @property
     def steady(self) -> float:
+        if self.rate is not None:
+            return self.rate
         return steady_rate(self.data.get("marks", []), self.images, self.wall_s)
+
+
+def mean_of(results: list[Result], name: str) -> Result:
+    """One row for several runs of the same measurement: mean rate, wall and start-up; the highest peak RSS."""
+    mean = lambda values: sum(values) / len(values)
+    data = {"images": results[0].images, "ready_s": mean([r.data.get("ready_s") or 0 for r in results]),
+            "peak_rss_mb": max(r.data["peak_rss_mb"] for r in results), "runs": [r.steady for r in results]}
+    return Result(name, results[0].dtype, data, mean([r.wall_s for r in results]), mean([r.cpu_s for r in results]),
+                  max(r.others_cpu_share for r in results), [n for r in results for n in r.notes],
+                  rate=mean([r.steady for r in results]))
 
 
 def steady_rate(marks: list, images: int, wall_s: float) -> float:
@@ -205,13 +218,14 @@ def run_child(script: Path, name: str, label: str, dtype: str, spec: dict, idle_
     return result
 
 
-def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_batch: int) -> None:
+def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_batch: int,
+                     default_model_images: int) -> None:
     """The options every benchmark script shares."""
     parser.add_argument("--images", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (cycled up to -n)")
     parser.add_argument("-n", type=int, default=default_n, help="images per end-to-end run")
     parser.add_argument("--model", help="checkpoint folder or hub id (default: a random calibrated full-size one)")
     parser.add_argument("--batch-size", type=int, default=default_batch)
-    parser.add_argument("--model-images", type=int, default=320, help="images per model-alone run")
+    parser.add_argument("--model-images", type=int, default=default_model_images, help="images per model-alone run")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: mv2batch's choice)")
     parser.add_argument("--wait-idle", type=float, default=300,
                         help="before each run, wait up to this many seconds for other processes to go quiet")
