@@ -119,6 +119,7 @@ def main() -> None:
     common.common_arguments(parser, default_n=1000, default_batch=32, default_model_images=640)
     parser.add_argument("--rss-check", action="store_true", help="peak RSS of mv2batch on 1,000 vs 10,000 images")
     parser.add_argument("--rss-dtype", default="fp32")
+    parser.add_argument("--rss-runs", type=int, default=2, help="runs of each size for --rss-check")
     parser.add_argument("--with-shipped", action="store_true", help="also run mv2batch --no-speedups")
     parser.add_argument("--no-pipeline-tuned-malloc", dest="pipeline_tuned_malloc", action="store_false",
                         help="skip the pipeline run with mv2batch's malloc settings")
@@ -231,20 +232,27 @@ def shared_core_bounds(alone, loader) -> list[str]:
 
 
 def rss_check(args: argparse.Namespace, model: str) -> None:
-    """mv2batch's peak RSS must not grow with the number of images: 10,000 within 110% of 1,000."""
-    results = []
+    """mv2batch's peak RSS must not grow with the number of images: 10,000 within 110% of 1,000.
+
+    The peak of the same run differs by up to 10 % from one process to the next (where glibc's heap happens to
+    lie; the RSS of a 4,000-image run stays flat within 1 MB after its first batch), so each size runs
+    args.rss_runs times and the means are compared.
+    """
+    results = {}
     for n in (1000, 10000):
         folder = common.image_folder(args.images, n)
         spec = _spec(args, model, folder, dtype=args.rss_dtype, out=str(common.CACHE / f"out-rss-{n}"))
-        results.append(common.run_child(SCRIPT, "mv2batch", f"mv2batch.run, {n} images", args.rss_dtype, spec,
-                                        args.wait_idle))
-    small, large = (r.data["peak_rss_mb"] for r in results)
+        results[n] = [common.run_child(SCRIPT, "mv2batch", f"mv2batch.run, {n} images", args.rss_dtype, spec,
+                                       args.wait_idle) for _ in range(args.rss_runs)]
+    mean = {n: sum(r.data["peak_rss_mb"] for r in runs) / len(runs) for n, runs in results.items()}
     rows = [[r.name, r.dtype, str(r.images), f"{r.steady:.1f}", f"{r.wall_s:.1f}", f"{r.data['peak_rss_mb']:.0f}"]
-            for r in results]
+            for runs in results.values() for r in runs]
     print("\n" + common.table(["run", "dtype", "images", "images/s", "wall s", "peak RSS MB (VmHWM)"], rows))
-    verdict = "MET    " if large <= 1.1 * small else "NOT MET"
-    print(f"\n{verdict} peak RSS of 10,000 images <= 110% of 1,000: {100 * large / small:.0f}%")
-    common.write_json(args.json, {"rss": rows, "ratio": large / small})
+    ratio = mean[10000] / mean[1000]
+    verdict = "MET    " if ratio <= 1.1 else "NOT MET"
+    print(f"\n{verdict} peak RSS of 10,000 images <= 110% of 1,000 (means of {args.rss_runs} runs each: "
+          f"{mean[10000]:.0f} / {mean[1000]:.0f} MB): {100 * ratio:.0f}%")
+    common.write_json(args.json, {"rss": rows, "ratio": ratio})
 
 
 if __name__ == "__main__":
