@@ -348,16 +348,16 @@ def _batch_rows(ctx: Context, state: ShardState, batch: Any, results: Callable[[
 def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], list[tuple[list[int], list]]]:
     """Start the model on a batch; the result gives (positions, outputs) per part once they are ready.
 
-    On a model with parallel streams the shape groups are cut into its micro-batches and run side by side
-    (a segmentation batch holds many shapes of one or two photos each); otherwise this computes them now.
+    The shape groups are cut into the model's micro-batches (where it has them) before the pixel stage, so that
+    only one micro-batch at a time is in float (a batch of 32 at 256x256 is 25 MB in float32), and run side by
+    side on its parallel streams (a segmentation batch holds many shapes of one or two photos each); without
+    streams this computes them now.
     """
-    from .speed import micro_batch_images, module_has_streams, start_in_streams
+    from .speed import micro_batch_images, start_in_streams
 
-    streams = module_has_streams(ctx.model)
     parts = []
     for positions, pixels in batch.groups:  # uint8 NHWC
-        # Without streams, one call per group: the model micro-batches it itself.
-        size = (micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) if streams else None) or len(positions)
+        size = micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) or len(positions)
         parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
 
     def infer(part: tuple[list[int], Any]) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import classify, real_photos
+from conftest import classify, read_rows, real_photos
 from mv2batch.config import Dtype
 from mv2batch.speed import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
                             fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
@@ -340,3 +340,24 @@ def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny
     assert done_batches == [1, 2, 3, 4]
     expected = done_batches if streams == 1 else [2, 3, 4, 4]  # the last batch has no successor to start
     assert started == expected
+
+
+def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_model, tmp_path, monkeypatch):
+    """Only a micro-batch is ever in float (a whole batch of 32 at 256x256 is 25 MB), with the same predictions."""
+    from mv2batch import device, speed
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(7)):
+        photo.save(folder / f"{i}.png")
+    classify(folder, tmp_path / "whole", tiny_model, batch_size=8)  # 64x64 inputs: the whole batch is one call
+    sizes = []
+    stage = device.PixelStage.__call__
+    monkeypatch.setattr(device.PixelStage, "__call__", lambda self, pixels: sizes.append(len(pixels)) or stage(self, pixels))
+    monkeypatch.setattr(speed, "CPU_MICRO_BATCH_PIXELS", 2 * 64 * 64)
+    classify(folder, tmp_path / "micro", tiny_model, batch_size=8)
+    assert sizes == [2, 2, 2, 1]
+    micro, whole = read_rows(tmp_path / "micro"), read_rows(tmp_path / "whole")
+    assert [row["topk_ids"] for row in micro] == [row["topk_ids"] for row in whole]
+    # The tiny model's convolutions sum a batch of one image apart from a larger one (5.6e-6 here; measured).
+    np.testing.assert_allclose([row["topk_scores"] for row in micro], [row["topk_scores"] for row in whole], atol=1e-5)
