@@ -355,28 +355,26 @@ def model_alone(spec: dict, clock: Clock) -> dict:
 
 def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     """The model on the first count photos, each at its own resized shape, batched and run as mv2batch.run does
-    (equal shapes next to each other, each shape group cut into the model's micro-batches on its streams, the
-    next batch started before the previous one is collected): the compute limit of a whole-photo run."""
+    (equal shapes next to each other, each shape group cut into the model's micro-batches, run on its streams
+    where it has them, the next batch then started before the previous one is collected): the compute limit of
+    a whole-photo run."""
     import numpy as np
     import torch
 
     from mv2batch.decode import decode_image
+    from mv2batch.loader import grouped_batches
     from mv2batch.speed import micro_batch_images, module_has_streams, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
     module, dtype = _placed_model(spec, folder)
     stage = _pixel_stage(module, preprocessing, dtype)
-    arrays = [preprocessing.resize_crop(decode_image(p.read_bytes()).image)
+    arrays = [np.array(preprocessing.resize_crop(decode_image(p.read_bytes()).image))  # writable, for torch
               for p in source_photos(Path(spec["images"]))[: spec["count"]]]
-    by_shape: dict[tuple, list] = {}
-    for array in arrays:
-        by_shape.setdefault(array.shape, []).append(torch.from_numpy(np.array(array)))  # a writable copy
-    ordered = [(shape, tensor) for shape, tensors in by_shape.items() for tensor in tensors]
     batches = []
-    for start in range(0, len(ordered), spec["batch_size"]):
+    for indices in grouped_batches(range(len(arrays)), lambda i: arrays[i].shape, spec["batch_size"]):
         groups: dict[tuple, list] = {}
-        for shape, tensor in ordered[start : start + spec["batch_size"]]:
-            groups.setdefault(shape, []).append(tensor)
+        for i in indices:
+            groups.setdefault(arrays[i].shape, []).append(torch.from_numpy(arrays[i]))
         parts = []
         for tensors in groups.values():
             size = micro_batch_images(module, *tensors[0].shape[:2]) or len(tensors)
@@ -395,7 +393,7 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
                 done += images
                 clock.mark(done)
     return {"images": done, "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays),
-            "shapes": len(by_shape)}
+            "shapes": len({a.shape for a in arrays})}
 
 
 def input_limit(spec: dict, clock: Clock) -> dict:
