@@ -363,7 +363,7 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
 
     from mv2batch.decode import decode_image
     from mv2batch.loader import grouped_batches
-    from mv2batch.speed import micro_batch_images, module_has_streams, start_in_streams
+    from mv2batch.speed import micro_batch_images, one_ahead, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
     module, dtype = _placed_model(spec, folder)
@@ -381,17 +381,14 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
             parts += [stage(torch.stack(tensors[i : i + size])) for i in range(0, len(tensors), size)]
         batches.append(parts)
     run = lambda pixels: module(pixel_values=pixels).logits.float()
-    ahead = module_has_streams(module)
     clock.ready()
-    done, pending = 0, []
+    done = 0
     with torch.inference_mode():
-        for position, parts in enumerate(batches):
-            pending.append((start_in_streams(module, run, parts), sum(len(p) for p in parts)))
-            while pending and (position == len(batches) - 1 or len(pending) > 1 or not ahead):
-                results, images = pending.pop(0)
-                results()
-                done += images
-                clock.mark(done)
+        started = ((start_in_streams(module, run, parts), sum(len(p) for p in parts)) for parts in batches)
+        for results, images in one_ahead(module, started):
+            results()
+            done += images
+            clock.mark(done)
     return {"images": done, "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in arrays) / len(arrays),
             "shapes": len({a.shape for a in arrays})}
 

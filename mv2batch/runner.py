@@ -230,35 +230,32 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
     """Run the shards through one DataLoader and the model; yield each batch's rows with its shard's state."""
     import torch
 
-    from .speed import module_has_streams
+    from .speed import one_ahead
 
-    shard_size = ctx.run_info["plan"]["shard_size"]
-    # With parallel streams the next batch is started before the current one is collected, so that no stream
-    # idles at a batch boundary. Without them a started batch is already computed: it is collected at once,
-    # so that every row (and progress update) leaves as soon as its batch is done.
-    ahead = module_has_streams(ctx.model)
     dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels,
                            reduce_labels=ctx.config.source is SourceKind.ade20k)
     loader = make_loader(dataset, _index_batches(ctx, shards, read), _workers(ctx), ctx.device.type == "cuda")
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
-        pending: list[tuple] = []  # started batches not yet collected: at most one
-        while True:
-            waited = time.perf_counter()
-            batch = next(loader, None)
-            if batch is not None:
-                state = states[batch.samples[0].index // shard_size]
-                state.started = state.started or waited
-                state.wait_s += time.perf_counter() - waited
-                pending.append((state, batch, _start_batch(ctx, state, batch)))
-            while pending and (batch is None or len(pending) > 1 or not ahead):
-                started = pending.pop(0)
-                yield started[0], _batch_rows(ctx, *started)
-                if ctx.progress:
-                    ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
-            if batch is None:
-                return
+        for state, batch, results in one_ahead(ctx.model, _started_batches(ctx, loader, states)):
+            yield state, _batch_rows(ctx, state, batch, results)
+            if ctx.progress:
+                ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+
+
+def _started_batches(ctx: Context, loader: Iterator, states: dict[int, ShardState]) -> Iterator[tuple]:
+    """(shard state, batch, results) for each batch of the loader, the model started on it."""
+    shard_size = ctx.run_info["plan"]["shard_size"]
+    while True:
+        waited = time.perf_counter()
+        batch = next(loader, None)
+        if batch is None:
+            return
+        state = states[batch.samples[0].index // shard_size]
+        state.started = state.started or waited
+        state.wait_s += time.perf_counter() - waited
+        yield state, batch, _start_batch(ctx, state, batch)
 
 
 def _schema(ctx: Context) -> Any:

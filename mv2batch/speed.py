@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # oneDNN's fused convolution applies these activations in its epilogue, while the output is still in cache.
 FUSABLE_ACTIVATIONS = {"SiLU": "swish", "SiLUActivation": "swish", "ReLU": "relu"}
@@ -289,16 +291,25 @@ def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[
     """Start [function(item) for item in items] side by side on the module's parallel streams, where it has
     them, and return at once; calling the result waits for the list (and raises the work's errors).
 
-    The runner starts a batch before it collects the previous one, so that the streams never sit idle while
-    the slowest one finishes a batch. Without streams (module_has_streams) the work is done here, before returning.
+    Without streams the work is done here, before returning. See one_ahead for starting the next piece of work
+    before collecting this one.
     """
     return _start_on(getattr(module, "mv2batch_streams", None), function, items)
 
 
-def module_has_streams(module: Any) -> bool:
-    """Whether start_in_streams returns before the work is done (parallel streams), so that a caller gains by
-    starting the next piece of work before it collects this one."""
-    return getattr(module, "mv2batch_streams", None) is not None
+def one_ahead(module: Any, started: Iterable[T]) -> Iterator[T]:
+    """Pass on started work in order, each piece only once the next one has been started where the module's
+    streams compute in the background: no stream then idles while the slowest finishes a piece. Without
+    streams a started piece is already done and is passed on at once, so that its results (and a progress
+    update) are not held back a piece.
+    """
+    ahead = getattr(module, "mv2batch_streams", None) is not None
+    pending: list[T] = []
+    for piece in started:
+        pending.append(piece)
+        if not ahead or len(pending) > 1:
+            yield pending.pop(0)
+    yield from pending
 
 
 def _start_on(pool: Any, function: Callable, items: list) -> Callable[[], list]:
