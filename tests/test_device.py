@@ -1,0 +1,91 @@
+"""The device side chosen for a GPU, checked without one: IEEE float32 math for fp32, loader workers per process."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from conftest import classify, real_photos
+from mv2batch import device as device_module
+from mv2batch.device import float32_math
+from mv2batch.runner import MAX_GPU_WORKERS, default_workers
+
+CUDA = torch.device("cuda")
+
+
+def _precision() -> list:
+    return [getattr(owner, name) for owner, name, _ in device_module._fp32_precision_settings()]
+
+
+def test_fp32_on_cuda_is_ieee_while_running_and_the_settings_come_back():
+    before = _precision()
+    exact = [value for _, _, value in device_module._fp32_precision_settings()]
+    assert before != exact  # PyTorch's default lets cuDNN use TF32: otherwise this test would prove nothing
+    with float32_math(CUDA, torch.float32):
+        assert _precision() == exact
+    assert _precision() == before
+
+
+@pytest.mark.parametrize("where, dtype", [(CUDA, torch.bfloat16), (CUDA, torch.float16),
+                                          (torch.device("cpu"), torch.float32)])
+def test_other_dtypes_and_devices_keep_the_settings(where, dtype):
+    before = _precision()
+    with float32_math(where, dtype):
+        assert _precision() == before
+
+
+def test_settings_come_back_after_an_error():
+    before = _precision()
+    with pytest.raises(RuntimeError):
+        with float32_math(CUDA, torch.float32):
+            raise RuntimeError("boom")
+    assert _precision() == before
+
+
+def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch):
+    """Every batch runs inside the block, given the run's device and dtype."""
+    from mv2batch.tasks import ClassifyTask
+
+    entered, inside_calls = [], []
+
+    @contextmanager
+    def spy(where, dtype):
+        entered.append((where.type, dtype))
+        entered.append("open")
+        yield
+        entered.append("closed")
+
+    infer = ClassifyTask.infer
+    monkeypatch.setattr(device_module, "float32_math", spy)
+    monkeypatch.setattr(ClassifyTask, "infer",
+                        lambda self, *args: inside_calls.append(entered[-1]) or infer(self, *args))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(5)):
+        photo.save(folder / f"{i}.png")
+    classify(folder, tmp_path / "out", tiny_model, batch_size=2)
+    assert entered == [("cpu", torch.float32), "open", "closed"]
+    assert inside_calls == ["open"] * 3
+
+
+@pytest.mark.parametrize("cores, visible, environ, expected", [
+    (16, 16, {}, 15),                                    # one process on a 16-core GPU machine
+    (128, 128, {}, MAX_GPU_WORKERS),                     # more workers only cost memory
+    (64, 64, {"LOCAL_WORLD_SIZE": "8"}, 7),              # torchrun, 8 GPUs: each process its eighth
+    (64, 64, {"SLURM_NTASKS_PER_NODE": "4(x2)"}, 15),    # Slurm's form for 4 tasks on each of 2 nodes
+    (64, 8, {"LOCAL_WORLD_SIZE": "8"}, 7),               # already bound to its 8 cores: not divided again
+    (2, 2, {}, 1),
+])
+def test_gpu_workers_take_this_processs_share_of_the_cores(monkeypatch, cores, visible, environ, expected):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(visible)))
+    assert default_workers("cuda", environ) == expected
+
+
+def test_cpu_workers_leave_the_cores_to_the_model(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers("cpu", {}) == 4
