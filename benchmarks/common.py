@@ -57,22 +57,22 @@ def _link(source: Path, target: Path) -> None:
         target.symlink_to(source.resolve())
 
 
-def checkpoint(model: str | None, task: str, photos: Path) -> tuple[str, str]:
+def checkpoint(model: str | None, task: str, photos: Path, width: float = 1.0) -> tuple[str, str]:
     """The checkpoint to measure and how it was obtained; without --model, a calibrated random one built once."""
     if model:
         return model, f"checkpoint {model}"
     size, labels = ("full", 1000) if task == "classify" else ("full", 21)
-    folder = CACHE / f"random-{task}-{size}-{labels}"
+    folder = CACHE / (f"random-{task}-{size}-{labels}" + (f"-w{width:g}" if width != 1.0 else ""))
     if not (folder / "model.safetensors").is_file():
         from PIL import Image
 
         from mv2batch.testing import make_checkpoint
 
-        print(f"building a calibrated random MobileViTV2-1.0 {task} checkpoint in {folder} ...", flush=True)
+        print(f"building a calibrated random MobileViTV2-{width:g} {task} checkpoint in {folder} ...", flush=True)
         calibration = [Image.open(p).convert("RGB") for p in source_photos(photos)[::50][:12]]
-        make_checkpoint(folder, calibration, size=size, num_labels=labels, task=task)
+        make_checkpoint(folder, calibration, size=size, num_labels=labels, task=task, width=width)
     return str(folder), (f"random calibrated full-size checkpoint (mv2batch.testing.make_checkpoint, "
-                         f"task={task}, num_labels={labels}): no --model given")
+                         f"task={task}, num_labels={labels}, width {width:g}): no --model given")
 
 
 # ---- the child side ----------------------------------------------------------------------------------------
@@ -417,9 +417,10 @@ def input_limit(spec: dict, clock: Clock) -> dict:
 
 
 def default_workers() -> int:
-    """The number of loader workers mv2batch picks on this machine's CPU."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // 2))
+    """The number of loader workers mv2batch picks for a CPU run on this machine."""
+    from mv2batch.runner import default_workers as runners_choice
+
+    return runners_choice("cpu")
 
 
 SHARED_MEASUREMENTS = {"mv2batch": mv2batch_run, "model": model_alone, "input": input_limit}

@@ -83,12 +83,17 @@ def _scale_classifier(model: Any, pixels: Any, target_median_top1: float) -> Non
 
 def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny", num_labels: int = 10,
                     seed: int = 0, resample: int = 2, target_median_top1: float = 0.7,
-                    task: str = "classify") -> Path:
-    """Save a random, calibrated MobileViTV2 classifier or DeepLabV3 segmenter (+ preprocessor) to folder."""
+                    task: str = "classify", width: float | None = None) -> Path:
+    """Save a random, calibrated MobileViTV2 classifier or DeepLabV3 segmenter (+ preprocessor) to folder.
+
+    width: another width multiplier than the size's (0.5 ... 2.0, as Apple's checkpoints), same input sizes.
+    """
     import torch
     import transformers
 
     overrides, shortest_edge, crop = SIZES[(task, size)]
+    if width is not None:
+        overrides = {**overrides, "width_multiplier": width}
     torch.manual_seed(seed)
     config = transformers.MobileViTV2Config(
         num_labels=num_labels, id2label={i: f"class_{i:04d}" for i in range(num_labels)},
