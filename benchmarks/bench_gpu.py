@@ -349,6 +349,7 @@ def main() -> None:
     import torch
 
     from mv2batch.device import pick_device
+    from mv2batch.errors import ConfigError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=common.DEFAULT_PHOTOS, help="photos, cycled up to -n")
@@ -371,7 +372,10 @@ def main() -> None:
     args = parser.parse_args()
     args.dtypes, args.e2e_dtypes = args.dtypes.split(","), args.e2e_dtypes.split(",")
     args.sweep = [int(b) for b in args.sweep.split(",") if b]
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ConfigError as exc:
+        sys.exit(f"bench_gpu: {exc}")
     MACHINE.update(describe_machine(device))
     print(json.dumps(MACHINE), flush=True)
     images = common.image_folder(args.images, args.n)
