@@ -189,6 +189,13 @@ def models_command() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    handler = logging.StreamHandler()  # stderr, beside the progress bar and the error lines
+    handler.setFormatter(logging.Formatter("mv2batch: warning: %(message)s"))
+    logger = logging.getLogger("mv2batch")
+    logger.addHandler(handler)
+    logger.propagate = False
     app(prog_name="mv2batch")
 
 

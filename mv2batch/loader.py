@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .errors import Mv2batchError
 from .sources import Record
+
+log = logging.getLogger("mv2batch")
+
+# Workers hand their batches to the main process in shared memory, which Docker limits to 64 MB by default.
+SHARED_MEMORY = Path("/dev/shm")
+PREFETCH = 4  # batches each worker keeps ready
+MIN_PREFETCH = 2
 
 
 @dataclass
@@ -101,17 +112,39 @@ def read_target(path: str, reduce_labels: bool) -> np.ndarray:
 
 def collate(samples: list[Sample]) -> Batch:
     """Stack the ok samples' pixels into one uint8 tensor per shape."""
-    import torch
-
     by_shape: dict[tuple, list[int]] = {}
     for position, sample in enumerate(samples):
         if sample.error is None:
             by_shape.setdefault(sample.pixels.shape, []).append(position)
-    groups = [(positions, torch.from_numpy(np.stack([samples[p].pixels for p in positions])))
-              for positions in by_shape.values()]
+    groups = [(positions, _stack([samples[p].pixels for p in positions])) for positions in by_shape.values()]
     for sample in samples:
         sample.pixels = None  # already in the stacked tensors; do not ship twice
     return Batch(samples=samples, groups=groups)
+
+
+def _stack(arrays: list[np.ndarray]) -> Any:
+    """The arrays as one tensor; in a worker, stacked straight into the shared memory it will travel in.
+
+    Allocating it here matters when shared memory runs out: the DataLoader hands an error raised here to the
+    main process, whereas a failure to share the batch later, in the worker queue's feeder thread, is only
+    printed, and the main process would wait for that batch forever.
+    """
+    import torch
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack(arrays))
+    shape = (len(arrays), *arrays[0].shape)
+    storage = shared_storage(int(np.prod(shape)) * arrays[0].itemsize)
+    stacked = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    np.stack(arrays, out=stacked.numpy())
+    return stacked
+
+
+def shared_storage(nbytes: int) -> Any:
+    import torch
+
+    return torch.UntypedStorage._new_shared(nbytes)
 
 
 def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -132,10 +165,61 @@ def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | No
     return consecutive_batches([index for group in groups.values() for index in group], batch_size)
 
 
-def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool) -> Iterator[Batch]:
-    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead."""
+def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool,
+                batch_bytes: int | None = None) -> Iterator[Batch]:
+    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead.
+
+    batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short.
+    """
     from torch.utils.data import DataLoader
 
-    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
-    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                           pin_memory=pin_memory, **extra))
+    prefetch = PREFETCH
+    if workers > 0 and batch_bytes:
+        workers, prefetch = _fit_shared_memory(workers, batch_bytes)
+    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin_memory, **extra)
+    return _reporting_shared_memory_errors(iter(loader))
+
+
+def fit_to_shared_memory(workers: int, batch_bytes: int, free_bytes: int) -> tuple[int, int]:
+    """(workers, prefetch factor) whose batches in flight fill at most half the free shared memory; (0, _):
+    decode in the main process, which needs none."""
+    budget = free_bytes // 2  # the batches the main process holds, and other programs, need some too
+    for prefetch in (PREFETCH, MIN_PREFETCH):
+        if workers * prefetch * batch_bytes <= budget:
+            return workers, prefetch
+    return min(workers, budget // (MIN_PREFETCH * batch_bytes)), MIN_PREFETCH
+
+
+def shared_memory_free() -> int | None:
+    try:
+        return shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:  # no /dev/shm (not Linux): nothing to fit
+        return None
+
+
+def _fit_shared_memory(workers: int, batch_bytes: int) -> tuple[int, int]:
+    free = shared_memory_free()
+    if free is None:
+        return workers, PREFETCH
+    fitted, prefetch = fit_to_shared_memory(workers, batch_bytes, free)
+    if fitted < workers:
+        instead = f"{fitted} workers, {prefetch} batches each" if fitted else "decoding in the main process"
+        log.warning(f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, too little for {workers} loader workers "
+                    f"x {PREFETCH} batches of {batch_bytes / 2**20:.0f} MB: {instead} (Docker: --shm-size or "
+                    f"--ipc=host)")
+    return fitted, prefetch
+
+
+def _reporting_shared_memory_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """The loader's batches; a worker that ran out of shared memory ends the run with one line, not a traceback."""
+    try:
+        yield from batches
+    except RuntimeError as exc:
+        if "shared memory" not in str(exc) and "Bus error" not in str(exc):
+            raise
+        free = shared_memory_free()
+        left = f" ({free / 2**20:.0f} MB free now)" if free is not None else ""
+        raise Mv2batchError(f"the loader's workers ran out of shared memory in {SHARED_MEMORY}{left}: give it more "
+                            f"(Docker: --shm-size 8g or --ipc=host), or lower --workers or --batch-size") from None

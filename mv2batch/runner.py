@@ -264,7 +264,8 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
 
     dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels,
                            reduce_labels=ctx.config.source is SourceKind.ade20k)
-    loader = make_loader(dataset, _index_batches(ctx, shards, read), _workers(ctx), ctx.device.type == "cuda")
+    loader = make_loader(dataset, _index_batches(ctx, shards, read), _workers(ctx), ctx.device.type == "cuda",
+                         batch_bytes=_typical_batch_bytes(ctx))
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
@@ -272,6 +273,18 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
             yield state, _batch_rows(ctx, state, batch, results)
             if ctx.progress:
                 ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
+
+
+def _typical_batch_bytes(ctx: Context) -> int:
+    """A batch's uint8 pixels (exact with a crop; else as for 4:3 photos): what the loader's workers share."""
+    resize_crop = ctx.preprocessing.resize_crop
+    if resize_crop.crop_height is not None:
+        height, width = resize_crop.crop_height, resize_crop.crop_width
+    elif resize_crop.shortest_edge is not None:
+        height, width = resize_crop.shortest_edge, resize_crop.shortest_edge * 4 // 3
+    else:
+        height, width = 768, 1024
+    return ctx.config.batch_size * height * width * 3
 
 
 def _started_batches(ctx: Context, loader: Iterator, states: dict[int, ShardState]) -> Iterator[tuple]:

@@ -1,0 +1,54 @@
+"""Loader workers and shared memory (/dev/shm, 64 MB in a default Docker container): fewer workers, or one line."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from conftest import classify, read_rows, real_photos
+from mv2batch import loader
+from mv2batch.errors import Mv2batchError
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("workers, batch_mb, free_mb, expected", [
+    (8, 1, 1000, (8, 4)),     # plenty
+    (8, 10, 400, (8, 2)),     # 8 x 4 x 10 MB is over half of 400 MB, 8 x 2 x 10 is not
+    (15, 48, 64, (0, 2)),     # Docker's default against batches of 256 at 256x256: decode in the main process
+    (15, 12, 200, (4, 2)),    # as many as fit with 2 batches each
+])
+def test_batches_in_flight_fit_half_the_free_shared_memory(workers, batch_mb, free_mb, expected):
+    assert loader.fit_to_shared_memory(workers, batch_mb * MB, free_mb * MB) == expected
+
+
+def _photos(folder, count):
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(count)):
+        photo.save(folder / f"{i}.png")
+    return folder
+
+
+def test_short_shared_memory_means_fewer_workers_and_a_warning(tmp_path, tiny_model, monkeypatch, caplog):
+    folder = _photos(tmp_path / "in", 6)
+    classify(folder, tmp_path / "inline", tiny_model, batch_size=2)
+    monkeypatch.setattr(loader, "shared_memory_free", lambda: 1000)  # bytes: not even one batch of 2 fits
+    with caplog.at_level(logging.WARNING, logger="mv2batch"):
+        classify(folder, tmp_path / "short", tiny_model, batch_size=2, workers=2)
+    assert "too little for 2 loader workers" in caplog.text and "decoding in the main process" in caplog.text
+    assert read_rows(tmp_path / "short") == read_rows(tmp_path / "inline")
+
+
+def test_workers_out_of_shared_memory_end_the_run_with_one_line(tmp_path, tiny_model, monkeypatch):
+    """Before, the failure happened in the worker queue's feeder thread and the run waited forever."""
+    def no_space(nbytes):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: "
+                           "No space left on device (28)")
+
+    monkeypatch.setattr(loader, "shared_storage", no_space)  # forked workers inherit it
+    folder = _photos(tmp_path / "in", 4)
+    with pytest.raises(Mv2batchError, match="ran out of shared memory in /dev/shm") as raised:
+        classify(folder, tmp_path / "out", tiny_model, batch_size=2, workers=1)
+    assert "\n" not in str(raised.value)
+    assert not list((tmp_path / "out" / "predictions").glob("*.parquet"))  # nothing half-written is kept
