@@ -41,9 +41,10 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("model", Optional[str], None, _option("Hub id or local folder (default: the task's Apple checkpoint).")),
     ("revision", Optional[str], None, _option("Hub revision: branch, tag or commit.")),
     ("device", str, "auto", _option("auto, cpu, cuda, cuda:N or mps.")),
-    ("dtype", Dtype, Dtype.auto, _option("Model precision (auto = fp32, exact).")),
+    ("dtype", Dtype, Dtype.auto, _option("Model precision (auto = fp32, exact; IEEE float32 on CUDA, no TF32).")),
     ("batch_size", int, 32, _option("Images per forward pass.")),
-    ("workers", Optional[int], None, _option("DataLoader worker processes (default: from device and cores).")),
+    ("workers", Optional[int], None, _option("DataLoader worker processes (default: on the CPU half the cores, "
+                                             "at most 4; on a GPU all of this process's cores but one).")),
     ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),
     ("speedups", Optional[bool], None, _option("Also fold BatchNorm, fuse convolutions, channels-last: faster, "
                                                "but rounds differently from transformers (default: exact "
