@@ -346,8 +346,6 @@ def compiled(args: argparse.Namespace, device: Any) -> None:
 
 
 def main() -> None:
-    import torch
-
     from mv2batch.device import pick_device
     from mv2batch.errors import ConfigError
 
@@ -390,7 +388,6 @@ def main() -> None:
     if "compile" in parts:
         compiled(args, device)
     print(summary(), flush=True)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def summary() -> str:
