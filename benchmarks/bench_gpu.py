@@ -45,24 +45,6 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def placed_model(folder: str, task: str, device: Any, dtype: Any, speedups: bool | None = None,
-                 channels_last: bool | None = None, compile: bool = False) -> Any:
-    """The checkpoint rewritten and cast as mv2batch.run places it (channels_last: override the choice)."""
-    import torch
-
-    from mv2batch import models
-    from mv2batch.speed import choose_speedups, optimize_for_inference
-
-    module = models.load_weights(Path(folder), task, folder)
-    chosen = choose_speedups(speedups, device, dtype, compile)
-    if chosen is not None:
-        module = optimize_for_inference(module, device, dtype, channels_last=channels_last, speedups=chosen,
-                                        compile=compile)
-    else:
-        module = module.to(device=device, dtype=dtype)
-    return torch.compile(module) if compile else module
-
-
 def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: float, speedups: bool | None = None,
                 channels_last: bool | None = None, compile: bool = False, cudnn_benchmark: bool = False,
                 photos: Path | None = None) -> dict:
@@ -70,18 +52,18 @@ def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: 
     back to back and the device synchronised at the end: the compute limit."""
     import torch
 
-    from mv2batch.device import PixelStage, float32_math, pick_dtype
+    from mv2batch.device import float32_math
 
+    spec = {"model": folder, "task": "classify", "images": str(photos), "device": str(device), "dtype": dtype_name,
+            "speedups": speedups, "channels_last": channels_last, "compile": compile}
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    _, _, preprocessing = common.task_preprocessing({"model": folder, "task": "classify"})
-    uint8 = common.ready_pixels({"images": str(photos)}, preprocessing, 64)
+    _, _, preprocessing = common.task_preprocessing(spec)
+    uint8 = common.ready_pixels(spec, preprocessing, 64)
     uint8 = uint8.repeat((batch + len(uint8) - 1) // len(uint8), 1, 1, 1)[:batch]
-    dtype = pick_dtype(dtype_name, device)
     placed = time.perf_counter()
-    module = placed_model(folder, "classify", device, dtype, speedups, channels_last, compile)
-    layout = channels_last if channels_last is not None else bool(
-        getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False))
-    pixels = PixelStage(preprocessing.norm, device, dtype, channels_last=layout)(uint8)
+    module, dtype = common.placed_model(spec, Path(folder))
+    stage = common.pixel_stage(spec, module, preprocessing, dtype)
+    pixels = stage(uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), float32_math(device, dtype):  # fp32 in IEEE float32, as mv2batch.run computes it
@@ -101,59 +83,33 @@ def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: 
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     torch.backends.cudnn.benchmark = False
     return {"images_per_s": batch * iterations / elapsed, "iterations": iterations, "ready_s": first_s,
-            "peak_gpu_gib": peak, "channels_last": layout}
+            "peak_gpu_gib": peak, "channels_last": stage.channels_last}
 
 
-def end_to_end(folder: str, task: str, images: Path, device: Any, dtype_name: str, batch: int, workers: int | None,
-               speedups: bool | None = None, compile: bool = False, limit: int | None = None) -> dict:
-    """mv2batch.run over the folder, as a user runs it; the rate counts from the first batch's rows on."""
-    import mv2batch
-    from mv2batch.config import RunConfig
-    from mv2batch.runner import ProgressUpdate
+def _timed(measure: Callable[[dict, common.Clock], dict], spec: dict) -> dict:
+    """One of common's measurements, run here: its rate from the first batch on, its wall and start-up time."""
+    clock = common.Clock(time.time())
+    result = measure(spec, clock)
+    wall = clock.now()
+    return {**result, "images_per_s": common.steady_rate(clock.marks, result["images"], wall), "wall_s": wall,
+            "ready_s": clock.ready_s}
 
+
+def end_to_end(folder: str, task: str, images: Path, device: Any, dtype_name: str, batch: int,
+               workers: int | None) -> dict:
+    """mv2batch.run over the folder, as a user runs it (common.mv2batch_run)."""
     out = common.CACHE / f"gpu-out-{task}"
     shutil.rmtree(out, ignore_errors=True)
-    config = RunConfig(task=task, source="folder", input=images, out=out, model=folder, device=str(device),
-                       dtype=dtype_name, batch_size=batch, workers=workers, overwrite=True, speedups=speedups,
-                       compile=compile, limit=limit)
-    marks: list[tuple[float, int]] = []
-    ready: list[float] = []
-    started = time.time()
-
-    def progress(update: ProgressUpdate) -> None:
-        if update.done == 0 and not ready:
-            ready.append(time.time() - started)
-        elif update.done:
-            marks.append((time.time() - started, update.done))
-
-    report = mv2batch.run(config, progress)
-    wall = time.time() - started
-    return {"images_per_s": common.steady_rate(marks, report.ran_now, wall), "images": report.ran_now,
-            "errors": report.n_errors, "wall_s": wall, "ready_s": ready[0] if ready else None, "out": str(out)}
+    return _timed(common.mv2batch_run, {"task": task, "images": str(images), "out": str(out), "model": folder,
+                                        "device": str(device), "dtype": dtype_name, "batch_size": batch,
+                                        "workers": workers})
 
 
 def loader_alone(folder: str, images: Path, device: Any, batch: int, workers: int) -> dict:
-    """mv2batch's loader (decode, EXIF, RGB, resize, crop in workers; pinned) and the pixel stage on the device."""
-    import torch
-
-    from mv2batch.device import PixelStage
-    from mv2batch.loader import ImageDataset, make_loader
-    from mv2batch.sources import FolderSource
-
-    _, task, preprocessing = common.task_preprocessing({"model": folder, "task": "classify"})
-    source = FolderSource.open(images)
-    dataset = ImageDataset(source.read, preprocessing.resize_crop)
-    batches = task.batches(range(len(source)), source.read, preprocessing.resize_crop, batch)
-    stage = PixelStage(preprocessing.norm, device, torch.float32)
-    started = time.time()
-    marks = []
-    for loaded in make_loader(dataset, iter(batches), workers, device.type == "cuda"):
-        for _, pixels in loaded.groups:
-            stage(pixels)
-        sync(device)
-        marks.append((time.time() - started, (marks[-1][1] if marks else 0) + len(loaded.samples)))
-    wall = time.time() - started
-    return {"images_per_s": common.steady_rate(marks, marks[-1][1], wall), "images": marks[-1][1], "wall_s": wall}
+    """mv2batch's loader and the pixel stage on the device (common.input_limit): the input limit."""
+    return _timed(common.input_limit, {"task": "classify", "images": str(images), "model": folder,
+                                       "device": str(device), "dtype": "fp32", "batch_size": batch,
+                                       "workers": workers})
 
 
 def pipeline_run(folder: str, task: str, images: Path, device: Any, batch: int, count: int) -> dict:

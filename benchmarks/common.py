@@ -243,8 +243,9 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
 
     out = Path(spec["out"])
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
-                       device="cpu", dtype=spec["dtype"], batch_size=spec["batch_size"], workers=spec["workers"],
-                       preprocess=spec.get("preprocess"), overwrite=True, speedups=spec.get("speedups"))
+                       device=spec.get("device", "cpu"), dtype=spec["dtype"], batch_size=spec["batch_size"],
+                       workers=spec["workers"], preprocess=spec.get("preprocess"), overwrite=True,
+                       speedups=spec.get("speedups"), compile=spec.get("compile", False))
     applied = _observe_speedups()
 
     def progress(update: ProgressUpdate) -> None:
@@ -254,7 +255,7 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
             clock.mark(update.done)
 
     report = mv2batch.run(config, progress)
-    return {"images": report.ran_now, "out": str(out), **applied}
+    return {"images": report.ran_now, "errors": report.n_errors, "out": str(out), **applied}
 
 
 def _observe_speedups() -> dict:
@@ -302,8 +303,15 @@ def ready_pixels(spec: dict, preprocessing: Any, count: int) -> Any:
     return torch.from_numpy(np.stack([a for a in arrays if a.shape == commonest][:count]))
 
 
-def _placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
-    """(module, dtype): the checkpoint rewritten and cast as mv2batch.run does on the CPU."""
+def spec_device(spec: dict) -> Any:
+    import torch
+
+    return torch.device(spec.get("device", "cpu"))
+
+
+def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
+    """(module, dtype): the checkpoint rewritten, cast and placed as mv2batch.run does on spec's device (default
+    the CPU); spec["channels_last"] overrides the layout chosen, spec["compile"] compiles as --compile does."""
     import torch
 
     from mv2batch import models
@@ -311,22 +319,25 @@ def _placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
     from mv2batch.device import pick_dtype
     from mv2batch.speed import choose_speedups, optimize_for_inference
 
-    device, dtype = torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu"))
+    device = spec_device(spec)
+    dtype, compile = pick_dtype(spec["dtype"], device), spec.get("compile", False)
     module = models.load_weights(folder, spec["task"], spec["model"])
-    chosen = choose_speedups(spec.get("speedups"), device, dtype)  # as mv2batch.run chooses
-    if chosen is not None:
+    chosen = choose_speedups(spec.get("speedups"), device, dtype, compile)  # as mv2batch.run chooses
+    if chosen is None:
+        return module.to(device=device, dtype=dtype), dtype  # transformers' model as a transformers user runs it
+    if device.type == "cpu":
         keep_freed_memory()  # as mv2batch.run does on the CPU
-        return optimize_for_inference(module, device, dtype, speedups=chosen), dtype
-    return module.to(dtype), dtype  # transformers' model as a transformers user runs it
+    module = optimize_for_inference(module, device, dtype, channels_last=spec.get("channels_last"), speedups=chosen,
+                                    compile=compile)
+    return (torch.compile(module) if compile else module), dtype
 
 
-def _pixel_stage(module: Any, preprocessing: Any, dtype: Any) -> Any:
-    import torch
-
+def pixel_stage(spec: dict, module: Any, preprocessing: Any, dtype: Any) -> Any:
+    """The pixel stage feeding module on spec's device, in the layout the module was placed in."""
     from mv2batch.device import PixelStage
 
     channels_last = getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False)
-    return PixelStage(preprocessing.norm, torch.device("cpu"), dtype, channels_last)
+    return PixelStage(preprocessing.norm, spec_device(spec), dtype, channels_last)
 
 
 def model_alone(spec: dict, clock: Clock) -> dict:
@@ -341,8 +352,8 @@ def model_alone(spec: dict, clock: Clock) -> dict:
         return model_alone_over_shapes(spec, clock)
     folder, _, preprocessing = task_preprocessing(spec)
     uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
-    module, dtype = _placed_model(spec, folder)
-    pixels = _pixel_stage(module, preprocessing, dtype)(uint8)
+    module, dtype = placed_model(spec, folder)
+    pixels = pixel_stage(spec, module, preprocessing, dtype)(uint8)
     clock.ready()
     done = 0
     with torch.inference_mode():
@@ -366,8 +377,8 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     from mv2batch.speed import micro_batch_images, one_ahead, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
-    module, dtype = _placed_model(spec, folder)
-    stage = _pixel_stage(module, preprocessing, dtype)
+    module, dtype = placed_model(spec, folder)
+    stage = pixel_stage(spec, module, preprocessing, dtype)
     arrays = [np.array(preprocessing.resize_crop(decode_image(p.read_bytes()).image))  # writable, for torch
               for p in source_photos(Path(spec["images"]))[: spec["count"]]]
     batches = []
@@ -394,7 +405,8 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
 
 
 def input_limit(spec: dict, clock: Clock) -> dict:
-    """mv2batch's loader alone (decode, EXIF, RGB, resize, crop in workers; pixel stage here): the input limit."""
+    """mv2batch's loader alone (decode, EXIF, RGB, resize, crop in workers; pinned for a GPU; the pixel stage on
+    spec's device): the input limit."""
     import torch
 
     from mv2batch.device import PixelStage, pick_dtype
@@ -405,12 +417,16 @@ def input_limit(spec: dict, clock: Clock) -> dict:
     source = FolderSource.open(spec["images"])
     dataset = ImageDataset(source.read, preprocessing.resize_crop)
     batches = task.batches(range(len(source)), source.read, preprocessing.resize_crop, spec["batch_size"])
-    stage = PixelStage(preprocessing.norm, torch.device("cpu"), pick_dtype(spec["dtype"], torch.device("cpu")), True)
+    device = spec_device(spec)
+    # The layout of the model that pixel stage feeds: channels-last on the CPU (the all set), NCHW elsewhere.
+    stage = PixelStage(preprocessing.norm, device, pick_dtype(spec["dtype"], device), device.type == "cpu")
     clock.ready()
     done = 0
-    for batch in make_loader(dataset, iter(batches), spec["workers"], False):
+    for batch in make_loader(dataset, iter(batches), spec["workers"], device.type == "cuda"):
         for _, pixels in batch.groups:
             stage(pixels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         done += len(batch.samples)
         clock.mark(done)
     return {"images": done}
