@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mv2batch.device import PixelStage, rescale
+from mv2batch import device as device_stage
+from mv2batch.device import PixelStage, rescale, rescale_by_lookup
 from mv2batch.preprocess import (FULL_RESIZE_MAX_PIXELS, PixelNorm, ResizeCrop, hf_preprocessing,
                                  paper_preprocessing)
 
@@ -55,6 +56,24 @@ def test_rescale_matches_numpy_float64_route_for_every_uint8_value():
     for factor in (1 / 255, 1 / 127.5, 0.0039):
         expected = (np.arange(256, dtype=np.float64) * factor).astype(np.float32)
         assert np.array_equal(rescale(values, factor).numpy(), expected), factor
+        assert np.array_equal(rescale_by_lookup(values, factor).numpy(), expected), factor
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rescale_by_lookup_keeps_the_layout(channels_last):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(memory_format=layout)
+    out = rescale_by_lookup(pixels, 1 / 255)
+    assert out.is_contiguous(memory_format=layout) and torch.equal(out, rescale(pixels, 1 / 255))
+
+
+def test_rescale_looks_values_up_off_the_cpu(monkeypatch):
+    """Off the CPU (CUDA's division by a scalar is a multiplication by its float32 reciprocal) the stage must not
+    divide: checked on the meta device, where no kernel runs."""
+    looked_up = []
+    monkeypatch.setattr(device_stage, "rescale_by_lookup", lambda x, factor: looked_up.append(factor) or x.float())
+    rescale(torch.zeros((1, 3, 2, 2), dtype=torch.uint8, device="meta"), 1 / 255)
+    assert looked_up == [1 / 255]
 
 
 def test_bgr_flip_and_nchw_layout():
