@@ -42,7 +42,8 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("revision", Optional[str], None, _option("Hub revision: branch, tag or commit.")),
     ("device", str, "auto", _option("auto, cpu, cuda, cuda:N or mps.")),
     ("dtype", Dtype, Dtype.auto, _option("Model precision (auto = fp32, exact; IEEE float32 on CUDA, no TF32).")),
-    ("batch_size", int, 32, _option("Images per forward pass.")),
+    ("batch_size", Optional[int], None, _option("Images per forward pass (default: 32; classification on a GPU: "
+                                                "256, or 128 / 64 where less memory is free).")),
     ("workers", Optional[int], None, _option("DataLoader worker processes (default: on the CPU half the cores, "
                                              "at most 4; on a GPU all of this process's cores but one).")),
     ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),

@@ -52,7 +52,7 @@ class RunConfig:
     revision: str | None = None
     device: str = "auto"
     dtype: Dtype = Dtype.auto
-    batch_size: int = 32
+    batch_size: int | None = None  # None: runner.default_batch_size (32; more for classification on a GPU)
     workers: int | None = None  # None: chosen from the device and the cores
     compile: bool = False
     # mv2batch.speed's rewrites (speed.speedups_mode). None: the exact ones for fp32, whose promise is

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-from conftest import classify, real_photos
+from conftest import classify, read_rows, real_photos
 from mv2batch import device as device_module
 from mv2batch.device import float32_math
-from mv2batch.runner import MAX_GPU_WORKERS, default_workers
+from mv2batch.errors import Mv2batchError
+from mv2batch.runner import MAX_GPU_WORKERS, default_batch_size, default_workers
 
 CUDA = torch.device("cuda")
 
@@ -89,3 +91,62 @@ def test_cpu_workers_leave_the_cores_to_the_model(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert default_workers("cpu", {}) == 4
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("task, where, dtype, width, free_gib, expected", [
+    ("classify", "cuda", torch.float32, 1.0, 70, 256),    # an H100 / H200: 256 fills it (measured +20-28 %)
+    ("classify", "cuda", torch.float32, 2.0, 8, 64),      # 46 MiB per image: 128 would take 5.8 of 8 GiB
+    ("classify", "cuda", torch.bfloat16, 2.0, 8, 128),    # half the bytes per image
+    ("classify", "cuda", torch.float32, 2.0, 1, 32),      # nothing larger fits: the usual 32
+    ("segment", "cuda", torch.float32, 1.0, 70, 32),      # whole photos, grouped by shape
+    ("classify", "cpu", torch.float32, 1.0, 70, 32),      # micro-batches whatever the batch
+])
+def test_default_batch_size_fills_a_gpu_within_half_its_free_memory(monkeypatch, task, where, dtype, width,
+                                                                    free_gib, expected):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * GIB, 80 * GIB))
+    assert default_batch_size(task, torch.device(where), dtype, width, 256 * 256) == expected
+
+
+def test_run_json_records_the_batch_size_chosen(tmp_path, tiny_model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    real_photos(1)[0].save(folder / "0.png")
+    classify(folder, tmp_path / "out", tiny_model)  # no batch size given
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["options"]["batch_size"] == 32
+
+
+def test_a_device_out_of_memory_ends_the_run_with_one_line_and_keeps_finished_shards(tmp_path, tiny_model,
+                                                                                     monkeypatch):
+    from mv2batch import runner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(6)):
+        photo.save(folder / f"{i}.png")
+    classify(folder, tmp_path / "clean", tiny_model, batch_size=2, shard_size=2)
+    place = runner._place_model
+
+    def placed_then_full(*args):
+        module = place(*args)
+        forward, calls = module.forward, []
+
+        def full_on_the_third_batch(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(*a, **k)
+
+        module.forward = full_on_the_third_batch
+        return module
+
+    monkeypatch.setattr(runner, "_place_model", placed_then_full)
+    with pytest.raises(Mv2batchError, match="ran out of memory at --batch-size 2: lower --batch-size") as raised:
+        classify(folder, tmp_path / "out", tiny_model, batch_size=2, shard_size=2)
+    assert "\n" not in str(raised.value)
+    monkeypatch.setattr(runner, "_place_model", place)
+    report = classify(folder, tmp_path / "out", tiny_model, batch_size=2, shard_size=2, resume=True)
+    assert report.ran_now == 2  # the two shards finished before the failure were kept
+    assert read_rows(tmp_path / "out") == read_rows(tmp_path / "clean")
