@@ -95,7 +95,7 @@ def _timed(measure: Callable[[dict, common.Clock], dict], spec: dict) -> dict:
             "ready_s": clock.ready_s}
 
 
-def end_to_end(folder: str, task: str, images: Path, device: Any, dtype_name: str, batch: int,
+def end_to_end(folder: str, task: str, images: Path, device: Any, dtype_name: str, batch: int | None,
                workers: int | None) -> dict:
     """mv2batch.run over the folder, as a user runs it (common.mv2batch_run)."""
     out = common.CACHE / f"gpu-out-{task}"
@@ -301,6 +301,75 @@ def compiled(args: argparse.Namespace, device: Any) -> None:
                width=1.0, dtype=dtype, batch=args.batch_size, compile=True)
 
 
+def batch_sizes(args: argparse.Namespace, device: Any, images: Path) -> None:
+    """Width 1.0 end to end at mv2batch's default --batch-size 32 against 256 (which fills the device), and how
+    much of mv2batch's fp32 distance to transformers is cuDNN choosing other kernels for other batch sizes."""
+    folder, _ = common.checkpoint(None, "classify", args.images, width=1.0)
+    outs = {}
+    for dtype, _ in [(dtype, round) for round in range(args.rounds) for dtype in ("fp32", "bf16")]:
+        for batch in (32, 256, None):  # None: mv2batch's default for this device
+            result = record("mv2batch.run", args, lambda: end_to_end(folder, "classify", images, device, dtype,
+                                                                     batch, args.workers),
+                            width=1.0, dtype=dtype, batch=batch or "default", workers=args.workers or "default")
+            if dtype == "fp32" and batch and batch not in outs and result and "out" in result:
+                outs[batch] = read_topk(result["out"])
+            if result and "out" in result:
+                result["batch_chosen"] = json.loads((Path(result["out"]) / "run.json").read_text())["options"][
+                    "batch_size"]
+                print(f"  batch size in run.json: {result['batch_chosen']}", flush=True)
+    record("agreement by batch size", args, lambda: _batch_agreements(folder, images, device, args.agreement_n, outs),
+           width=1.0)
+
+
+def _batch_agreements(folder: str, images: Path, device: Any, count: int, outs: dict) -> dict:
+    references = {batch: transformers_topk(folder, images, device, count, batch=batch) for batch in (32, 256)}
+    found = {}
+    for theirs, reference in references.items():
+        for mine, got in outs.items():
+            max_diff, top1, top5 = agreement(got, reference)
+            found[f"mv2batch fp32 batch {mine} vs transformers fp32 batch {theirs}"] = {
+                "max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
+    max_diff, top1, top5 = agreement(references[256], references[32])
+    found["transformers fp32 batch 256 vs batch 32"] = {"max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
+    return {"photos": count, "pairs": found}
+
+
+def segment_model_alone(folder: str, photos: Path, device: Any, dtype_name: str, count: int) -> dict:
+    """The segmentation model on ready tensors, each photo at its own shape, batched as mv2batch.run batches
+    them (common.model_alone_over_shapes), the device synchronised before the clock stops: the compute limit
+    of a whole-photo run."""
+    spec = {"model": folder, "task": "segment", "images": str(photos), "device": str(device), "dtype": dtype_name,
+            "batch_size": 32, "count": count}
+    clock = common.Clock(time.time())
+    result = common.model_alone_over_shapes(spec, clock)
+    sync(device)
+    seconds = clock.now() - clock.ready_s
+    return {**result, "images_per_s": result["images"] / seconds, "timed_s": seconds}
+
+
+def segment_limits(args: argparse.Namespace, device: Any) -> None:
+    """Whole-photo segmentation: end to end per dtype against the model alone over the same shapes and the
+    loader alone, to see which one bounds it."""
+    from mv2batch.runner import default_workers
+
+    folder, _ = common.checkpoint(None, "segment", args.images, width=1.0)
+    photos = common.image_folder(args.images, args.segment_n)
+    for dtype in ("fp32", "bf16"):
+        # Twice: the first pass meets each shape for the first time in this process (cuDNN picks and builds its
+        # kernels per shape and dtype), the second finds them built.
+        for passes in ("first", "second"):
+            record("model alone segment", args,
+                   lambda: segment_model_alone(folder, photos, device, dtype, args.segment_n),
+                   width=1.0, dtype=dtype, batch=32, protocol="whole photo, short side 512", shapes_seen=passes)
+        record("mv2batch.run segment", args, lambda: end_to_end(folder, "segment", photos, device, dtype, 32, None),
+               width=1.0, dtype=dtype, batch=32, protocol="whole photo, short side 512")
+    record("loader alone segment", args,
+           lambda: _timed(common.input_limit, {"task": "segment", "images": str(photos), "model": folder,
+                                               "device": str(device), "dtype": "fp32", "batch_size": 32,
+                                               "workers": default_workers(device.type)}),
+           width=1.0, batch=32, protocol="whole photo, short side 512")
+
+
 def main() -> None:
     from mv2batch.device import pick_device
     from mv2batch.errors import ConfigError
@@ -320,7 +389,9 @@ def main() -> None:
     parser.add_argument("--agreement-n", type=int, default=256)
     parser.add_argument("--segment-n", type=int, default=600)
     parser.add_argument("--segment-pipeline-n", type=int, default=100)
-    parser.add_argument("--parts", default="widths,studies,segment,compile")
+    parser.add_argument("--parts", default="widths,studies,segment,compile",
+                        help="any of widths, studies, segment, compile, batch-sizes, segment-limits")
+    parser.add_argument("--rounds", type=int, default=1, help="end-to-end rounds of the batch-sizes part")
     parser.add_argument("--budget-s", type=float, default=0, help="start no measurement after this many seconds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -343,6 +414,10 @@ def main() -> None:
         segmentation(args, device)
     if "compile" in parts:
         compiled(args, device)
+    if "batch-sizes" in parts:
+        batch_sizes(args, device, images)
+    if "segment-limits" in parts:
+        segment_limits(args, device)
     print(summary(), flush=True)
 
 
@@ -350,7 +425,7 @@ def summary() -> str:
     rows = []
     for r in RESULTS:
         what = ", ".join(f"{k}={r[k]}" for k in ("width", "dtype", "batch", "workers", "speedups", "channels_last",
-                                                  "cudnn_benchmark", "compile", "protocol") if k in r)
+                                                  "cudnn_benchmark", "compile", "protocol", "shapes_seen") if k in r)
         rate = f"{r['images_per_s']:.0f}" if "images_per_s" in r else r.get("error", "")[:60]
         extra = r.get("pairs") or {k: r[k] for k in ("wall_s", "ready_s", "peak_gpu_gib", "processor") if k in r}
         rows.append([r["name"], what, rate, json.dumps(extra, default=lambda v: round(v, 4))[:160]])

@@ -348,6 +348,8 @@ def model_alone(spec: dict, clock: Clock) -> dict:
     """
     import torch
 
+    from mv2batch.device import float32_math
+
     if spec.get("own_shapes"):
         return model_alone_over_shapes(spec, clock)
     folder, _, preprocessing = task_preprocessing(spec)
@@ -356,7 +358,7 @@ def model_alone(spec: dict, clock: Clock) -> dict:
     pixels = pixel_stage(spec, module, preprocessing, dtype)(uint8)
     clock.ready()
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_math(spec_device(spec), dtype):  # as mv2batch.run computes (CUDA fp32)
         while done < spec["count"]:
             module(pixel_values=pixels).logits.float()
             done += len(pixels)
@@ -373,6 +375,7 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     import torch
 
     from mv2batch.decode import decode_image
+    from mv2batch.device import float32_math
     from mv2batch.loader import grouped_batches
     from mv2batch.speed import micro_batch_images, one_ahead, start_in_streams
 
@@ -394,7 +397,7 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     run = lambda pixels: module(pixel_values=pixels).logits.float()
     clock.ready()
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), float32_math(spec_device(spec), dtype):  # as mv2batch.run computes (CUDA fp32)
         started = ((start_in_streams(module, run, parts), sum(len(p) for p in parts)) for parts in batches)
         for results, images in one_ahead(module, started):
             results()
