@@ -6,7 +6,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError
 from .preprocess import PixelNorm
@@ -139,3 +139,23 @@ def _rescale_table(factor: float, device: Any) -> Any:
     import torch
 
     return (torch.arange(256, dtype=torch.float64) * factor).to(torch.float32).to(device)
+
+def to_host_later(tensors: list) -> Callable[[], list]:
+    """Start copying device tensors to the host and return at once; calling the result waits for the copies and
+    gives the host tensors. On CUDA the copies go behind the work already queued, so that the next batch can be
+    queued before this one's results are read; on the CPU there is nothing to copy or wait for."""
+    import torch
+
+    if not tensors or tensors[0].device.type == "cpu":
+        return lambda: tensors
+    if tensors[0].device.type != "cuda":
+        return lambda: [t.cpu() for t in tensors]  # copied (and waited for) when asked
+    host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host
+
+    return wait

@@ -309,7 +309,7 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
     if ctx.progress:
         ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
     with torch.inference_mode():
-        for state, batch, results in one_ahead(ctx.model, _started_batches(ctx, loader, states)):
+        for state, batch, results in one_ahead(ctx.model, _started_batches(ctx, loader, states), _queued(ctx)):
             yield state, _batch_rows(ctx, state, batch, results)
             if ctx.progress:
                 ctx.progress(ProgressUpdate(ctx.done, ctx.total, ctx.errors))
@@ -443,14 +443,24 @@ def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], li
         size = micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) or len(positions)
         parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
 
-    def infer(part: tuple[list[int], Any]) -> list[dict]:
+    queued = _queued(ctx)
+
+    def infer(part: tuple[list[int], Any]) -> Any:
         positions, pixels = part
-        return ctx.task.infer(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
+        outputs = ctx.task.start(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
+        return outputs if queued else outputs()
 
     computed = time.perf_counter()
     results = start_in_streams(ctx.model, infer, parts)
     state.compute_s += time.perf_counter() - computed
+    if queued:  # the GPU's work is only queued: wait for it when the results are asked for
+        return lambda: list(zip((positions for positions, _ in parts), (outputs() for outputs in results())))
     return lambda: list(zip((positions for positions, _ in parts), results()))
+
+
+def _queued(ctx: Context) -> bool:
+    """Whether a batch's work is queued on the device and read back later (CUDA), or done when started."""
+    return ctx.device.type == "cuda"
 
 
 def _row(ctx: Context, state: ShardState, sample: Any, output: dict | None) -> dict:

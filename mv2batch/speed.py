@@ -297,13 +297,14 @@ def start_in_streams(module: Any, function: Callable, items: list) -> Callable[[
     return _start_on(getattr(module, "mv2batch_streams", None), function, items)
 
 
-def one_ahead(module: Any, started: Iterable[T]) -> Iterator[T]:
-    """Pass on started work in order, each piece only once the next one has been started where the module's
-    streams compute in the background: no stream then idles while the slowest finishes a piece. Without
-    streams a started piece is already done and is passed on at once, so that its results (and a progress
-    update) are not held back a piece.
+def one_ahead(module: Any, started: Iterable[T], queued: bool = False) -> Iterator[T]:
+    """Pass on started work in order, each piece only once the next one has been started where the work goes on
+    in the background: on the module's parallel streams (no stream then idles while the slowest finishes a
+    piece), or queued on a GPU (queued=True: the GPU computes the next batch while this one's results are read
+    and written). Otherwise a started piece is already done and is passed on at once, so that its results (and
+    a progress update) are not held back a piece.
     """
-    ahead = getattr(module, "mv2batch_streams", None) is not None
+    ahead = queued or getattr(module, "mv2batch_streams", None) is not None
     pending: list[T] = []
     for piece in started:
         pending.append(piece)

@@ -12,7 +12,8 @@ from .decode import decode_image, probe_size
 from .errors import ConfigError
 from .loader import consecutive_batches, grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
-from .postprocess import class_histogram, confusion_cells, softmax_topk, upsample_argmax
+from .device import to_host_later
+from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
 from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
 
 
@@ -44,9 +45,18 @@ class ClassifyTask:
         return consecutive_batches(indices, size)
 
     def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
-        ids, scores = softmax_topk(model(pixel_values=pixels).logits, self.top_k)
-        return [{"topk_ids": i, "topk_scores": s, "topk_labels": [self._label(c) for c in i]}
-                for i, s in zip(ids.tolist(), scores.tolist())]
+        return self.start(model, pixels, samples)()
+
+    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
+        """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
+        ready = to_host_later(list(topk_on_device(model(pixel_values=pixels).logits, self.top_k)))
+
+        def outputs() -> list[dict]:
+            ids, scores = ready()
+            return [{"topk_ids": i, "topk_scores": s, "topk_labels": [self._label(c) for c in i]}
+                    for i, s in zip(ids.tolist(), scores.tolist())]
+
+        return outputs
 
     def _label(self, class_id: int) -> str:
         return self.labels[class_id] if class_id < len(self.labels) else str(class_id)
@@ -130,14 +140,35 @@ class SegmentTask:
         return grouped_batches(indices, shape_of, size)
 
     def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
+        return self.start(model, pixels, samples)()
+
+    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
+        """Queue the model, the masks and their counts on the device; the result waits for them and gives one
+        dict per image. Nothing here reads from the device, so a GPU can be given the next batch first."""
         logits = model(pixel_values=pixels).logits
-        outputs = []
+        classes = logits.shape[1]
+        masks, counts, confusions = [], [], []
         for one, sample in zip(logits, samples):
-            mask = upsample_argmax(one, sample.height, sample.width)
-            classes, pixel_counts = class_histogram(mask, one.shape[0])
-            confusion = confusion_cells(mask, sample.target, one.shape[0]) if sample.target is not None else None
-            outputs.append({"mask": mask.cpu().numpy(), "classes": classes, "class_pixels": pixel_counts,
-                            "confusion": confusion})
+            masks.append(upsample_argmax(one, sample.height, sample.width))
+            counts.append(class_counts(masks[-1], classes))
+            if sample.target is not None:
+                confusions.append(confusion_counts(masks[-1], sample.target, classes))
+        ready = to_host_later(masks + counts + confusions)
+
+        def outputs() -> list[dict]:
+            host = ready()
+            n = len(samples)
+            found = iter(host[2 * n :])
+            results = []
+            for mask, pixel_counts, sample in zip(host[:n], host[n : 2 * n], samples):
+                present, pixels_of = present_counts(pixel_counts)
+                confusion = dict(zip(*present_counts(next(found)))) if sample.target is not None else None
+                # The host copy of a GPU mask is pinned memory, too scarce to wait in the writer's queue.
+                array = mask.numpy().copy() if mask.is_pinned() else mask.numpy()
+                results.append({"mask": array, "classes": present, "class_pixels": pixels_of,
+                                "confusion": confusion})
+            return results
+
         return outputs
 
     def row(self, sample: Any, output: dict | None) -> dict:

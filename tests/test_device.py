@@ -60,10 +60,10 @@ def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch
         yield
         entered.append("closed")
 
-    infer = ClassifyTask.infer
+    start = ClassifyTask.start
     monkeypatch.setattr(device_module, "float32_math", spy)
-    monkeypatch.setattr(ClassifyTask, "infer",
-                        lambda self, *args: inside_calls.append(entered[-1]) or infer(self, *args))
+    monkeypatch.setattr(ClassifyTask, "start",
+                        lambda self, *args: inside_calls.append(entered[-1]) or start(self, *args))
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(5)):
