@@ -238,20 +238,20 @@ def classify_width(args: argparse.Namespace, device: Any, width: float, images: 
 
 def _agreements(folder: str, images: Path, device: Any, count: int, outs: dict, piped: dict | None) -> dict:
     reference = transformers_topk(folder, images, device, count)
-    found = {}
-    for dtype, got in outs.items():
-        max_diff, top1, top5 = agreement(got, reference)
-        found[f"mv2batch {dtype} vs transformers fp32 (IEEE)"] = {"max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
+    found = {f"mv2batch {dtype} vs transformers fp32 (IEEE)": _agreement(got, reference) for dtype, got in outs.items()}
     default_math = transformers_topk(folder, images, device, count, ieee=False)
-    max_diff, top1, top5 = agreement(default_math, reference)
-    found["transformers fp32, PyTorch's default math (TF32 convolutions on CUDA) vs IEEE"] = {
-        "max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
+    found["transformers fp32, PyTorch's default math (TF32 convolutions on CUDA) vs IEEE"] = _agreement(default_math,
+                                                                                                       reference)
     if piped and piped.get("topk"):
         shared = {name: piped["topk"][name] for name in reference if name in piped["topk"]}
-        max_diff, top1, top5 = agreement(shared, {name: reference[name] for name in shared})
-        found["pipeline (its default processor and math) vs transformers fp32"] = {"max_abs_prob_diff": max_diff, "top1": top1,
-                                                                  "top5": top5}
+        found["pipeline (its default processor and math) vs transformers fp32"] = _agreement(
+            shared, {name: reference[name] for name in shared})
     return {"photos": len(reference), "pairs": found}
+
+
+def _agreement(got: dict, reference: dict) -> dict:
+    max_diff, top1, top5 = agreement(got, reference)
+    return {"max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
 
 
 def width_one_studies(args: argparse.Namespace, device: Any, images: Path) -> None:
@@ -323,14 +323,9 @@ def batch_sizes(args: argparse.Namespace, device: Any, images: Path) -> None:
 
 def _batch_agreements(folder: str, images: Path, device: Any, count: int, outs: dict) -> dict:
     references = {batch: transformers_topk(folder, images, device, count, batch=batch) for batch in (32, 256)}
-    found = {}
-    for theirs, reference in references.items():
-        for mine, got in outs.items():
-            max_diff, top1, top5 = agreement(got, reference)
-            found[f"mv2batch fp32 batch {mine} vs transformers fp32 batch {theirs}"] = {
-                "max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
-    max_diff, top1, top5 = agreement(references[256], references[32])
-    found["transformers fp32 batch 256 vs batch 32"] = {"max_abs_prob_diff": max_diff, "top1": top1, "top5": top5}
+    found = {f"mv2batch fp32 batch {mine} vs transformers fp32 batch {theirs}": _agreement(got, reference)
+             for theirs, reference in references.items() for mine, got in outs.items()}
+    found["transformers fp32 batch 256 vs batch 32"] = _agreement(references[256], references[32])
     return {"photos": count, "pairs": found}
 
 
