@@ -140,6 +140,7 @@ def _rescale_table(factor: float, device: Any) -> Any:
 
     return (torch.arange(256, dtype=torch.float64) * factor).to(torch.float32).to(device)
 
+
 def to_host_later(tensors: list) -> Callable[[], list]:
     """Start copying device tensors to the host and return at once; calling the result waits for the copies and
     gives the host tensors. On CUDA the copies go behind the work already queued, so that the next batch can be

@@ -105,4 +105,3 @@ def _count(indices: Any, bins: int) -> Any:
 
     ones = torch.ones(1, dtype=torch.int64, device=indices.device).expand(indices.shape[0])
     return torch.zeros(bins, dtype=torch.int64, device=indices.device).index_add_(0, indices, ones)
-

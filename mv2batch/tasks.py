@@ -9,10 +9,10 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from .decode import decode_image, probe_size
+from .device import to_host_later
 from .errors import ConfigError
 from .loader import consecutive_batches, grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
-from .device import to_host_later
 from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
 from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
 
@@ -43,9 +43,6 @@ class ClassifyTask:
 
     def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
         return consecutive_batches(indices, size)
-
-    def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
-        return self.start(model, pixels, samples)()
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
@@ -138,9 +135,6 @@ class SegmentTask:
             return _resized_shape(resize_crop, probed) if probed else None
 
         return grouped_batches(indices, shape_of, size)
-
-    def infer(self, model: Any, pixels: Any, samples: list[Any]) -> list[dict]:
-        return self.start(model, pixels, samples)()
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model, the masks and their counts on the device; the result waits for them and gives one
