@@ -152,14 +152,14 @@ class SegmentTask:
         def outputs() -> list[dict]:
             host = ready()
             n = len(samples)
-            found = iter(host[2 * n :])
+            host_confusions = iter(host[2 * n :])  # one per image with a target, in order
             results = []
-            for mask, pixel_counts, sample in zip(host[:n], host[n : 2 * n], samples):
-                present, pixels_of = present_counts(pixel_counts)
-                confusion = dict(zip(*present_counts(next(found)))) if sample.target is not None else None
+            for mask, mask_counts, sample in zip(host[:n], host[n : 2 * n], samples):
+                present, present_pixels = present_counts(mask_counts)
+                confusion = dict(zip(*present_counts(next(host_confusions)))) if sample.target is not None else None
                 # The host copy of a GPU mask is pinned memory, too scarce to wait in the writer's queue.
                 array = mask.numpy().copy() if mask.is_pinned() else mask.numpy()
-                results.append({"mask": array, "classes": present, "class_pixels": pixels_of,
+                results.append({"mask": array, "classes": present, "class_pixels": present_pixels,
                                 "confusion": confusion})
             return results
 

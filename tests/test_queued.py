@@ -46,8 +46,7 @@ def test_segment_start_gives_what_the_per_image_functions_give():
     logits = torch.randn(3, CLASSES, 8, 12, generator=generator)
     model = lambda pixel_values: SimpleNamespace(logits=logits)  # noqa: E731
     targets = [_mask_and_target(seed)[1] for seed in (2, 3)]
-    samples = [SimpleNamespace(height=37, width=53, target=targets[0]), SimpleNamespace(height=37, width=53, target=None),
-               SimpleNamespace(height=37, width=53, target=targets[1])]
+    samples = [SimpleNamespace(height=37, width=53, target=target) for target in (targets[0], None, targets[1])]
     outputs = SegmentTask([str(c) for c in range(CLASSES)]).start(model, None, samples)()
     for one, sample, output in zip(logits, samples, outputs):
         mask = upsample_argmax(one, 37, 53)
