@@ -59,11 +59,6 @@ def upsample_argmax(logits: Any, height: int, width: int, chunk_values: int = UP
     return best_class
 
 
-def class_histogram(mask: Any, num_classes: int) -> tuple[list[int], list[int]]:
-    """The classes present in a mask and their pixel counts."""
-    return present_counts(class_counts(mask, num_classes).cpu())
-
-
 def confusion_cells(mask: Any, target: Any, num_classes: int) -> dict[int, int]:
     """Pixels per (ground truth, prediction) pair, as {gt * num_classes + pred: count}; 255 and others ignored."""
     classes, counts = present_counts(confusion_counts(mask, target, num_classes).cpu())
