@@ -443,19 +443,15 @@ def _start_batch(ctx: Context, state: ShardState, batch: Any) -> Callable[[], li
         size = micro_batch_images(ctx.model, pixels.shape[1], pixels.shape[2]) or len(positions)
         parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
 
-    queued = _queued(ctx)
-
-    def infer(part: tuple[list[int], Any]) -> Any:
+    def infer(part: tuple[list[int], Any]) -> Callable[[], list[dict]]:
         positions, pixels = part
-        outputs = ctx.task.start(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
-        return outputs if queued else outputs()
+        return ctx.task.start(ctx.model, ctx.pixel_stage(pixels), [batch.samples[p] for p in positions])
 
     computed = time.perf_counter()
-    results = start_in_streams(ctx.model, infer, parts)
+    started = start_in_streams(ctx.model, infer, parts)
     state.compute_s += time.perf_counter() - computed
-    if queued:  # the GPU's work is only queued: wait for it when the results are asked for
-        return lambda: list(zip((positions for positions, _ in parts), (outputs() for outputs in results())))
-    return lambda: list(zip((positions for positions, _ in parts), results()))
+    # Each part's outputs are read when asked for: on a GPU that waits for its queued work.
+    return lambda: list(zip((positions for positions, _ in parts), (outputs() for outputs in started())))
 
 
 def _queued(ctx: Context) -> bool:
