@@ -134,9 +134,9 @@ def main() -> None:
 
 
 def _spec(args: argparse.Namespace, model: str, images: Path, **extra) -> dict:
-    workers = args.workers if args.workers is not None else common.default_workers()
+    # workers None: mv2batch's choice, which depends on the mode (decoding between passes or beside them)
     return {"task": "classify", "model": model, "images": str(images), "batch_size": args.batch_size,
-            "workers": workers, **extra}
+            "workers": args.workers, **extra}
 
 
 # The end-to-end runs and their model-alone counterparts: (dtype, RunConfig.speedups) -> label.
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, model: str, how: str) -> None:
             alone[key] = common.mean_of([before, after], f"{ALONE[key]} (mean of {before.steady:.1f} before, "
                                                          f"{after.steady:.1f} after)")
     alone.update({key: alone_run(key) for key in ALONE if key not in alone})
-    loader = child("input", "input alone (decode + preprocess)", "fp32", spec(dtype="fp32"))
+    loader = child("input", "input alone (decode + preprocess), one worker", "fp32", spec(dtype="fp32", workers=1))
     exact = child("precision", "precision on the first photos", "fp32", spec())
     report(args, how, pipe, others, e2e, alone, loader, exact)
 

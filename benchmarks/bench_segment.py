@@ -94,9 +94,9 @@ def main() -> None:
     model, how = common.checkpoint(args.model, "segment", args.images)
     print(f"{common.machine()}\n{how}", flush=True)
     folder = common.image_folder(args.images, args.n)
-    workers = args.workers if args.workers is not None else common.default_workers()
+    # workers None: mv2batch's choice, which depends on the mode (decoding between passes or beside them)
     spec = lambda **extra: {"task": "segment", "model": model, "images": str(folder), "batch_size": args.batch_size,
-                            "workers": workers, **extra}
+                            "workers": args.workers, **extra}
     child = lambda name, label, dtype, s: common.run_child(SCRIPT, name, label, dtype, s, args.wait_idle)
     print(f"{args.n} images from {args.images}, batch {args.batch_size}", flush=True)
     pipe = child("pipeline", f"transformers.pipeline (batch {args.batch_size})", "fp32", spec())
@@ -114,7 +114,8 @@ def main() -> None:
         # the end-to-end runs, each at its own resized shape, batched as mv2batch.run batches them.
         alone[key] = child("model", f"model alone, {label}, {PROTOCOLS[protocol]}", dtype, spec(
             dtype=dtype, count=args.model_images, preprocess=protocol, speedups=speedups, own_shapes=True))
-    loader = child("input", "input alone (decode + preprocess), whole photo", "fp32", spec(dtype="fp32"))
+    loader = child("input", "input alone (decode + preprocess), whole photo, one worker", "fp32",
+                   spec(dtype="fp32", workers=1))
     masks = str(common.CACHE / "segment-reference.npz")
     child("reference", "reference masks (transformers fp32)", "fp32", spec(masks=masks))
     report(args, how, folder, pipe, e2e, alone, loader, masks)

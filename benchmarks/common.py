@@ -269,7 +269,8 @@ def _observe_speedups() -> dict:
         ctx = prepare(*args, **kwargs)
         speedups = getattr(ctx.model, "mv2batch_speedups", None)
         seen.update(speedups=speedups.describe() if speedups else None,
-                    channels_last_pixels=ctx.pixel_stage.channels_last)
+                    channels_last_pixels=ctx.pixel_stage.channels_last, workers=runner._workers(ctx),
+                    decode_between_passes=runner.decode_between_passes(ctx.device, ctx.model))
         return ctx
 
     runner._prepare = observed
@@ -435,13 +436,6 @@ def input_limit(spec: dict, clock: Clock) -> dict:
     return {"images": done}
 
 
-def default_workers() -> int:
-    """The number of loader workers mv2batch picks for a CPU run on this machine."""
-    from mv2batch.runner import default_workers as runners_choice
-
-    return runners_choice("cpu")
-
-
 SHARED_MEASUREMENTS = {"mv2batch": mv2batch_run, "model": model_alone, "input": input_limit}
 
 
@@ -487,7 +481,8 @@ def applied(results: list[Result]) -> str:
         speedups = result.data.get("speedups")
         what = ", ".join(f"{k}={v}" for k, v in speedups.items()) if speedups else "none"
         lines.append(f"- {result.name} ({result.dtype}): {what}; channels-last pixels: "
-                     f"{result.data.get('channels_last_pixels')}")
+                     f"{result.data.get('channels_last_pixels')}; loader workers: {result.data.get('workers')}, "
+                     f"decoding between passes: {result.data.get('decode_between_passes')}")
     return "Speed-ups the runner applied:\n" + "\n".join(lines)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -53,17 +56,50 @@ class Batch:
         return self
 
 
+class DecodeGate:
+    """Lets loader workers start an image only while the model is not computing (runner: decode_between_passes).
+
+    One OpenMP team on every core of a CPU waits at each layer's barrier for its slowest thread: a worker that
+    takes a core for a few milliseconds stalls the whole team, so its decoding costs the model about twice its
+    own CPU time. Decoding between passes, on all cores at once, costs only its own.
+
+    A worker checks the gate before each image (one it has started finishes); `paused()` reopens it however
+    the pass ends. A waiting worker looks every second whether the process that made the gate still lives.
+    """
+
+    def __init__(self):
+        self._open = multiprocessing.Event()
+        self._open.set()
+        self._owner = os.getpid()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def wait(self) -> None:
+        while not self._open.wait(1.0):
+            if os.getppid() != self._owner:
+                return  # orphaned: the worker's own loop notices and exits
+
+
 class ImageDataset:
     """Map-style dataset over a record reader; __getitem__ runs in a worker and never raises for bad images."""
 
     def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 reduce_labels: bool = False):
+                 reduce_labels: bool = False, gate: DecodeGate | None = None):
         self.read = read
         self.transform = transform
         self.max_pixels = max_pixels
         self.reduce_labels = reduce_labels
+        self.gate = gate
 
     def __getitem__(self, index: int) -> Sample:
+        if self.gate is not None:
+            self.gate.wait()
         record = self.read(index)
         try:
             decoded = decode_image(record.raw, self.max_pixels)

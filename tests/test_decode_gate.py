@@ -1,0 +1,122 @@
+"""Decoding between forward passes on the CPU: workers start no image while one OpenMP team runs the model."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import classify, read_rows, real_photos
+from mv2batch import loader, runner
+from mv2batch.loader import DecodeGate
+from mv2batch.runner import decode_between_passes, default_workers
+from mv2batch.speed import Speedups, optimize_for_inference
+
+PASS_S = 0.15  # each forward pass is stretched to this, so that a worker left free would decode during it
+
+
+def _passes_once_open(gate: DecodeGate, passed: "multiprocessing.Value") -> None:
+    gate.wait()
+    passed.value = time.monotonic()
+
+
+def test_a_paused_gate_holds_a_worker_until_the_pass_ends():
+    gate = DecodeGate()
+    passed = multiprocessing.Value("d", 0.0)
+    with gate.paused():
+        worker = multiprocessing.Process(target=_passes_once_open, args=(gate, passed))
+        worker.start()
+        time.sleep(0.3)
+        assert passed.value == 0.0
+        reopened = time.monotonic()
+    worker.join(5)
+    assert reopened <= passed.value < reopened + 2  # waited, and went on once the pass ended
+
+
+def test_a_pass_that_fails_reopens_the_gate():
+    gate = DecodeGate()
+    with pytest.raises(RuntimeError):
+        with gate.paused():
+            raise RuntimeError("the model failed")
+    started = time.monotonic()
+    gate.wait()
+    assert time.monotonic() - started < 0.5
+
+
+def test_only_one_multi_threaded_team_on_the_cpu_decodes_between_passes(tiny_model, monkeypatch):
+    from transformers import MobileViTV2ForImageClassification
+
+    def placed(speedups: Speedups) -> torch.nn.Module:
+        module = MobileViTV2ForImageClassification.from_pretrained(str(tiny_model))
+        return optimize_for_inference(module, "cpu", torch.float32, speedups=speedups)
+
+    one_team, streams = placed(Speedups(streams=1)), placed(Speedups(streams=2))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert decode_between_passes(torch.device("cpu"), one_team)
+    assert not decode_between_passes(torch.device("cpu"), streams)
+    assert not decode_between_passes(torch.device("cuda"), one_team)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not decode_between_passes(torch.device("cpu"), one_team)
+
+
+def test_workers_that_decode_between_passes_take_every_core(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers("cpu", {}, decode_between_passes=True) == 2
+    assert default_workers("cpu", {}) == 1
+
+
+@pytest.fixture
+def timed_run(tmp_path, monkeypatch):
+    """Runs mv2batch with each forward pass stretched to PASS_S; returns the passes' (start, end) times and
+    the times at which workers began decoding an image (monotonic clock, the same in every process)."""
+    decode_log = tmp_path / "decodes.log"
+    passes: list[tuple[float, float]] = []
+    decode, start_batch = loader.decode_image, runner._start_batch
+
+    def logged_decode(*args, **kwargs):
+        with open(decode_log, "a") as log:  # a forked worker inherits this function
+            log.write(f"{time.monotonic()}\n")
+        return decode(*args, **kwargs)
+
+    def stretched_pass(*args, **kwargs):
+        begun = time.monotonic()
+        results = start_batch(*args, **kwargs)
+        time.sleep(PASS_S)
+        passes.append((begun, time.monotonic()))
+        return results
+
+    monkeypatch.setattr(loader, "decode_image", logged_decode)
+    monkeypatch.setattr(runner, "_start_batch", stretched_pass)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # one team of two threads, on any machine
+
+    def run(folder: Path, out: Path, model: Path) -> tuple[list, list[float]]:
+        passes.clear()
+        decode_log.unlink(missing_ok=True)
+        classify(folder, out, model, batch_size=2, workers=2)
+        return list(passes), [float(line) for line in decode_log.read_text().split()]
+
+    return run
+
+
+def _most_decodes_begun_in_one_pass(passes: list, decodes: list[float]) -> int:
+    return max(sum(begun < t < ended for t in decodes) for begun, ended in passes)
+
+
+def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, timed_run, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(16)):
+        photo.save(folder / f"{i}.jpg")
+    passes, decodes = timed_run(folder, tmp_path / "gated", tiny_model)
+    assert len(passes) == 8 and len(decodes) == 16
+    # A worker that had just passed the gate when the pass began may finish that one image.
+    assert _most_decodes_begun_in_one_pass(passes, decodes) <= 2
+    # Workers left beside the model decode ahead during the passes: the check above can fail.
+    monkeypatch.setattr(runner, "decode_between_passes", lambda device, model: False)
+    passes, decodes = timed_run(folder, tmp_path / "free", tiny_model)
+    assert _most_decodes_begun_in_one_pass(passes, decodes) > 2
+    assert read_rows(tmp_path / "gated") == read_rows(tmp_path / "free")
