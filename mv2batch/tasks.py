@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,11 +15,6 @@ from .loader import consecutive_batches, grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
 from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
 from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
-
-
-# Threads that turn a batch's masks into PNG bytes (and files). Pillow's filters and zlib release the GIL; one
-# thread encodes about 300 masks of 512x683 a second, fewer than a GPU segments.
-MASK_ENCODERS = 4
 
 
 class ClassifyTask:
@@ -200,26 +193,14 @@ class SegmentTask:
         return {}, per_class
 
     def prepare_columns(self, columns: dict[str, list]) -> None:
-        """In the writer thread: masks to PNG bytes, and the optional mask / overlay files, a batch's masks on
-        several threads (see MASK_ENCODERS)."""
-        masks = columns["mask_png"]
-        positions = [position for position, mask in enumerate(masks) if mask is not None]
-        prepare = lambda position: self._prepare_mask(columns["id"][position], columns["_index"][position],  # noqa: E731
-                                                      masks[position])
-        threads = min(MASK_ENCODERS, os.cpu_count() or 1, len(positions))
-        if threads > 1:
-            with ThreadPoolExecutor(threads, thread_name_prefix="mv2batch-masks") as pool:
-                encoded = list(pool.map(prepare, positions))
-        else:
-            encoded = [prepare(position) for position in positions]
-        for position, png in zip(positions, encoded):
-            masks[position] = png
-
-    def _prepare_mask(self, item_id: str, index: int, mask: Any) -> bytes:
+        """In the writer thread: masks to PNG bytes, and the optional mask / overlay files."""
         from .masks import encode_png
 
-        self._save_files(item_id, index, mask)
-        return encode_png(mask)
+        for position, mask in enumerate(columns["mask_png"]):
+            if mask is None:
+                continue
+            self._save_files(columns["id"][position], columns["_index"][position], mask)
+            columns["mask_png"][position] = encode_png(mask)
 
     def _save_files(self, item_id: str, index: int, mask: Any) -> None:
         from .masks import mask_file_name, save_overlay, save_palette_png

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -228,31 +227,3 @@ def test_streams_run_the_shape_groups_of_a_batch_side_by_side_with_the_same_mask
         assert np.array_equal(decode_png(one["mask_png"]), decode_png(batched["mask_png"])), one["id"]
     shapes = {0: "a", 1: "b", 2: "a", 3: None, 4: "b", 5: "a"}
     assert grouped_batches(range(6), shapes.get, 4) == [[0, 2, 5, 1], [4, 3]]
-
-
-def test_a_batchs_masks_are_encoded_on_several_threads_in_order(monkeypatch):
-    import threading
-    import time
-
-    from mv2batch import masks as mask_module
-    from mv2batch.tasks import SegmentTask
-
-    encode, threads = mask_module.encode_png, set()
-
-    def slow_encode(mask):
-        threads.add(threading.get_ident())
-        time.sleep(0.01)  # as long as a real photo's mask takes, so that the pool's threads share the batch
-        return encode(mask)
-
-    monkeypatch.setattr(mask_module, "encode_png", slow_encode)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    generator = np.random.default_rng(0)
-    masks = [generator.integers(0, 21, (37 + i, 53), dtype=np.uint8) for i in range(12)]
-    masks[3] = None  # an image that failed has no mask
-    columns = {"id": [f"{i}.jpg" for i in range(12)], "_index": list(range(12)), "mask_png": list(masks)}
-    SegmentTask([str(c) for c in range(21)]).prepare_columns(columns)
-    assert len(threads) > 1
-    assert columns["mask_png"][3] is None
-    for mask, png in zip(masks, columns["mask_png"]):
-        if mask is not None:
-            assert np.array_equal(decode_png(png), mask)
