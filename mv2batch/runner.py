@@ -166,15 +166,25 @@ def _workers(ctx: Context) -> int:
 def decode_between_passes(device: Any, model: Any) -> bool:
     """Whether loader workers should decode only between forward passes (loader.DecodeGate).
 
-    So on the CPU when one OpenMP team of several threads runs each pass (the exact set, --no-speedups,
-    --compile): measured on 2 cores, the exact set ran at 90 % of the model alone this way against 86 %
-    with a worker beside the team. Parallel single-threaded streams (the all set) are not stalled by a busy
+    So on a CPU of at most DECODE_GAPS_MAX_CORES cores when one OpenMP team of several threads runs each pass
+    (the exact set, --no-speedups, --compile). Measured on 2 cores: the exact set at 90 % of the model alone this
+    way against 86 % with a worker beside the team. On a 16-core machine it did not pay (69-82 images/s against
+    81-106 with workers beside a 16-thread team: its threads wait for each other on small micro-batches anyway,
+    and the workers use those moments). Parallel single-threaded streams (the all set) are not stalled by a busy
     core, and a GPU computes while the host decodes.
     """
     import torch
 
     team = getattr(model, "mv2batch_streams", None) is None and torch.get_num_threads() > 1
-    return device.type == "cpu" and team
+    return device.type == "cpu" and team and _cores() <= DECODE_GAPS_MAX_CORES
+
+
+DECODE_GAPS_MAX_CORES = 4  # measured at 2 (pays) and 16 (does not); between the two, a judgment
+
+
+def _cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # A bound on memory, not a measured optimum: each worker keeps its prefetched batches (50 MB each at batch 256) in
@@ -190,7 +200,7 @@ def default_workers(device_type: str, environ: dict | None = None, decode_betwee
     an H200), so every core but one of this process's share: the CPUs it may run on, divided among the
     processes that torchrun or Slurm start on this host, unless its affinity already gives it only its own.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if device_type == "cpu":
         return max(1, min(4, cores if decode_between_passes else cores // 2))
     if cores >= (os.cpu_count() or cores):

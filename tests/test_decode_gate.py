@@ -55,11 +55,16 @@ def test_only_one_multi_threaded_team_on_the_cpu_decodes_between_passes(tiny_mod
         return optimize_for_inference(module, "cpu", torch.float32, speedups=speedups)
 
     one_team, streams = placed(Speedups(streams=1)), placed(Speedups(streams=2))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert decode_between_passes(torch.device("cpu"), one_team)
     assert not decode_between_passes(torch.device("cpu"), streams)
     assert not decode_between_passes(torch.device("cuda"), one_team)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not decode_between_passes(torch.device("cpu"), one_team)
+    # Many cores: the team's threads wait on each other anyway, and workers beside it use those moments.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert not decode_between_passes(torch.device("cpu"), one_team)
 
 
@@ -91,7 +96,8 @@ def timed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "decode_image", logged_decode)
     monkeypatch.setattr(runner, "_start_batch", stretched_pass)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # one team of two threads, on any machine
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # one team of two threads on two cores, on any machine
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
 
     def run(folder: Path, out: Path, model: Path) -> tuple[list, list[float]]:
         passes.clear()
