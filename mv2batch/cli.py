@@ -45,7 +45,8 @@ RUN_OPTIONS: list[tuple[str, Any, Any, Any]] = [
     ("batch_size", Optional[int], None, _option("Images per forward pass (default: 32; classification on a GPU: "
                                                 "256, or 128 / 64 where less memory is free).")),
     ("workers", Optional[int], None, _option("DataLoader worker processes (default: on the CPU half the cores, "
-                                             "at most 4; on a GPU all of this process's cores but one).")),
+                                             "at most 4, or one per core decoding between forward passes on "
+                                             "up to 4 cores; on a GPU all of this process's cores but one).")),
     ("compile", bool, False, _option("torch.compile the model.", "--compile/--no-compile")),
     ("speedups", Optional[bool], None, _option("Also fold BatchNorm, fuse convolutions, channels-last: faster, "
                                                "but rounds differently from transformers (default: exact "

@@ -75,7 +75,14 @@ def test_workers_that_decode_between_passes_take_every_core(monkeypatch):
 
 
 @pytest.fixture
-def timed_run(tmp_path, monkeypatch):
+def two_core_team(monkeypatch):
+    """One OpenMP team of two threads on a 2-core CPU, whatever this machine has."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+
+@pytest.fixture
+def timed_run(tmp_path, monkeypatch, two_core_team):
     """Runs mv2batch with each forward pass stretched to PASS_S; returns the passes' (start, end) times and
     the times at which workers began decoding an image (monotonic clock, the same in every process)."""
     decode_log = tmp_path / "decodes.log"
@@ -96,8 +103,6 @@ def timed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "decode_image", logged_decode)
     monkeypatch.setattr(runner, "_start_batch", stretched_pass)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # one team of two threads on two cores, on any machine
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
 
     def run(folder: Path, out: Path, model: Path) -> tuple[list, list[float]]:
         passes.clear()
@@ -126,3 +131,17 @@ def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, t
     passes, decodes = timed_run(folder, tmp_path / "free", tiny_model)
     assert _most_decodes_begun_in_one_pass(passes, decodes) > 2
     assert read_rows(tmp_path / "gated") == read_rows(tmp_path / "free")
+
+
+def test_too_few_workers_for_the_team_decode_beside_it(tmp_path, tiny_model, two_core_team, monkeypatch):
+    """--workers 1 on 2 cores: decoding between passes would leave a core idle then, so the worker runs free."""
+    made = []
+    monkeypatch.setattr(runner, "DecodeGate", lambda: made.append(1) or DecodeGate())
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, photo in enumerate(real_photos(4)):
+        photo.save(folder / f"{i}.jpg")
+    classify(folder, tmp_path / "one", tiny_model, batch_size=2, workers=1)
+    assert made == []
+    classify(folder, tmp_path / "two", tiny_model, batch_size=2, workers=2)
+    assert made == [1]
