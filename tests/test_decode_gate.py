@@ -17,6 +17,7 @@ from mv2batch.runner import decode_between_passes, default_workers
 from mv2batch.speed import Speedups, optimize_for_inference
 
 PASS_S = 0.15  # each forward pass is stretched to this, so that a worker left free would decode during it
+BATCH = 4  # more images than workers: a free worker decodes more than one image per pass
 
 
 def _passes_once_open(gate: DecodeGate, passed: "multiprocessing.Value") -> None:
@@ -107,7 +108,7 @@ def timed_run(tmp_path, monkeypatch, two_core_team):
     def run(folder: Path, out: Path, model: Path) -> tuple[list, list[float]]:
         passes.clear()
         decode_log.unlink(missing_ok=True)
-        classify(folder, out, model, batch_size=2, workers=2)
+        classify(folder, out, model, batch_size=BATCH, workers=2)
         return list(passes), [float(line) for line in decode_log.read_text().split()]
 
     return run
@@ -120,13 +121,14 @@ def _most_decodes_begun_in_one_pass(passes: list, decodes: list[float]) -> int:
 def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, timed_run, monkeypatch):
     folder = tmp_path / "in"
     folder.mkdir()
-    for i, photo in enumerate(real_photos(16)):
+    for i, photo in enumerate(real_photos(48)):
         photo.save(folder / f"{i}.jpg")
     passes, decodes = timed_run(folder, tmp_path / "gated", tiny_model)
-    assert len(passes) == 8 and len(decodes) == 16
+    assert len(passes) == 12 and len(decodes) == 48
     # A worker that had just passed the gate when the pass began may finish that one image.
     assert _most_decodes_begun_in_one_pass(passes, decodes) <= 2
-    # Workers left beside the model decode ahead during the passes: the check above can fail.
+    # Workers left beside the model fill their prefetch (2 workers x 4 batches) while the first passes run, and
+    # refill a whole batch during a pass that takes one from them: the check above can fail.
     monkeypatch.setattr(runner, "decode_between_passes", lambda device, model: False)
     passes, decodes = timed_run(folder, tmp_path / "free", tiny_model)
     assert _most_decodes_begun_in_one_pass(passes, decodes) > 2
