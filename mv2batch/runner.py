@@ -160,7 +160,7 @@ def _place_model(module: Any, device: Any, dtype: Any, config: RunConfig) -> Any
 def _workers(ctx: Context) -> int:
     if ctx.config.workers is not None:
         return ctx.config.workers
-    return default_workers(ctx.device.type, decode_between_passes=decode_between_passes(ctx.device, ctx.model))
+    return default_workers(ctx.device.type, between_passes=decode_between_passes(ctx.device, ctx.model))
 
 
 def decode_between_passes(device: Any, model: Any) -> bool:
@@ -192,9 +192,10 @@ def _cores() -> int:
 MAX_GPU_WORKERS = 32
 
 
-def default_workers(device_type: str, environ: dict | None = None, decode_between_passes: bool = False) -> int:
+def default_workers(device_type: str, environ: dict | None = None, between_passes: bool = False) -> int:
     """Loader workers for one process. On the CPU the model needs the cores too: half of them, at most 4;
-    every core, at most 4, where the workers decode only between passes (they never compete with the model).
+    every core, at most 4, where the workers decode only between passes (between_passes: they never compete
+    with the model).
 
     On a GPU the input is the limit (decoding ~240 photos/s per worker against 9,000 images/s of bf16 model on
     an H200), so every core but one of this process's share: the CPUs it may run on, divided among the
@@ -202,7 +203,7 @@ def default_workers(device_type: str, environ: dict | None = None, decode_betwee
     """
     cores = _cores()
     if device_type == "cpu":
-        return max(1, min(4, cores if decode_between_passes else cores // 2))
+        return max(1, min(4, cores if between_passes else cores // 2))
     if cores >= (os.cpu_count() or cores):
         cores //= _processes_on_this_host(os.environ if environ is None else environ)
     return max(1, min(MAX_GPU_WORKERS, cores - 1))

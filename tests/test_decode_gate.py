@@ -71,7 +71,7 @@ def test_only_one_multi_threaded_team_on_the_cpu_decodes_between_passes(tiny_mod
 
 def test_workers_that_decode_between_passes_take_every_core(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert default_workers("cpu", {}, decode_between_passes=True) == 2
+    assert default_workers("cpu", {}, between_passes=True) == 2
     assert default_workers("cpu", {}) == 1
 
 
