@@ -419,11 +419,12 @@ def input_limit(spec: dict, clock: Clock) -> dict:
 
     _, task, preprocessing = task_preprocessing(spec)
     source = FolderSource.open(spec["images"])
-    dataset = ImageDataset(source.read, preprocessing.resize_crop)
-    batches = task.batches(range(len(source)), source.read, preprocessing.resize_crop, spec["batch_size"])
     device = spec_device(spec)
+    host_pixels, norm = preprocessing.stages(flip_on_host=device.type == "cpu")  # as mv2batch.run splits them
+    dataset = ImageDataset(source.read, host_pixels)
+    batches = task.batches(range(len(source)), source.read, preprocessing.resize_crop, spec["batch_size"])
     # The layout of the model that pixel stage feeds: channels-last on the CPU (the all set), NCHW elsewhere.
-    stage = PixelStage(preprocessing.norm, device, pick_dtype(spec["dtype"], device), device.type == "cpu")
+    stage = PixelStage(norm, device, pick_dtype(spec["dtype"], device), device.type == "cpu")
     clock.ready()
     done = 0
     for batch in make_loader(dataset, iter(batches), spec["workers"], device.type == "cuda"):

@@ -108,7 +108,7 @@ class ImageDataset:
         sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None)
         try:
             sample.target = self._target(record.target, decoded) if record.target else None
-            sample.pixels = np.ascontiguousarray(self.transform(decoded.image))
+            sample.pixels = self.transform(decoded.image)  # a crop's view: collate copies it into the batch
         except TargetError as exc:
             sample.error = str(exc)
         except Exception as exc:  # a resize that Pillow refuses is one bad image, not a failed run

@@ -47,6 +47,7 @@ class Context:
     device: Any = None
     model: Any = None
     pixel_stage: Any = None
+    host_pixels: Any = None  # the workers' part of the preprocessing (preprocess.HostPixels)
     progress: ProgressCallback | None = None
     done: int = 0
     errors: int = 0
@@ -123,10 +124,10 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     ctx = Context(config, source, rundir, run_info, preprocessing, rank, task=task, device=device,
                   progress=progress)
     ctx.model = _place_model(module, device, dtype, config)
+    ctx.host_pixels, device_norm = preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
     speedups = getattr(ctx.model, "mv2batch_speedups", None)
-    ctx.pixel_stage = PixelStage(preprocessing.norm, device, dtype,
-                                 channels_last=bool(speedups and speedups.channels_last))
+    ctx.pixel_stage = PixelStage(device_norm, device, dtype, channels_last=bool(speedups and speedups.channels_last))
     return ctx
 
 
@@ -331,7 +332,7 @@ def _predict(ctx: Context, shards: list[tuple[int, Sequence[int]]], read: Callab
 
     workers = _workers(ctx)
     gate = _decode_gate(ctx, workers)
-    dataset = ImageDataset(read, ctx.preprocessing.resize_crop, ctx.config.max_pixels,
+    dataset = ImageDataset(read, ctx.host_pixels, ctx.config.max_pixels,
                            reduce_labels=ctx.config.source is SourceKind.ade20k, gate=gate)
     loader = make_loader(dataset, _index_batches(ctx, shards, read), workers, ctx.device.type == "cuda",
                          batch_bytes=_typical_batch_bytes(ctx))

@@ -42,6 +42,24 @@ def test_pixels_are_bit_identical_to_the_image_processor(resample, edge_crop):
         assert torch.equal(_ours(processor, image), expected), (width, height)
 
 
+@pytest.mark.parametrize("flip_on_host", [False, True])
+@pytest.mark.parametrize("flip_channels", [True, False])
+def test_pixels_are_the_image_processors_whichever_stage_flips_the_channels(flip_on_host, flip_channels):
+    """The BGR flip runs in the workers (the CPU) or on the device (a GPU): the same pixels either way."""
+    from transformers import MobileViTImageProcessorPil
+
+    processor = MobileViTImageProcessorPil(size={"shortest_edge": 72}, crop_size={"height": 64, "width": 64},
+                                           do_flip_channel_order=flip_channels)
+    host, norm = hf_preprocessing(processor).stages(flip_on_host)
+    assert (host.bgr, norm.flip_bgr) == (flip_on_host and flip_channels, flip_channels and not flip_on_host)
+    rng = np.random.default_rng(4)
+    for width, height in SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = processor(images=image, return_tensors="pt")["pixel_values"]
+        pixels = torch.from_numpy(np.stack([host(image)]))
+        assert torch.equal(PixelStage(norm, torch.device("cpu"), torch.float32)(pixels), expected), (width, height)
+
+
 def test_crop_larger_than_resized_image_is_zero_padded_like_transformers():
     processor = _processor(32, 48, Image.BILINEAR)
     image = Image.new("RGB", (40, 32), (255, 128, 0))
