@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import classify, read_rows, real_photos
 from mv2batch import loader
@@ -52,3 +55,30 @@ def test_workers_out_of_shared_memory_end_the_run_with_one_line(tmp_path, tiny_m
         classify(folder, tmp_path / "out", tiny_model, batch_size=2, workers=1)
     assert "\n" not in str(raised.value)
     assert not list((tmp_path / "out" / "predictions").glob("*.parquet"))  # nothing half-written is kept
+
+
+class _Numbered:
+    """Each image is filled with its index: a pixel read from a refilled buffer shows the wrong number."""
+
+    def __getitem__(self, index: int) -> loader.Sample:
+        return loader.Sample(index, np.full((16, 24, 3), index % 251, np.uint8), 24, 16, None, None, None)
+
+
+def test_workers_reuse_their_shared_buffers_and_never_refill_one_still_read(monkeypatch):
+    made = multiprocessing.Value("i", 0)
+    fresh = loader.shared_storage
+
+    def counted(nbytes):
+        with made.get_lock():
+            made.value += 1
+        return fresh(nbytes)
+
+    monkeypatch.setattr(loader, "shared_storage", counted)  # forked workers inherit it
+    index_batches = [list(range(start, start + 4)) for start in range(0, 240, 4)]
+    held = list(loader.make_loader(_Numbered(), iter(index_batches), workers=2, pin_memory=False))
+    assert len(held) == 60
+    for batch in held:  # every batch kept until the end: any buffer refilled under it would show
+        [(positions, pixels)] = batch.groups
+        expected = torch.tensor([batch.samples[p].index % 251 for p in positions], dtype=torch.uint8)
+        assert torch.equal(pixels, expected[:, None, None, None].expand(-1, 16, 24, 3))
+    assert made.value <= 2 * (loader.PREFETCH + 2)  # 60 batches from a handful of buffers
