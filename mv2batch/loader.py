@@ -291,8 +291,9 @@ def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: in
     if workers > 0 and batch_bytes:
         workers, prefetch = _fit_shared_memory(workers, batch_bytes)
     extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
-    # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out.
-    buffers = BufferPool(workers, keep=prefetch + 2) if workers > 0 else None
+    # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
+    # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
+    buffers = BufferPool(workers, keep=prefetch + 1) if workers > 0 else None
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=Collate(buffers),
                         pin_memory=pin_memory, **extra)
     return _reporting_shared_memory_errors(_giving_buffers_back(iter(loader), buffers))

@@ -81,4 +81,4 @@ def test_workers_reuse_their_shared_buffers_and_never_refill_one_still_read(monk
         [(positions, pixels)] = batch.groups
         expected = torch.tensor([batch.samples[p].index % 251 for p in positions], dtype=torch.uint8)
         assert torch.equal(pixels, expected[:, None, None, None].expand(-1, 16, 24, 3))
-    assert made.value <= 2 * (loader.PREFETCH + 2)  # 60 batches from a handful of buffers
+    assert made.value <= 2 * (loader.PREFETCH + 2)  # 60 batches from a handful of buffers per worker
