@@ -173,7 +173,7 @@ class Result:
 def mean_of(results: list[Result], name: str) -> Result:
     """One row for several runs of the same measurement: mean rate, wall and start-up; the highest peak RSS."""
     mean = lambda values: sum(values) / len(values)
-    data = {"images": results[0].images, "ready_s": mean([r.data.get("ready_s") or 0 for r in results]),
+    data = {**results[0].data, "ready_s": mean([r.data.get("ready_s") or 0 for r in results]),
             "peak_rss_mb": max(r.data["peak_rss_mb"] for r in results), "runs": [r.steady for r in results]}
     return Result(name, results[0].dtype, data, mean([r.wall_s for r in results]), mean([r.cpu_s for r in results]),
                   max(r.others_cpu_share for r in results), [n for r in results for n in r.notes],
