@@ -174,7 +174,7 @@ class Collate:
 ALIGN = 64  # bytes: each group of a batch starts on a cache line of the shared buffer
 
 
-def _stack(groups: list[list[np.ndarray]], buffers: "BufferPool | None") -> tuple[list[Any], tuple[int, int] | None]:
+def _stack(groups: list[list[np.ndarray]], buffers: "BufferPool | None") -> tuple[list[Any], tuple | None]:
     """Each group of uint8 arrays as one tensor; in a worker, stacked straight into the shared memory they
     will travel in (one buffer for the whole batch), and that buffer's (worker, id) where it is the pool's.
 
@@ -255,7 +255,8 @@ class BufferPool:
         that filled it. Pinned groups are copies already (the DataLoader's pinning thread made them)."""
         if batch.buffer is None:
             return
-        batch.groups = [(positions, pixels if pixels.is_pinned() else _copy(pixels)) for positions, pixels in batch.groups]
+        batch.groups = [(positions, pixels if pixels.is_pinned() else _copy(pixels))
+                        for positions, pixels in batch.groups]
         worker, buffer_id = batch.buffer
         batch.buffer = None
         self.returns[worker].put(buffer_id)
