@@ -58,10 +58,12 @@ def test_workers_out_of_shared_memory_end_the_run_with_one_line(tmp_path, tiny_m
 
 
 class _Numbered:
-    """Each image is filled with its index: a pixel read from a refilled buffer shows the wrong number."""
+    """Each image is filled with its index: a pixel read from a refilled buffer, or from another group's place
+    in it, shows the wrong number. Odd and even images differ in shape: two groups per batch."""
 
     def __getitem__(self, index: int) -> loader.Sample:
-        return loader.Sample(index, np.full((16, 24, 3), index % 251, np.uint8), 24, 16, None, None, None)
+        height, width = (16, 24) if index % 2 else (24, 16)
+        return loader.Sample(index, np.full((height, width, 3), index % 251, np.uint8), width, height, None, None, None)
 
 
 def test_workers_reuse_their_shared_buffers_and_never_refill_one_still_read(monkeypatch):
@@ -78,7 +80,8 @@ def test_workers_reuse_their_shared_buffers_and_never_refill_one_still_read(monk
     held = list(loader.make_loader(_Numbered(), iter(index_batches), workers=2, pin_memory=False))
     assert len(held) == 60
     for batch in held:  # every batch kept until the end: any buffer refilled under it would show
-        [(positions, pixels)] = batch.groups
-        expected = torch.tensor([batch.samples[p].index % 251 for p in positions], dtype=torch.uint8)
-        assert torch.equal(pixels, expected[:, None, None, None].expand(-1, 16, 24, 3))
+        assert len(batch.groups) == 2
+        for positions, pixels in batch.groups:
+            expected = torch.tensor([batch.samples[p].index % 251 for p in positions], dtype=torch.uint8)
+            assert torch.equal(pixels, expected[:, None, None, None].expand(pixels.shape))
     assert made.value <= 2 * (loader.PREFETCH + 2)  # 60 batches from a handful of buffers per worker
