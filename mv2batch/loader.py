@@ -176,7 +176,7 @@ ALIGN = 64  # bytes: each group of a batch starts on a cache line of the shared 
 
 def _stack(groups: list[list[np.ndarray]], buffers: "BufferPool | None") -> tuple[list[Any], tuple | None]:
     """Each group of uint8 arrays as one tensor; in a worker, stacked straight into the shared memory they
-    will travel in (one buffer for the whole batch), and that buffer's (worker, id) where it is the pool's.
+    will travel in (one of the pool's buffers for the whole batch), with that buffer's (worker, id).
 
     Allocating it here matters when shared memory runs out: the DataLoader hands an error raised here to the
     main process, whereas a failure to share the batch later, in the worker queue's feeder thread, is only
@@ -186,23 +186,20 @@ def _stack(groups: list[list[np.ndarray]], buffers: "BufferPool | None") -> tupl
     from torch.utils.data import get_worker_info
 
     worker = get_worker_info()
-    if worker is None or not groups:
+    if worker is None or buffers is None or not groups:
         return [torch.from_numpy(np.stack(arrays)) for arrays in groups], None
     shapes = [(len(arrays), *arrays[0].shape) for arrays in groups]
     offsets, end = [], 0
     for shape in shapes:
         offsets.append(end)
         end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
-    if buffers is not None:
-        buffer_id, storage = buffers.take(worker.id, end)
-    else:
-        buffer_id, storage = None, shared_storage(end)
+    buffer_id, storage = buffers.take(worker.id, end)
     stacked = []
     for arrays, shape, offset in zip(groups, shapes, offsets):
         tensor = torch.empty(0, dtype=torch.uint8).set_(storage, offset, shape)
         np.stack(arrays, out=tensor.numpy())
         stacked.append(tensor)
-    return stacked, (worker.id, buffer_id) if buffer_id is not None else None
+    return stacked, (worker.id, buffer_id)
 
 
 def shared_storage(nbytes: int) -> Any:
