@@ -8,6 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -161,16 +162,6 @@ def collate(samples: list[Sample], buffers: "BufferPool | None" = None) -> Batch
     return Batch(samples=samples, groups=list(zip(positions, stacked)), buffer=buffer)
 
 
-@dataclass(frozen=True)
-class Collate:
-    """collate with the loader's buffer pool: a class, not a closure, so that spawned workers can unpickle it."""
-
-    buffers: "BufferPool | None" = None
-
-    def __call__(self, samples: list[Sample]) -> Batch:
-        return collate(samples, self.buffers)
-
-
 ALIGN = 64  # bytes: each group of a batch starts on a cache line of the shared buffer
 
 
@@ -292,7 +283,9 @@ def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: in
     # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
     # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
     buffers = BufferPool(workers, keep=prefetch + 1) if workers > 0 else None
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=Collate(buffers),
+    # A partial of a module-level function, not a closure: spawned workers can unpickle it.
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                        collate_fn=partial(collate, buffers=buffers),
                         pin_memory=pin_memory, **extra)
     return _reporting_shared_memory_errors(_giving_buffers_back(iter(loader), buffers))
 
