@@ -316,7 +316,7 @@ def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
     import torch
 
     from mv2batch import models
-    from mv2batch.allocator import keep_freed_memory
+    from mv2batch.allocator import keep_freed_memory, limit_kernel_cache
     from mv2batch.device import pick_dtype
     from mv2batch.speed import choose_speedups, optimize_for_inference
 
@@ -328,6 +328,7 @@ def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
         return module.to(device=device, dtype=dtype), dtype  # transformers' model as a transformers user runs it
     if device.type == "cpu":
         keep_freed_memory()  # as mv2batch.run does on the CPU
+        limit_kernel_cache()
     module = optimize_for_inference(module, device, dtype, channels_last=spec.get("channels_last"), speedups=chosen,
                                     compile=compile)
     return (torch.compile(module) if compile else module), dtype

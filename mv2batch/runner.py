@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import inputs, models, runinfo
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, limit_kernel_cache
 from .config import RunConfig, SourceKind
 from .errors import ConfigError, Mv2batchError
 from .loader import DecodeGate, ImageDataset, make_loader
@@ -113,6 +113,7 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     device = pick_device(config.device, rank.local_rank)
     if device.type == "cpu":
         keep_freed_memory()  # reuse activation memory between layers instead of page-faulting it in again
+        limit_kernel_cache()  # before the first convolution: oneDNN reads it then
     dtype = pick_dtype(config.dtype.value, device)
     if config.batch_size is None:
         config = replace(config, batch_size=default_batch_size(
