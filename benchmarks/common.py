@@ -337,9 +337,9 @@ def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
 def pixel_stage(spec: dict, module: Any, preprocessing: Any, dtype: Any) -> Any:
     """The pixel stage feeding module on spec's device, in the layout the module was placed in."""
     from mv2batch.device import PixelStage
+    from mv2batch.speed import wants_channels_last_input
 
-    channels_last = getattr(getattr(module, "mv2batch_speedups", None), "channels_last", False)
-    return PixelStage(preprocessing.norm, spec_device(spec), dtype, channels_last)
+    return PixelStage(preprocessing.norm, spec_device(spec), dtype, wants_channels_last_input(module))
 
 
 def model_alone(spec: dict, clock: Clock) -> dict:

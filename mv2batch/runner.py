@@ -127,8 +127,9 @@ def _prepare(config: RunConfig, progress: ProgressCallback | None, rank: Rank, g
     ctx.model = _place_model(module, device, dtype, config)
     ctx.host_pixels, device_norm = preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
-    speedups = getattr(ctx.model, "mv2batch_speedups", None)
-    ctx.pixel_stage = PixelStage(device_norm, device, dtype, channels_last=bool(speedups and speedups.channels_last))
+    from .speed import wants_channels_last_input
+
+    ctx.pixel_stage = PixelStage(device_norm, device, dtype, channels_last=wants_channels_last_input(ctx.model))
     return ctx
 
 

@@ -1,9 +1,10 @@
 """Inference speed-ups for transformers' MobileViTV2: exact ones (bit-identical outputs) and faster rounding-level ones.
 
 Two sets (choose_speedups):
-- exact: patches by reshape, in-place activations, cache-sized micro-batches on the CPU. Every operation that
-  does arithmetic is transformers' own, on the same values: fp32 outputs stay bit-identical to transformers'
-  (measured on 600 photos against transformers at batch 32). The fp32 default.
+- exact: patches by reshape, in-place activations, cache-sized micro-batches on the CPU, and on the CPU the
+  first layers channels-last where oneDNN gives the same bits either way (checked when the model is prepared).
+  Every operation that does arithmetic is transformers' own, on the same values: fp32 outputs stay
+  bit-identical to transformers' (measured on 600 photos against transformers at batch 32). The fp32 default.
 - all: also BatchNorm folded into the convolutions, oneDNN fused convolution + activation, channels-last.
   Each rounds differently from transformers (as far from float64 as transformers itself is, but elsewhere):
   --speedups for fp32, the default for bf16 / fp16.
@@ -33,6 +34,9 @@ class Speedups:
     reshape_patches: bool = True
     fuse_convolutions: bool = True  # oneDNN convolution + activation / + residual add: CPU only
     channels_last: bool = True
+    # Only the leading layers channels-last, back to NCHW before the first one that would round differently
+    # (use_channels_last_prefix): for the exact set, where channels_last is off.
+    channels_last_prefix: bool = False
     micro_batch_pixels: int | None = CPU_MICRO_BATCH_PIXELS  # None: the whole batch in one call
     # Micro-batches run this many at a time, each on its own thread with its share of the intra-op threads.
     # 1: one after the other, every call using all of them.
@@ -68,9 +72,9 @@ def exact_speedups(device: Any, compile: bool = False) -> Speedups:
     Micro-batches change which images share a convolution call, not how any output element is summed
     (oneDNN's direct kernels accumulate each output the same way for any batch size).
     """
-    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    eager_cpu = getattr(device, "type", str(device)) == "cpu" and not compile
     return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
-                    micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if on_cpu and not compile else None)
+                    channels_last_prefix=eager_cpu, micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None)
 
 
 def speedups_mode(requested: bool | None, dtype: Any) -> str:
@@ -125,6 +129,10 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
         use_inplace_activations(module)
     if chosen.micro_batch_pixels:
         use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
+    if chosen.channels_last_prefix and not chosen.channels_last:
+        if not (use_channels_last_prefix(module) and _prefix_keeps_bits(module, device, dtype)):
+            _disable_prefix(module)
+            chosen = replace(chosen, channels_last_prefix=False)
     module.mv2batch_speedups = chosen  # so that callers and benchmarks can report what was applied
     return module
 
@@ -375,6 +383,110 @@ def _to_channels_last(module: Any, args: tuple) -> tuple:
     import torch
 
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+# ---- the exact set's channels-last prefix ------------------------------------------------------------------
+#
+# On the CPU, transformers' NCHW convolutions each pay two oneDNN reorders, into its blocked layout and back:
+# a quarter of the exact set's time on a 512x683 photo (32.9 of 94.5 ms inside oneDNN), most of it in the first
+# layers, whose activations are the largest. oneDNN's channels-last kernels skip them, and for depthwise
+# convolutions and those summing at most 64 products per output (MobileViTV2's stem and first blocks) they give
+# the same bits as the blocked ones: on this project's CPU (AVX-512, oneDNN 3.12) over 193 input shapes (every
+# whole-photo shape of the benchmark photos, 256x256 at batch 1-8), with 1 and 2 threads. Wider 1x1
+# convolutions differ at some shapes (1e-7 to 1e-5). So the exact set runs the stem and the leading blocks made
+# only of such convolutions channels-last and returns to NCHW before the first other one; BatchNorm, SiLU and
+# additions are element-wise and give the same bits in either layout. optimize_for_inference checks the whole
+# model's logits on a probe both ways and drops the prefix where they differ (another CPU, another oneDNN).
+
+SAME_BITS_MAX_PRODUCTS = 64
+# Below this many input elements (one image smaller than ~128x128) ATen may run an NCHW stem outside oneDNN
+# (it does for one image under 20480 elements), which rounds differently: such inputs stay NCHW.
+PREFIX_MIN_ELEMENTS = 3 * 128 * 128
+
+
+def use_channels_last_prefix(module: Any) -> int:
+    """Run the leading convolutions that give the same bits in either layout channels-last (see above);
+    how many there are (0: none, nothing changed)."""
+    backbone = getattr(module, "mobilevitv2", None)
+    if backbone is None or not _same_bits_either_layout(backbone.conv_stem.convolution):
+        return 0
+    count, back_to_nchw = 1, None
+    for block in _leading_inverted_residuals(backbone):
+        layers = [block.expand_1x1, block.conv_3x3, block.reduce_1x1]
+        same = [_same_bits_either_layout(layer.convolution) for layer in layers]
+        if all(same):
+            count += len(layers)
+            continue
+        if block.use_residual:
+            back_to_nchw = block  # its residual would carry a channels-last tensor past the prefix
+        else:
+            back_to_nchw = layers[same.index(False)]
+            count += same.index(False)
+        break
+    else:
+        back_to_nchw = backbone.encoder.layer[len(list(_leading_mobilenet_layers(backbone)))]
+    backbone.conv_stem.mv2batch_channels_last = True
+    backbone.conv_stem.register_forward_pre_hook(_channels_last_if_large)
+    back_to_nchw.register_forward_pre_hook(_to_nchw)
+    return count
+
+
+def _same_bits_either_layout(conv: Any) -> bool:
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels
+    products = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    return depthwise or products <= SAME_BITS_MAX_PRODUCTS
+
+
+def _leading_mobilenet_layers(backbone: Any) -> Iterator[Any]:
+    for layer in backbone.encoder.layer:
+        if type(layer).__name__ != "MobileViTV2MobileNetLayer":
+            return
+        yield layer
+
+
+def _leading_inverted_residuals(backbone: Any) -> Iterator[Any]:
+    for layer in _leading_mobilenet_layers(backbone):
+        yield from layer.layer
+
+
+def _channels_last_if_large(stem: Any, args: tuple) -> tuple:
+    import torch
+
+    pixels = args[0]
+    large = stem.mv2batch_channels_last and pixels.numel() >= PREFIX_MIN_ELEMENTS
+    layout = torch.channels_last if large else torch.contiguous_format
+    return (pixels.contiguous(memory_format=layout), *args[1:])
+
+
+def _to_nchw(module: Any, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def wants_channels_last_input(module: Any) -> bool:
+    """Whether the rewritten module's first layer takes channels-last pixels (the pixel stage then makes them so)."""
+    speedups = getattr(module, "mv2batch_speedups", None)
+    return bool(speedups and (speedups.channels_last or speedups.channels_last_prefix))
+
+
+def _prefix_keeps_bits(module: Any, device: Any, dtype: Any) -> bool:
+    """Whether the model's logits on a probe are bit-identical with and without the prefix."""
+    import torch
+
+    stem = module.get_submodule("mobilevitv2.conv_stem")
+    probe = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    probe = probe.to(device=device, dtype=dtype)
+    logits = {}
+    with torch.inference_mode():
+        for prefix in (False, True):
+            stem.mv2batch_channels_last = prefix
+            logits[prefix] = module(pixel_values=probe).logits
+    return torch.equal(logits[False], logits[True])
+
+
+def _disable_prefix(module: Any) -> None:
+    stem = module.get_submodule("mobilevitv2.conv_stem") if hasattr(module, "mobilevitv2") else None
+    if stem is not None and hasattr(stem, "mv2batch_channels_last"):
+        stem.mv2batch_channels_last = False  # the hooks stay, as no-ops on NCHW tensors
 
 
 # ---- activations and fused convolutions --------------------------------------------------------------------

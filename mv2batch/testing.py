@@ -27,7 +27,8 @@ def _processor(shortest_edge: int, crop: int, resample: int) -> Any:
                                       resample=resample, do_flip_channel_order=True)
 
 
-def _he_init(model: Any) -> None:
+def he_init(model: Any) -> None:
+    """Kaiming-normal convolutions and linear layers, zero biases: activations that neither vanish nor explode."""
     import torch
 
     for module in model.modules():
@@ -99,7 +100,7 @@ def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny
         num_labels=num_labels, id2label={i: f"class_{i:04d}" for i in range(num_labels)},
         label2id={f"class_{i:04d}": i for i in range(num_labels)}, **overrides)
     model = getattr(transformers, HEADS[task])(config)
-    _he_init(model)
+    he_init(model)
     processor = _processor(shortest_edge, crop, resample)
     pixels = processor(images=list(photos), return_tensors="pt")["pixel_values"]
     _calibrate_batchnorm(model, pixels)

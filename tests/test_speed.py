@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -361,3 +362,79 @@ def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_mode
     assert [row["topk_ids"] for row in micro] == [row["topk_ids"] for row in whole]
     # The tiny model's convolutions sum a batch of one image apart from a larger one (5.6e-6 here; measured).
     np.testing.assert_allclose([row["topk_scores"] for row in micro], [row["topk_scores"] for row in whole], atol=1e-5)
+
+
+def _backbone_from_config(width: float) -> torch.nn.Module:
+    import transformers
+
+    from mv2batch.testing import he_init
+
+    torch.manual_seed(0)
+    config = transformers.MobileViTV2Config(width_multiplier=width, image_size=256, num_labels=10)
+    model = transformers.MobileViTV2ForImageClassification(config)
+    he_init(model)
+    return model.eval()
+
+
+def _conv_input_layouts(model: torch.nn.Module, pixels: torch.Tensor) -> dict[str, bool]:
+    """For every convolution, in order: whether its input was channels-last (and not also NCHW-contiguous)."""
+    seen: dict[str, bool] = {}
+
+    def record(name: str, module: torch.nn.Module, args: tuple) -> None:
+        seen.setdefault(name, not args[0].is_contiguous())
+
+    hooks = [conv.register_forward_pre_hook(functools.partial(record, name))
+             for name, conv in model.named_modules() if isinstance(conv, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model(pixel_values=pixels)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+# Which convolutions take channels-last input per width: those summing <= 64 products per output, or
+# depthwise, from the stem on, up to the first block with another one (its residual would carry the layout on).
+PREFIX_BY_WIDTH = {
+    0.25: 1 + 3 + 6,  # every MobileNet block (8 to 32 channels)
+    0.5: 1 + 3 + 3 + 0,  # layer 1's second block adds its input (64 channels) to a 128-product convolution's output
+    1.0: 1 + 3 + 2,  # layer 1's first block (no residual) goes back to NCHW before its 128-channel reduce
+    2.0: 1 + 2,  # layer 0's reduce sums 128 products
+}
+
+
+@pytest.mark.parametrize("width", sorted(PREFIX_BY_WIDTH))
+def test_exact_set_runs_its_first_layers_channels_last_with_transformers_bits(width):
+    pixels = _segment_pixels(256, 2)  # two photos at 341x256, NCHW as transformers gets them
+    reference = _backbone_from_config(width)
+    model = optimize_for_inference(_backbone_from_config(width), torch.device("cpu"), torch.float32,
+                                   speedups=exact_speedups(torch.device("cpu")))
+    assert model.mv2batch_speedups.channels_last_prefix
+    layouts = list(_conv_input_layouts(model, pixels.contiguous(memory_format=torch.channels_last)).values())
+    prefix = PREFIX_BY_WIDTH[width]
+    assert layouts == [True] * prefix + [False] * (len(layouts) - prefix)
+    with torch.inference_mode():
+        expected, got = reference(pixel_values=pixels).logits, model(pixel_values=pixels).logits
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    assert expected.std(0).mean() > 0  # input-dependent, or equality would be vacuous
+    # A small input (one image under 128x128) stays NCHW: ATen may run its stem outside oneDNN.
+    assert not any(_conv_input_layouts(model, torch.rand(1, 3, 96, 96)).values())
+
+
+def test_the_prefix_is_dropped_where_the_layouts_round_differently(monkeypatch):
+    """A CPU whose channels-last kernels round differently (simulated: the prefix nudges the pixels) keeps NCHW."""
+    from mv2batch import speed
+
+    real_hook = speed._channels_last_if_large
+
+    def rounding_elsewhere(stem, args):
+        (pixels, *rest) = real_hook(stem, args)
+        return (pixels * (1 + 1e-6) if stem.mv2batch_channels_last else pixels, *rest)
+
+    monkeypatch.setattr(speed, "_channels_last_if_large", rounding_elsewhere)
+    pixels = _segment_pixels(256, 2)  # two photos at 341x256, NCHW as transformers gets them
+    model = optimize_for_inference(_backbone_from_config(1.0), torch.device("cpu"), torch.float32,
+                                   speedups=exact_speedups(torch.device("cpu")))
+    assert not model.mv2batch_speedups.channels_last_prefix and not speed.wants_channels_last_input(model)
+    assert not any(_conv_input_layouts(model, pixels).values())
+    with torch.inference_mode():
+        assert torch.equal(model(pixel_values=pixels).logits, _backbone_from_config(1.0)(pixel_values=pixels).logits)
