@@ -70,7 +70,9 @@ def exact_speedups(device: Any, compile: bool = False) -> Speedups:
     """The rewrites that change no arithmetic: reshapes, in-place activations, micro-batches (eager CPU only).
 
     Micro-batches change which images share a convolution call, not how any output element is summed
-    (oneDNN's direct kernels accumulate each output the same way for any batch size).
+    (oneDNN's direct kernels accumulate each output the same way for batches of 4 or more: 32 in one call =
+    8 calls of 4 = 4 calls of 8, every bit; calls of 1 or 2 images may take other kernels, as transformers'
+    own calls of that size do).
     """
     eager_cpu = getattr(device, "type", str(device)) == "cpu" and not compile
     return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
@@ -393,7 +395,7 @@ def _to_channels_last(module: Any, args: tuple) -> tuple:
 # convolutions and those summing at most 64 products per output (MobileViTV2's stem and first blocks) they give
 # the same bits as the blocked ones: on this project's CPU (AVX-512, oneDNN 3.12) over 193 input shapes (every
 # whole-photo shape of the benchmark photos, 256x256 at batch 1-8), with 1 and 2 threads. Wider 1x1
-# convolutions differ at some shapes (1e-7 to 1e-5). So the exact set runs the stem and the leading blocks made
+# convolutions differ at some shapes (6e-8 to 1.4e-5). So the exact set runs the stem and the leading blocks made
 # only of such convolutions channels-last and returns to NCHW before the first other one; BatchNorm, SiLU and
 # additions are element-wise and give the same bits in either layout. optimize_for_inference checks the whole
 # model's logits on a probe both ways and drops the prefix where they differ (another CPU, another oneDNN).
