@@ -123,6 +123,9 @@ def test_speedups_modes():
     assert exact == exact_speedups(cpu) and exact.reshape_patches and exact.micro_batch_pixels
     assert not (exact.fold_batchnorm or exact.fuse_convolutions or exact.channels_last)
     assert exact_speedups(torch.device("cuda")).micro_batch_pixels is None
+    assert exact.channels_last_prefix  # oneDNN's reorders are a CPU matter; cuDNN's layouts round differently
+    assert not exact_speedups(torch.device("cuda")).channels_last_prefix
+    assert not exact_speedups(cpu, compile=True).channels_last_prefix
 
 
 def test_batchnorm_folding_removes_every_batchnorm(tiny_model, tiny_segmenter):
