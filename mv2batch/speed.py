@@ -131,10 +131,9 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
         use_inplace_activations(module)
     if chosen.micro_batch_pixels:
         use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
-    if chosen.channels_last_prefix and not chosen.channels_last:
-        if not (use_channels_last_prefix(module) and _prefix_keeps_bits(module, device, dtype)):
-            _disable_prefix(module)
-            chosen = replace(chosen, channels_last_prefix=False)
+    if chosen.channels_last_prefix:  # a model that is channels-last throughout needs none
+        applied = not chosen.channels_last and _channels_last_prefix_applied(module, device, dtype)
+        chosen = replace(chosen, channels_last_prefix=applied)
     module.mv2batch_speedups = chosen  # so that callers and benchmarks can report what was applied
     return module
 
@@ -485,10 +484,14 @@ def _prefix_keeps_bits(module: Any, device: Any, dtype: Any) -> bool:
     return torch.equal(logits[False], logits[True])
 
 
-def _disable_prefix(module: Any) -> None:
-    stem = module.get_submodule("mobilevitv2.conv_stem") if hasattr(module, "mobilevitv2") else None
-    if stem is not None and hasattr(stem, "mv2batch_channels_last"):
-        stem.mv2batch_channels_last = False  # the hooks stay, as no-ops on NCHW tensors
+def _channels_last_prefix_applied(module: Any, device: Any, dtype: Any) -> bool:
+    """use_channels_last_prefix, kept only where the probe's logits keep their bits."""
+    if not use_channels_last_prefix(module):
+        return False
+    if _prefix_keeps_bits(module, device, dtype):
+        return True
+    module.get_submodule("mobilevitv2.conv_stem").mv2batch_channels_last = False  # hooks stay, no-ops on NCHW
+    return False
 
 
 # ---- activations and fused convolutions --------------------------------------------------------------------

@@ -441,3 +441,10 @@ def test_the_prefix_is_dropped_where_the_layouts_round_differently(monkeypatch):
     assert not any(_conv_input_layouts(model, pixels).values())
     with torch.inference_mode():
         assert torch.equal(model(pixel_values=pixels).logits, _backbone_from_config(1.0)(pixel_values=pixels).logits)
+
+
+def test_a_model_channels_last_throughout_records_no_prefix(tiny_model):
+    cpu = torch.device("cpu")
+    model = optimize_for_inference(_load(tiny_model), cpu, torch.float32, channels_last=True,
+                                   speedups=exact_speedups(cpu))
+    assert model.mv2batch_speedups.channels_last and not model.mv2batch_speedups.channels_last_prefix
