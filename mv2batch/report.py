@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .rundir import RunDir, commit_file, output_errors
+from .rundir import RunDir, output_errors, replacing
 
 
 @dataclass
@@ -65,9 +65,8 @@ def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task:
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), temp)
-    commit_file(temp, path)
+    with replacing(path) as temp:
+        pq.write_table(pa.Table.from_pylist(rows), temp)
 
 
 def write_report(report: Report, rundir: RunDir) -> None:

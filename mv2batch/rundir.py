@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,13 +57,34 @@ def commit_file(temp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def temporary_name(path: Path) -> Path:
+    """A hidden temporary name of this writer's own next to `path`.
+
+    Processes of one run may write the same file at the same moment (run.json when they start together,
+    the report when their last shards end together): with a shared temporary name, one renames the
+    other's half-written file into place or finds its own gone. Each writes whole and renames; all
+    write the same content, so whichever rename lands last is right.
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary name to write `path` whole under; commit it when the block ends, or remove it."""
+    temp = temporary_name(path)
+    try:
+        yield temp
+        commit_file(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # only there when writing or committing failed
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
     with output_errors(str(path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-        commit_file(temp, path)
+        with replacing(path) as temp:
+            temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 class RunDir:
@@ -119,7 +141,7 @@ class RunDir:
 
     def _refuse_foreign_content(self) -> None:
         # Our own folders without run.json: another process of this run is creating it right now.
-        if self.root.is_dir() and any(p.name not in OWNED and p.name != f".run.json{TEMP_SUFFIX}"
+        if self.root.is_dir() and any(p.name not in OWNED and not _is_run_json_temporary(p.name)
                                       for p in self.root.iterdir()):
             raise OutputError(
                 f"{self.root} is not empty and holds no mv2batch run: choose a new or empty directory"
@@ -164,6 +186,10 @@ class RunDir:
             if data.get("fingerprint") == fingerprint and isinstance(shard, int) and self.part_path(shard).is_file():
                 done[shard] = data
         return done
+
+
+def _is_run_json_temporary(name: str) -> bool:
+    return name.startswith(".run.json.") and name.endswith(TEMP_SUFFIX)
 
 
 def _short(value: Any) -> str:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Barrier
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,6 +23,8 @@ from PIL import Image
 from conftest import classify, read_rows, skimage_photos
 from mv2batch.errors import OutputError
 from mv2batch.plan import Rank, rank_from_env
+from mv2batch.report import load_report, write_report
+from mv2batch.rundir import RunDir, write_json_atomic
 
 STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
 
@@ -197,3 +202,24 @@ def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(referenc
         ray.shutdown()
     assert report.complete and report.ran_now == 20
     _assert_same_output(out, expected)
+
+
+def test_processes_writing_the_same_report_at_once_all_succeed(reference, tmp_path):
+    # Ray tasks (or Slurm tasks) whose last shards end together each write report/ and, starting
+    # together, run.json: with one shared temporary name one of them failed (seen in CI).
+    out = shutil.copytree(reference[1], tmp_path / "out")
+    report, rundir = load_report(out), RunDir(out)
+    run_info = rundir.read_run()
+    writers = 4
+    start_together = Barrier(writers)
+
+    def write_both_many_times(_: int) -> None:
+        start_together.wait()
+        for _ in range(25):
+            write_report(report, rundir)
+            write_json_atomic(rundir.run_json, run_info)
+
+    with ThreadPoolExecutor(writers) as pool:
+        list(pool.map(write_both_many_times, range(writers)))  # re-raises a writer's OutputError
+    assert _summary(out) == _summary(reference[1]) and rundir.read_run() == run_info
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
