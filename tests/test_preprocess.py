@@ -104,7 +104,7 @@ def test_bgr_flip_and_nchw_layout():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm", [PixelNorm(1 / 255, True), PixelNorm(1 / 255, False), PixelNorm(0.5, True),
                                   PixelNorm(None, False)])
 def test_pixel_stage_equals_rescale_then_flip_then_layout(norm, dtype, channels_last):
@@ -116,6 +116,20 @@ def test_pixel_stage_equals_rescale_then_flip_then_layout(norm, dtype, channels_
     out = PixelStage(norm, torch.device("cpu"), dtype, channels_last=channels_last)(pixels)
     assert torch.equal(out, expected.to(dtype)) and out.dtype == dtype
     assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pixels_are_the_float32_ones_cast_for_every_uint8_value(dtype):
+    """bf16 / fp16 pixels come straight from uint8 (no float32 pass): every value, through the vectorised kernels
+    (a whole batch) and the scalar tail, equals rescaling to float32 then casting."""
+    values = torch.arange(256, dtype=torch.uint8)
+    shape = (2, 37, 41, 3)  # 9102 values: not a whole number of vectors
+    pixels = values.repeat(9102 // 256 + 1)[:9102].reshape(shape)
+    norm = PixelNorm(1 / 255, False)
+    out = PixelStage(norm, torch.device("cpu"), dtype, channels_last=True)(pixels)
+    expected = rescale(pixels, 1 / 255).permute(0, 3, 1, 2).to(dtype)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+    assert set(pixels.unique().tolist()) == set(range(256))
 
 
 def test_paper_protocol_is_bicubic_288_then_256():
