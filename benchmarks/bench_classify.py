@@ -59,8 +59,8 @@ def precision(spec: dict, clock: common.Clock) -> dict:
     pixels = processor(images=photos, return_tensors="pt")["pixel_values"]
     load = lambda: models.load_weights(folder, "classify", spec["model"])
     cpu = torch.device("cpu")
-    rewritten = lambda requested, dtype: optimize_for_inference(load(), cpu, dtype,
-                                                                speedups=choose_speedups(requested, cpu, dtype))
+    rewritten = lambda requested, dtype: optimize_for_inference(
+        load(), cpu, dtype, speedups=choose_speedups(requested, cpu, dtype)).module
     clock.ready()
     probs = {
         "transformers fp64": _probs(load().double(), pixels, torch.float64, spec["batch_size"]),

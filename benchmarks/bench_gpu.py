@@ -61,8 +61,9 @@ def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: 
     uint8 = common.ready_pixels(spec, preprocessing, 64)
     uint8 = uint8.repeat((batch + len(uint8) - 1) // len(uint8), 1, 1, 1)[:batch]
     placed = time.perf_counter()
-    module, dtype = common.placed_model(spec, Path(folder))
-    stage = common.pixel_stage(spec, module, preprocessing, dtype)
+    placed_model = common.placed_model(spec, Path(folder))
+    module, dtype = placed_model.module, placed_model.dtype
+    stage = common.pixel_stage(spec, placed_model, preprocessing)
     pixels = stage(uint8)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -345,7 +346,7 @@ def segment_model_alone(folder: str, photos: Path, device: Any, dtype_name: str,
 def segment_limits(args: argparse.Namespace, device: Any) -> None:
     """Whole-photo segmentation: end to end per dtype against the model alone over the same shapes and the
     loader alone, to see which one bounds it."""
-    from mv2batch.runner import default_workers
+    from mv2batch.policy import default_workers
 
     folder, _ = common.checkpoint(None, "segment", args.images, width=1.0)
     photos = common.image_folder(args.images, args.segment_n)

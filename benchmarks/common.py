@@ -236,17 +236,18 @@ def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_ba
 
 
 def mv2batch_run(spec: dict, clock: Clock) -> dict:
-    """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it."""
-    import mv2batch
+    """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it; what it applied is
+    observed through the local engine's parts (the real steps, wrapped)."""
+    from mv2batch.batchloop import ProgressUpdate
     from mv2batch.config import RunConfig
-    from mv2batch.runner import ProgressUpdate
+    from mv2batch.engines import local
 
     out = Path(spec["out"])
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
                        device=spec.get("device", "cpu"), dtype=spec["dtype"], batch_size=spec["batch_size"],
                        workers=spec["workers"], preprocess=spec.get("preprocess"), overwrite=True,
                        speedups=spec.get("speedups"), compile=spec.get("compile", False))
-    applied = _observe_speedups()
+    applied: dict = {}
 
     def progress(update: ProgressUpdate) -> None:
         if update.done == 0 and clock.ready_s is None:
@@ -254,27 +255,30 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
         elif update.done:
             clock.mark(update.done)
 
-    report = mv2batch.run(config, progress)
+    report = local.run(config, progress, _observing_parts(applied))
     return {"images": report.ran_now, "errors": report.n_errors, "out": str(out), **applied}
 
 
-def _observe_speedups() -> dict:
-    """Filled, once mv2batch.run has placed its model, with the speed-ups it really applied (None: none)."""
-    from mv2batch import runner
+def _observing_parts(seen: dict) -> Any:
+    """The local engine's real steps, each recording into seen what it chose: the speed-ups applied (None:
+    none), the pixels' layout, the loader's workers and whether they decode between passes."""
+    from mv2batch.engines.local import LocalParts
+    from mv2batch.placement import place
+    from mv2batch.policy import plan_loader
 
-    seen: dict = {}
-    prepare = runner._prepare
-
-    def observed(*args: Any, **kwargs: Any) -> Any:
-        ctx = prepare(*args, **kwargs)
-        speedups = getattr(ctx.model, "mv2batch_speedups", None)
+    def placed(*args: Any) -> Any:
+        placement = place(*args)
+        speedups = placement.speedups
         seen.update(speedups=speedups.describe() if speedups else None,
-                    channels_last_pixels=ctx.pixel_stage.channels_last, workers=runner._workers(ctx),
-                    decode_between_passes=runner.decode_between_passes(ctx.device, ctx.model))
-        return ctx
+                    channels_last_pixels=placement.pixel_stage.channels_last)
+        return placement
 
-    runner._prepare = observed
-    return seen
+    def planned(*args: Any) -> Any:
+        plan = plan_loader(*args)
+        seen.update(workers=plan.workers, decode_between_passes=plan.gate)
+        return plan
+
+    return LocalParts(place=placed, plan_loader=planned)
 
 
 def task_preprocessing(spec: dict) -> tuple[Path, Any, Any]:
@@ -310,9 +314,19 @@ def spec_device(spec: dict) -> Any:
     return torch.device(spec.get("device", "cpu"))
 
 
-def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
-    """(module, dtype): the checkpoint rewritten, cast and placed as mv2batch.run does on spec's device (default
-    the CPU); spec["channels_last"] overrides the layout chosen, spec["compile"] compiles as --compile does."""
+@dataclass
+class Placed:
+    """A model placed as mv2batch.run places it: the module, its dtype, the speed-ups applied, its streams."""
+
+    module: Any
+    dtype: Any
+    speedups: Any = None
+    streams: Any = None
+
+
+def placed_model(spec: dict, folder: Path) -> Placed:
+    """The checkpoint rewritten, cast and placed as mv2batch.run does on spec's device (default the CPU);
+    spec["channels_last"] overrides the layout chosen, spec["compile"] compiles as --compile does."""
     import torch
 
     from mv2batch import models
@@ -325,21 +339,22 @@ def placed_model(spec: dict, folder: Path) -> tuple[Any, Any]:
     module = models.load_weights(folder, spec["task"], spec["model"])
     chosen = choose_speedups(spec.get("speedups"), device, dtype, compile)  # as mv2batch.run chooses
     if chosen is None:
-        return module.to(device=device, dtype=dtype), dtype  # transformers' model as a transformers user runs it
+        return Placed(module.to(device=device, dtype=dtype), dtype)  # transformers' model as its users run it
     if device.type == "cpu":
         keep_freed_memory()  # as mv2batch.run does on the CPU
         limit_kernel_cache()
-    module = optimize_for_inference(module, device, dtype, channels_last=spec.get("channels_last"), speedups=chosen,
-                                    compile=compile)
-    return (torch.compile(module) if compile else module), dtype
+    optimized = optimize_for_inference(module, device, dtype, channels_last=spec.get("channels_last"),
+                                       speedups=chosen, compile=compile)
+    module = torch.compile(optimized.module) if compile else optimized.module
+    return Placed(module, dtype, optimized.speedups, optimized.streams)
 
 
-def pixel_stage(spec: dict, module: Any, preprocessing: Any, dtype: Any) -> Any:
-    """The pixel stage feeding module on spec's device, in the layout the module was placed in."""
+def pixel_stage(spec: dict, placed: Placed, preprocessing: Any) -> Any:
+    """The pixel stage feeding the placed model on spec's device, in the layout the model was placed in."""
     from mv2batch.device import PixelStage
     from mv2batch.speed import wants_channels_last_input
 
-    return PixelStage(preprocessing.norm, spec_device(spec), dtype, wants_channels_last_input(module))
+    return PixelStage(preprocessing.norm, spec_device(spec), placed.dtype, wants_channels_last_input(placed.speedups))
 
 
 def model_alone(spec: dict, clock: Clock) -> dict:
@@ -356,8 +371,9 @@ def model_alone(spec: dict, clock: Clock) -> dict:
         return model_alone_over_shapes(spec, clock)
     folder, _, preprocessing = task_preprocessing(spec)
     uint8 = ready_pixels(spec, preprocessing, spec["batch_size"])
-    module, dtype = placed_model(spec, folder)
-    pixels = pixel_stage(spec, module, preprocessing, dtype)(uint8)
+    placed = placed_model(spec, folder)
+    module, dtype = placed.module, placed.dtype
+    pixels = pixel_stage(spec, placed, preprocessing)(uint8)
     clock.ready()
     done = 0
     with torch.inference_mode(), float32_math(spec_device(spec), dtype):  # as mv2batch.run computes (CUDA fp32)
@@ -379,11 +395,13 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     from mv2batch.decode import decode_image
     from mv2batch.device import float32_math
     from mv2batch.loader import grouped_batches
-    from mv2batch.speed import micro_batch_images, one_ahead, start_in_streams
+    from mv2batch.speed import micro_batch_images
+    from mv2batch.streams import one_ahead, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
-    module, dtype = placed_model(spec, folder)
-    stage = pixel_stage(spec, module, preprocessing, dtype)
+    placed = placed_model(spec, folder)
+    module, dtype = placed.module, placed.dtype
+    stage = pixel_stage(spec, placed, preprocessing)
     arrays = [np.array(preprocessing.resize_crop(decode_image(p.read_bytes()).image))  # writable, for torch
               for p in source_photos(Path(spec["images"]))[: spec["count"]]]
     batches = []
@@ -393,15 +411,15 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
             groups.setdefault(arrays[i].shape, []).append(torch.from_numpy(arrays[i]))
         parts = []
         for tensors in groups.values():
-            size = micro_batch_images(module, *tensors[0].shape[:2]) or len(tensors)
+            size = micro_batch_images(placed.speedups, *tensors[0].shape[:2]) or len(tensors)
             parts += [stage(torch.stack(tensors[i : i + size])) for i in range(0, len(tensors), size)]
         batches.append(parts)
     run = lambda pixels: module(pixel_values=pixels).logits.float()
     clock.ready()
     done = 0
     with torch.inference_mode(), float32_math(spec_device(spec), dtype):  # as mv2batch.run computes (CUDA fp32)
-        started = ((start_in_streams(module, run, parts), sum(len(p) for p in parts)) for parts in batches)
-        for results, images in one_ahead(module, started):
+        started = ((start_in_streams(placed.streams, run, parts), sum(len(p) for p in parts)) for parts in batches)
+        for results, images in one_ahead(started, ahead=placed.streams is not None):
             results()
             done += images
             clock.mark(done)

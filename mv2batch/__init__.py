@@ -1,4 +1,4 @@
-"""mv2batch: MobileViTV2 classification over folders and datasets, streamed to Parquet."""
+"""mv2batch: MobileViTV2 classification and segmentation over folders and datasets, streamed to Parquet."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 def run(config: "RunConfig", progress: Any = None) -> "Report":
     """Run a job described by a RunConfig and return its Report (heavy imports happen here, not at import)."""
-    from .runner import run as _run
+    from .engines import run as run_on_engine
 
-    return _run(config, progress)
+    return run_on_engine(config, progress)
 
 
 def __getattr__(name: str) -> Any:

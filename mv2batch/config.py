@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
@@ -40,43 +41,51 @@ class Engine(str, Enum):
     ray = "ray"
 
 
+# Field metadata of a RunConfig field whose value changes what a run writes. run.json's fingerprint is built
+# from these fields (runinfo.fingerprint_fields); a resume that changes one of them is refused, naming it.
+# Everything else (where to run, how fast, how much to say) may change between a run and its resume.
+OUTPUTS = {"changes_outputs": True}
+
+
+def _outputs(default: object = None) -> object:
+    return field(default=default, metadata=OUTPUTS)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; the CLI builds it, examples and tests may too."""
 
-    task: Task
-    source: SourceKind
-    input: str
+    task: Task = field(metadata=OUTPUTS)
+    source: SourceKind = field(metadata=OUTPUTS)
+    input: str = field(metadata=OUTPUTS)  # fingerprinted by content: the source's listing, not the path
     out: Path
-    model: str | None = None  # None: the task's default checkpoint
-    revision: str | None = None
+    model: str | None = _outputs()  # None: the task's default checkpoint
+    revision: str | None = _outputs()
     device: str = "auto"
-    dtype: Dtype = Dtype.auto
-    batch_size: int | None = None  # None: runner.default_batch_size (32; more for classification on a GPU)
+    dtype: Dtype = _outputs(Dtype.auto)
+    batch_size: int | None = None  # None: policy.default_batch_size (32; more for classification on a GPU)
     workers: int | None = None  # None: chosen from the device and the cores
-    compile: bool = False
+    compile: bool = _outputs(False)  # inductor's kernels round differently from eager ones
     # mv2batch.speed's rewrites (speed.speedups_mode). None: the exact ones for fp32, whose promise is
     # transformers' own numbers, all for bf16 / fp16; True: all; False: none.
-    speedups: bool | None = None
-    limit: int | None = None
-    shard_size: int | None = None  # None: the task's default
-    top_k: int = 5
-    preprocess: Protocol | None = None  # None: the task's default (classify: hf, segment: paper)
+    speedups: bool | None = _outputs()
+    limit: int | None = _outputs()
+    shard_size: int | None = _outputs()  # None: the task's default
+    top_k: int = _outputs(5)
+    preprocess: Protocol | None = _outputs()  # None: the task's default (classify: hf, segment: paper)
     resume: bool = False
     overwrite: bool = False
     retry_errors: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    split: str | None = None
-    streaming: bool = False
-    image_column: str | None = None
-    label_column: str | None = None
-    masks_dir: Path | None = None
-    overlays_dir: Path | None = None
-    labels_file: Path | None = None  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
-    real_labels: Path | None = None  # ImageNet-ReaL real.json
+    max_pixels: int = _outputs(DEFAULT_MAX_PIXELS)  # larger images become error rows
+    split: str | None = _outputs()
+    streaming: bool = _outputs(False)
+    image_column: str | None = _outputs()
+    label_column: str | None = _outputs()
+    masks_dir: Path | None = _outputs()
+    overlays_dir: Path | None = _outputs()
+    labels_file: Path | None = _outputs()  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
+    real_labels: Path | None = _outputs()  # ImageNet-ReaL real.json
     engine: Engine = Engine.local  # local (torchrun / Slurm set the rank) or ray (shards as Ray tasks)
-    only_shards: tuple[int, ...] | None = None  # internal: the shards one engine task runs
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
@@ -109,3 +118,13 @@ class RunConfig:
             raise ConfigError("--labels and --real-labels apply to `mv2batch eval imagenet-val`")
         if self.source is SourceKind.folder and self.streaming:
             raise ConfigError("--streaming applies to datasets, not folders")
+        if not DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def output_fields() -> list[str]:
+    """The RunConfig fields declared as changing what a run writes, in declaration order."""
+    return [f.name for f in fields(RunConfig) if f.metadata.get("changes_outputs")]

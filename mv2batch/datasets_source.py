@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 from .errors import InputError
 from .sources import DatasetColumns, DatasetSource, Record
@@ -144,6 +144,8 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
 @dataclass
 class StreamingSource(DatasetColumns):
     """A streaming dataset: its length is unknown, so it is read in order and cut into shards as it comes."""
+
+    streamed: ClassVar[bool] = True
 
     def records(self) -> Iterator[Record]:
         """Undecoded records in stream order."""

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
+from .config import DEVICE_PATTERN
 from .errors import ConfigError
 from .preprocess import PixelNorm
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def pick_device(requested: str, local_rank: int | None = None) -> Any:
@@ -37,17 +36,31 @@ def pick_device(requested: str, local_rank: int | None = None) -> Any:
     return device
 
 
-def pick_dtype(requested: str, device: Any) -> Any:
-    """auto is fp32 everywhere for now: exact parity with transformers is the default promise."""
+def dtype_of(requested: str) -> Any:
+    """The torch dtype of --dtype; auto is fp32 everywhere for now: exact parity with transformers is the default
+    promise. Needs no device (a job is described before it is placed)."""
     import torch
 
     if requested == "auto":
         return torch.float32
     if requested not in DTYPES:
         raise ConfigError(f"unknown dtype {requested!r}: use auto, fp32, bf16 or fp16")
-    if requested == "fp16" and device.type == "cpu":
-        raise ConfigError("--dtype fp16 is not supported on the CPU: use bf16 or fp32")
     return getattr(torch, DTYPES[requested])
+
+
+def check_dtype(dtype: Any, device: Any) -> None:
+    """Refuse a dtype the device cannot run."""
+    import torch
+
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype fp16 is not supported on the CPU: use bf16 or fp32")
+
+
+def pick_dtype(requested: str, device: Any) -> Any:
+    """dtype_of, checked against the device."""
+    dtype = dtype_of(requested)
+    check_dtype(dtype, device)
+    return dtype
 
 
 @contextmanager

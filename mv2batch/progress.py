@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -15,33 +16,91 @@ KNOWN_MODELS = [
 ]
 
 
-def run_with_progress(config: Any, quiet: bool) -> Any:
-    """Run the job with a progress bar (images/s, ETA) and print the summary, unless quiet."""
-    from .runner import run
+# Seconds between two progress lines where stderr is not a terminal (a Slurm or CI log); MV2BATCH_LOG_INTERVAL
+# sets another.
+LOG_INTERVAL_S = 10.0
+
+
+def run_with_progress(config: Any, quiet: bool, console: Console | None = None) -> Any:
+    """Run the job and print the summary, unless quiet: a live bar (images/s, ETA) on a terminal, else a progress
+    line every LOG_INTERVAL_S seconds."""
+    from .engines import run
 
     if quiet:
         return run(config)
-    console = Console(stderr=True)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} img/s"), TextColumn("errors {task.fields[errors]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    bar = Progress(*columns, console=console, transient=False)
-    state: dict[str, Any] = {}
-
-    def update(event: Any) -> None:
-        if not state:  # the first event comes when images start to flow: start the clock and the bar then
-            state.update(started=time.perf_counter(), task=bar.add_task(config.task.value, total=event.total,
-                                                                          rate="-", errors=0))
-            bar.start()
-        rate = event.done / max(time.perf_counter() - state["started"], 1e-9)
-        bar.update(state["task"], completed=event.done, total=event.total, rate=f"{rate:.1f}", errors=event.errors)
-
+    console = console or Console(stderr=True)
+    shown = _Bar(console, config.task.value) if console.is_terminal else LogLines(console, config.task.value)
     try:
-        report = run(config, update)
+        report = run(config, shown.update)
     finally:
-        bar.stop()
+        shown.stop()
     print_report(report, console)
     return report
+
+
+class _Bar:
+    """rich's live progress bar; the clock starts with the first update, when images start to flow."""
+
+    def __init__(self, console: Console, name: str):
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]} img/s"), TextColumn("errors {task.fields[errors]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        self.bar, self.name = Progress(*columns, console=console, transient=False), name
+        self.started: float | None = None
+
+    def update(self, event: Any) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+            self.task = self.bar.add_task(self.name, total=event.total, rate="-", errors=0)
+            self.bar.start()
+        rate = event.done / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, completed=event.done, total=event.total, rate=f"{rate:.1f}", errors=event.errors)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+class LogLines:
+    """Plain progress lines for a log: done / total, images/s, errors, ETA, at most one per interval (and a last
+    one at the end), each on its own line so that a log keeps them all."""
+
+    def __init__(self, console: Console, name: str, interval: float | None = None):
+        self.console, self.name = console, name
+        self.interval = interval if interval is not None else float(os.environ.get("MV2BATCH_LOG_INTERVAL",
+                                                                                    LOG_INTERVAL_S))
+        self.started: float | None = None
+        self.printed = 0.0
+        self.last: Any = None
+
+    def update(self, event: Any) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = self.printed = now
+        self.last = event
+        if now - self.printed >= self.interval:
+            self._print(now)
+
+    def stop(self) -> None:
+        if self.last is not None and self.last.done:
+            self._print(time.perf_counter())
+
+    def _print(self, now: float) -> None:
+        event, elapsed = self.last, max(now - self.started, 1e-9)
+        rate = event.done / elapsed
+        total = f"/{event.total}" if event.total is not None else ""
+        eta = ""
+        if event.total and rate > 0:
+            eta = f", ETA {_duration((event.total - event.done) / rate)}"
+        self.console.print(f"mv2batch: {self.name} {event.done}{total} images, {rate:.1f} img/s, "
+                           f"{event.errors} errors, {_duration(elapsed)} elapsed{eta}", highlight=False,
+                           soft_wrap=True)
+        self.printed = now
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _fmt(value: Any) -> str:

@@ -87,6 +87,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
             temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def part_name(shard: int) -> str:
+    """The file name of a shard's Parquet part."""
+    return f"part-{shard:05d}.parquet"
+
+
 class RunDir:
     """Paths and state of one OUT directory."""
 
@@ -98,7 +103,7 @@ class RunDir:
         self.report = self.root / "report"
 
     def part_path(self, shard: int) -> Path:
-        return self.predictions / f"part-{shard:05d}.parquet"
+        return self.predictions / part_name(shard)
 
     def part_temp(self, shard: int) -> Path:
         # A leading dot: pyarrow, DuckDB and Spark skip it when reading predictions/ as a dataset.

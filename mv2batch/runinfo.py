@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, output_fields
 from .plan import DEFAULT_SHARD_SIZE, ShardPlan
 from .preprocess import Preprocessing
 from .rundir import fingerprint_of
@@ -26,13 +27,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _shard_size(config: RunConfig) -> int:
+def shard_size(config: RunConfig) -> int:
+    """--shard-size, or the task's default."""
     return config.shard_size or DEFAULT_SHARD_SIZE[config.task.value]
 
 
 def _n_items(config: RunConfig, source: Any) -> int | None:
-    if not hasattr(source, "read"):
-        return None  # a stream: unknown until read
+    if source.streamed:
+        return None  # unknown until read
     return min(len(source), config.limit) if config.limit else len(source)
 
 
@@ -42,19 +44,38 @@ def _file_digest(path: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else None
 
 
+def _folder(path: Path | None) -> str | None:
+    return str(path.expanduser().resolve()) if path is not None else None
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON writes it: enums by value, paths as text."""
+    return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
+
+
+def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
+                       dtype: Any) -> dict[str, Any]:
+    """Every RunConfig field declared as changing outputs (config.output_fields), by the value it resolves to:
+    the input by its content, the model by its resolved id and revision, defaults by what they chose."""
+    resolved_values = {
+        "input": lambda: source.fingerprint(), "model": lambda: resolved.model_id,
+        "revision": lambda: resolved.revision, "preprocess": preprocessing.describe,
+        "dtype": lambda: str(dtype).replace("torch.", ""), "speedups": lambda: speedups_mode(config.speedups, dtype),
+        "shard_size": lambda: shard_size(config), "labels_file": lambda: _file_digest(config.labels_file),
+        "real_labels": lambda: _file_digest(config.real_labels), "masks_dir": lambda: _folder(config.masks_dir),
+        "overlays_dir": lambda: _folder(config.overlays_dir),
+    }
+    return {name: resolved_values[name]() if name in resolved_values else _plain(getattr(config, name))
+            for name in output_fields()}
+
+
 def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
                  dtype: Any, labels: list[str]) -> dict:
     """run.json's content; `fingerprint` hashes the fields that change outputs."""
     n_items = _n_items(config, source)
-    fields = {
-        "task": config.task.value, "input": source.fingerprint(), "n_items": n_items, "limit": config.limit,
-        "model": resolved.model_id, "revision": resolved.revision, "preprocessing": preprocessing.describe(),
-        "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""), "shard_size": _shard_size(config),
-        "source": config.source.value, "real_labels": _file_digest(config.real_labels),
-        "speedups": speedups_mode(config.speedups, dtype),
-    }
-    plan = ShardPlan(n_items, _shard_size(config)).describe() if n_items is not None else {
-        "n_items": None, "shard_size": _shard_size(config), "n_shards": None}
+    fields = fingerprint_fields(config, source, resolved, preprocessing, dtype)
+    plan = ShardPlan(n_items, shard_size(config)).describe() if n_items is not None else {
+        "n_items": None, "shard_size": shard_size(config), "n_shards": None}
     return {
         "task": config.task.value,
         "fingerprint": fingerprint_of(fields),
@@ -65,8 +86,9 @@ def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: P
                   "labels": labels},
         "preprocessing": preprocessing.describe(),
         "options": {"batch_size": config.batch_size, "device": config.device, "dtype": config.dtype.value,
-                    "labels_file": config.labels_file, "real_labels": config.real_labels,
-                    "compile": config.compile, "top_k": config.top_k, "max_pixels": config.max_pixels},
+                    "workers": config.workers, "labels_file": config.labels_file, "real_labels": config.real_labels,
+                    "compile": config.compile, "top_k": config.top_k, "max_pixels": config.max_pixels,
+                    "masks_dir": config.masks_dir, "overlays_dir": config.overlays_dir},
         "plan": plan,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -6,7 +6,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Iterator, Protocol, Union
 
 from .errors import InputError
 
@@ -23,9 +23,10 @@ class Record:
     target: str | None = None  # a ground-truth mask file, for segmentation evaluation
 
 
-class Source(Protocol):
-    """What the loader and the writer need from any input."""
+class IndexedSource(Protocol):
+    """An input of known length read by index: planned into shards up front, any shard read in any order."""
 
+    streamed: ClassVar[bool]  # False
     description: str
     label_names: list[str] | None
 
@@ -33,6 +34,21 @@ class Source(Protocol):
     def item_id(self, index: int) -> str: ...
     def read(self, index: int) -> Record: ...
     def fingerprint(self) -> str: ...
+
+
+class StreamedSource(Protocol):
+    """An input read once, in order: cut into shards as it comes (its length is known only at the end)."""
+
+    streamed: ClassVar[bool]  # True
+    description: str
+    label_names: list[str] | None
+
+    def records(self) -> Iterator[Record]: ...
+    def item_id(self, index: int) -> str: ...
+    def fingerprint(self) -> str: ...
+
+
+Source = Union[IndexedSource, StreamedSource]
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -62,6 +78,7 @@ class FolderSource:
     Evaluation layouts attach a gold label, or a ground-truth mask file, to each image.
     """
 
+    streamed: ClassVar[bool] = False
     root: Path
     ids: list[str]
     skipped_files: int = 0
@@ -132,6 +149,8 @@ class DatasetColumns:
 @dataclass
 class DatasetSource(DatasetColumns):
     """A map-style `datasets.Dataset`; the image column is read undecoded and decoded in the workers."""
+
+    streamed: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return len(self.dataset)

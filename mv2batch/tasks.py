@@ -44,6 +44,9 @@ class ClassifyTask:
     def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
         return consecutive_batches(indices, size)
 
+    def reading(self, read: Callable) -> None:
+        """Nothing to re-read for classification."""
+
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
         ready = to_host_later(list(topk_on_device(model(pixel_values=pixels).logits, self.top_k)))
@@ -135,6 +138,10 @@ class SegmentTask:
             return _resized_shape(resize_crop, probed) if probed else None
 
         return grouped_batches(indices, shape_of, size)
+
+    def reading(self, read: Callable) -> None:
+        """How the writer thread re-reads a photo for its overlay (the source, or a stream's chunk)."""
+        self.files.read = read
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model, the masks and their counts on the device; the result waits for them and gives one

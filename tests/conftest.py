@@ -116,17 +116,51 @@ def write_odd_images(folder: Path) -> list[str]:
     return sorted(images) + [f"exif_{o}.jpg" for o in range(1, 9)]
 
 
-def classify(input_path: Path, out: Path, model: Path, **options):
-    """mv2batch.run for a folder, on the CPU, workers in-process unless told otherwise."""
-    import mv2batch
+def run_config(input_path: Path, out: Path, model: Path, **options):
+    """A RunConfig for a folder, on the CPU, workers in-process unless told otherwise."""
     from mv2batch.config import RunConfig
 
     options.setdefault("workers", 0)
     options.setdefault("device", "cpu")
     options.setdefault("source", "folder")
     options.setdefault("task", "classify")
-    config = RunConfig(input=str(input_path), out=out, model=str(model), **options)
-    return mv2batch.run(config)
+    return RunConfig(input=str(input_path), out=out, model=str(model), **options)
+
+
+def classify(input_path: Path, out: Path, model: Path, parts=None, progress=None, **options):
+    """mv2batch.run for a folder, on the CPU, workers in-process unless told otherwise.
+
+    parts (engines.local.LocalParts): steps of the local engine replaced by the test's own.
+    """
+    import mv2batch
+    from mv2batch.engines import local
+
+    config = run_config(input_path, out, model, **options)
+    return local.run(config, progress, parts) if parts is not None else mv2batch.run(config, progress)
+
+
+def placed_with(change):
+    """LocalParts whose placement is the real one passed through change(placement) -> placement."""
+    from mv2batch.engines.local import LocalParts
+    from mv2batch.placement import place
+
+    return LocalParts(place=lambda job, local_rank=None: change(place(job, local_rank)))
+
+
+def built_loop(config, progress=None):
+    """The job, and its batch loop built from the real parts (described, placed, OUT opened) with every planned
+    shard to run: a test then changes one part of the loop and calls loop.process(shards, read)."""
+    from mv2batch.job import describe_job, open_out
+    from mv2batch.placement import place
+    from mv2batch.plan import Group, Rank
+    from mv2batch.runner import build_loop
+
+    job = describe_job(config)
+    placed = place(job)
+    rundir = open_out(job, Rank(), Group(Rank()), placed.batch_size)
+    plan = job.plan()
+    shards = [(number, plan.shard(number)) for number in range(plan.n_shards)]
+    return job, build_loop(job, placed, rundir, progress=progress), shards
 
 
 def read_rows(out: Path) -> list[dict]:

@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataclasses import replace
+from functools import partial
+from types import SimpleNamespace
+
 from conftest import classify, read_rows, real_photos
-from mv2batch import loader, runner
+from mv2batch import loader
+from mv2batch.engines.local import LocalParts
 from mv2batch.loader import DecodeGate
-from mv2batch.runner import decode_between_passes, default_workers
+from mv2batch.placement import place
+from mv2batch.policy import decode_between_passes, default_workers, plan_loader
+from mv2batch.preprocess import ResizeCrop
 from mv2batch.speed import Speedups, optimize_for_inference
 
 PASS_S = 0.15  # each forward pass is stretched to this, so that a worker left free would decode during it
@@ -48,67 +55,67 @@ def test_a_pass_that_fails_reopens_the_gate():
     assert time.monotonic() - started < 0.5
 
 
-def test_only_one_multi_threaded_team_on_the_cpu_decodes_between_passes(tiny_model, monkeypatch):
+def test_only_one_multi_threaded_team_on_the_cpu_decodes_between_passes(tiny_model):
     from transformers import MobileViTV2ForImageClassification
 
-    def placed(speedups: Speedups) -> torch.nn.Module:
+    def streams_of(speedups: Speedups):
         module = MobileViTV2ForImageClassification.from_pretrained(str(tiny_model))
-        return optimize_for_inference(module, "cpu", torch.float32, speedups=speedups)
+        return optimize_for_inference(module, "cpu", torch.float32, speedups=speedups).streams
 
-    one_team, streams = placed(Speedups(streams=1)), placed(Speedups(streams=2))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert decode_between_passes(torch.device("cpu"), one_team)
-    assert not decode_between_passes(torch.device("cpu"), streams)
-    assert not decode_between_passes(torch.device("cuda"), one_team)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert not decode_between_passes(torch.device("cpu"), one_team)
+    one_team, streams = streams_of(Speedups(streams=1)), streams_of(Speedups(streams=2))
+    assert one_team is None and streams is not None
+    assert decode_between_passes("cpu", one_team, threads=2, available=2)
+    assert not decode_between_passes("cpu", streams, threads=2, available=2)
+    assert not decode_between_passes("cuda", one_team, threads=2, available=2)
+    assert not decode_between_passes("cpu", one_team, threads=1, available=2)
     # Many cores: the team's threads wait on each other anyway, and workers beside it use those moments.
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert not decode_between_passes(torch.device("cpu"), one_team)
+    assert not decode_between_passes("cpu", one_team, threads=16, available=16)
 
 
-def test_workers_that_decode_between_passes_take_every_core(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert default_workers("cpu", {}, between_passes=True) == 2
-    assert default_workers("cpu", {}) == 1
+def test_workers_that_decode_between_passes_take_every_core():
+    assert default_workers("cpu", {}, between_passes=True, available=2) == 2
+    assert default_workers("cpu", {}, available=2) == 1
+
+
+# One OpenMP team of two threads on a 2-core CPU, whatever this machine has.
+TWO_CORE_TEAM = partial(plan_loader, threads=2, available=2)
+
+
+def _stretched(placement, passes: list):
+    """The placement with each forward pass stretched to PASS_S; passes gets each pass's (start, end) times."""
+
+    def model(*args, **kwargs):
+        begun = time.monotonic()
+        outputs = placement.model(*args, **kwargs)
+        time.sleep(PASS_S)
+        passes.append((begun, time.monotonic()))
+        return outputs
+
+    return replace(placement, model=model)
 
 
 @pytest.fixture
-def two_core_team(monkeypatch):
-    """One OpenMP team of two threads on a 2-core CPU, whatever this machine has."""
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-
-
-@pytest.fixture
-def timed_run(tmp_path, monkeypatch, two_core_team):
-    """Runs mv2batch with each forward pass stretched to PASS_S; returns the passes' (start, end) times and
-    the times at which workers began decoding an image (monotonic clock, the same in every process)."""
+def timed_run(tmp_path, monkeypatch):
+    """Runs mv2batch with each forward pass stretched to PASS_S (free: the workers never wait for the passes);
+    returns the passes' (start, end) times and the times at which workers began decoding an image (monotonic
+    clock, the same in every process)."""
     decode_log = tmp_path / "decodes.log"
     passes: list[tuple[float, float]] = []
-    decode, start_batch = loader.decode_image, runner._start_batch
+    decode = loader.decode_image
 
     def logged_decode(*args, **kwargs):
         with open(decode_log, "a") as log:  # a forked worker inherits this function
             log.write(f"{time.monotonic()}\n")
         return decode(*args, **kwargs)
 
-    def stretched_pass(*args, **kwargs):
-        begun = time.monotonic()
-        results = start_batch(*args, **kwargs)
-        time.sleep(PASS_S)
-        passes.append((begun, time.monotonic()))
-        return results
-
     monkeypatch.setattr(loader, "decode_image", logged_decode)
-    monkeypatch.setattr(runner, "_start_batch", stretched_pass)
+    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), plan_loader=TWO_CORE_TEAM)
+    free = replace(gated, plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
 
-    def run(folder: Path, out: Path, model: Path) -> tuple[list, list[float]]:
+    def run(folder: Path, out: Path, model: Path, gate: bool = True) -> tuple[list, list[float]]:
         passes.clear()
         decode_log.unlink(missing_ok=True)
-        classify(folder, out, model, batch_size=BATCH, workers=2)
+        classify(folder, out, model, batch_size=BATCH, workers=2, parts=gated if gate else free)
         return list(passes), [float(line) for line in decode_log.read_text().split()]
 
     return run
@@ -118,7 +125,7 @@ def _most_decodes_begun_in_one_pass(passes: list, decodes: list[float]) -> int:
     return max(sum(begun < t < ended for t in decodes) for begun, ended in passes)
 
 
-def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, timed_run, monkeypatch):
+def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, timed_run):
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(48)):
@@ -129,21 +136,23 @@ def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, t
     assert _most_decodes_begun_in_one_pass(passes, decodes) <= 2
     # Workers left beside the model fill their prefetch (2 workers x 4 batches) while the first passes run, and
     # refill a whole batch during a pass that takes one from them: the check above can fail.
-    monkeypatch.setattr(runner, "decode_between_passes", lambda device, model: False)
-    passes, decodes = timed_run(folder, tmp_path / "free", tiny_model)
+    passes, decodes = timed_run(folder, tmp_path / "free", tiny_model, gate=False)
     assert _most_decodes_begun_in_one_pass(passes, decodes) > 2
     assert read_rows(tmp_path / "gated") == read_rows(tmp_path / "free")
 
 
-def test_too_few_workers_for_the_team_decode_beside_it(tmp_path, tiny_model, two_core_team, monkeypatch):
+def test_too_few_workers_for_the_team_decode_beside_it(tmp_path, tiny_model):
     """--workers 1 on 2 cores: decoding between passes would leave a core idle then, so the worker runs free."""
-    made = []
-    monkeypatch.setattr(runner, "DecodeGate", lambda: made.append(1) or DecodeGate())
+    one_team = SimpleNamespace(device=torch.device("cpu"), streams=None, batch_size=2)
+    crop = ResizeCrop(shortest_edge=72, crop_height=64, crop_width=64, resample=2)
+    assert not TWO_CORE_TEAM(1, one_team, crop).gate and TWO_CORE_TEAM(2, one_team, crop).gate
+    plans = []
+    recorded = LocalParts(plan_loader=lambda *args: plans.append(TWO_CORE_TEAM(*args)) or plans[-1])
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(4)):
         photo.save(folder / f"{i}.jpg")
-    classify(folder, tmp_path / "one", tiny_model, batch_size=2, workers=1)
-    assert made == []
-    classify(folder, tmp_path / "two", tiny_model, batch_size=2, workers=2)
-    assert made == [1]
+    classify(folder, tmp_path / "one", tiny_model, batch_size=2, workers=1, parts=recorded)
+    classify(folder, tmp_path / "two", tiny_model, batch_size=2, workers=2, parts=recorded)
+    assert [(plan.workers, plan.gate) for plan in plans] == [(1, False), (2, True)]
+    assert read_rows(tmp_path / "one") == read_rows(tmp_path / "two")

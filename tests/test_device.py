@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import classify, read_rows, real_photos
+from conftest import classify, placed_with, read_rows, real_photos
 from mv2batch import device as device_module
 from mv2batch.device import float32_math
 from mv2batch.errors import Mv2batchError
-from mv2batch.runner import MAX_GPU_WORKERS, default_batch_size, default_workers
+from mv2batch.policy import MAX_GPU_WORKERS, default_batch_size, default_workers
 
 CUDA = torch.device("cuda")
 
@@ -118,35 +119,28 @@ def test_run_json_records_the_batch_size_chosen(tmp_path, tiny_model):
     assert json.loads((tmp_path / "out" / "run.json").read_text())["options"]["batch_size"] == 32
 
 
-def test_a_device_out_of_memory_ends_the_run_with_one_line_and_keeps_finished_shards(tmp_path, tiny_model,
-                                                                                     monkeypatch):
-    from mv2batch import runner
-
+def test_a_device_out_of_memory_ends_the_run_with_one_line_and_keeps_finished_shards(tmp_path, tiny_model):
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(6)):
         photo.save(folder / f"{i}.png")
     classify(folder, tmp_path / "clean", tiny_model, batch_size=2, shard_size=2)
-    place = runner._place_model
 
-    def placed_then_full(*args):
-        module = place(*args)
-        forward, calls = module.forward, []
+    def full_on_the_third_batch(placement):
+        calls = []
 
-        def full_on_the_third_batch(*a, **k):
+        def model(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return forward(*a, **k)
+            return placement.model(*args, **kwargs)
 
-        module.forward = full_on_the_third_batch
-        return module
+        return replace(placement, model=model)
 
-    monkeypatch.setattr(runner, "_place_model", placed_then_full)
     with pytest.raises(Mv2batchError, match="ran out of memory at --batch-size 2: lower --batch-size") as raised:
-        classify(folder, tmp_path / "out", tiny_model, batch_size=2, shard_size=2)
+        classify(folder, tmp_path / "out", tiny_model, batch_size=2, shard_size=2,
+                 parts=placed_with(full_on_the_third_batch))
     assert "\n" not in str(raised.value)
-    monkeypatch.setattr(runner, "_place_model", place)
     report = classify(folder, tmp_path / "out", tiny_model, batch_size=2, shard_size=2, resume=True)
     assert report.ran_now == 2  # the two shards finished before the failure were kept
     assert read_rows(tmp_path / "out") == read_rows(tmp_path / "clean")

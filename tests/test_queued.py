@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import classify, read_rows, real_photos, segment
-from mv2batch import runner
+from dataclasses import replace
+
+from conftest import classify, placed_with, read_rows, real_photos, segment
 from mv2batch.device import to_host_later
 from mv2batch.postprocess import class_counts, confusion_cells, confusion_counts, present_counts, upsample_argmax
 from mv2batch.tasks import ClassifyTask, SegmentTask
@@ -71,30 +72,30 @@ def queued_like_a_gpu(monkeypatch):
         outputs = start(self, model, pixels, samples)
         return lambda: log.append(("read", number)) or outputs()
 
-    monkeypatch.setattr(runner, "_queued", lambda ctx: True)
     monkeypatch.setattr(ClassifyTask, "start", logged_start)
     return log
 
 
-def test_queued_batches_are_read_one_behind_with_the_same_rows(tmp_path, tiny_model, queued_like_a_gpu,
-                                                              monkeypatch):
+QUEUED = placed_with(lambda placement: replace(placement, queued=True))
+DIRECT = placed_with(lambda placement: replace(placement, queued=False))
+
+
+def test_queued_batches_are_read_one_behind_with_the_same_rows(tmp_path, tiny_model, queued_like_a_gpu):
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(5)):
         photo.save(folder / f"{i}.png")
-    classify(folder, tmp_path / "queued", tiny_model, batch_size=2)
+    classify(folder, tmp_path / "queued", tiny_model, batch_size=2, parts=QUEUED)
     assert queued_like_a_gpu == [("start", 0), ("start", 1), ("read", 0), ("start", 2), ("read", 1), ("read", 2)]
-    monkeypatch.setattr(runner, "_queued", lambda ctx: False)
-    classify(folder, tmp_path / "direct", tiny_model, batch_size=2)
+    classify(folder, tmp_path / "direct", tiny_model, batch_size=2, parts=DIRECT)
     assert read_rows(tmp_path / "queued") == read_rows(tmp_path / "direct")
 
 
-def test_queued_segmentation_gives_the_same_rows(tmp_path, tiny_segmenter, monkeypatch):
+def test_queued_segmentation_gives_the_same_rows(tmp_path, tiny_segmenter):
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(5)):
         photo.save(folder / f"{i}.png")
     segment(folder, tmp_path / "direct", tiny_segmenter, batch_size=2)
-    monkeypatch.setattr(runner, "_queued", lambda ctx: True)
-    segment(folder, tmp_path / "queued", tiny_segmenter, batch_size=2)
+    segment(folder, tmp_path / "queued", tiny_segmenter, batch_size=2, parts=QUEUED)
     assert read_rows(tmp_path / "queued") == read_rows(tmp_path / "direct")

@@ -12,10 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import classify, read_rows, real_photos
+from conftest import built_loop, classify, read_rows, real_photos, run_config
 from mv2batch.config import Dtype
 from mv2batch.speed import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
                             fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
+
+def _rewritten(*args, **kwargs) -> torch.nn.Module:
+    """optimize_for_inference's rewritten module."""
+    return optimize_for_inference(*args, **kwargs).module
+
 
 TOLERANCE = 1e-4  # probabilities; a float32 rewrite of the model should move them far less
 CPU_DEFAULT = default_speedups(torch.device("cpu"), torch.float32)  # streams: this machine's threads
@@ -56,7 +61,7 @@ def _assert_same_topk(reference: torch.Tensor, got: torch.Tensor, k: int, tolera
 def _check_classifier(folder: Path, photos: int, speedups: Speedups, tolerance: float) -> None:
     pixels = _pixels(folder, photos)
     reference = _probs(_load(folder), pixels)
-    got = _probs(optimize_for_inference(_load(folder), torch.device("cpu"), torch.float32, speedups=speedups),
+    got = _probs(_rewritten(_load(folder), torch.device("cpu"), torch.float32, speedups=speedups),
                  pixels)
     assert len(set(reference.argmax(-1).tolist())) >= 3, "the checkpoint must be input-dependent"
     _assert_same_topk(reference, got, k=5, tolerance=tolerance)
@@ -92,7 +97,7 @@ def _exact_logits(folder: Path, task: str, pixels: torch.Tensor, per_call: int) 
     speedups = replace(exact_speedups(torch.device("cpu")), micro_batch_pixels=per_call * pixels[0, 0].numel())
     with torch.inference_mode():
         reference = _load(folder, task)(pixel_values=pixels).logits
-        model = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32, speedups=speedups)
+        model = _rewritten(_load(folder, task), torch.device("cpu"), torch.float32, speedups=speedups)
         return reference, model(pixel_values=pixels).logits
 
 
@@ -132,16 +137,17 @@ def test_batchnorm_folding_removes_every_batchnorm(tiny_model, tiny_segmenter):
     for folder, task in ((tiny_model, "classify"), (tiny_segmenter, "segment")):
         model = _load(folder, task)
         before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-        optimize_for_inference(model, torch.device("cpu"), torch.float32)
+        _rewritten(model, torch.device("cpu"), torch.float32)
         assert before > 0
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         assert fold_batchnorm(model) == 0  # nothing left to fold; a second call is harmless
 
 
 def test_optimised_model_keeps_its_interface(tiny_model):
-    model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32)
+    optimized = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32)
+    model = optimized.module
     assert type(model).__name__ == HEAD["classify"]
-    assert model.mv2batch_speedups == CPU_DEFAULT
+    assert optimized.speedups == CPU_DEFAULT
     with torch.inference_mode():
         outputs = model(pixel_values=torch.rand(3, 3, 64, 64), output_hidden_states=True)
     assert outputs.logits.shape == (3, 10) and len(outputs.hidden_states) == 5
@@ -163,9 +169,9 @@ def test_defaults_per_device():
 def test_micro_batches_give_the_whole_batch_outputs(tiny_model, tiny_segmenter):
     """One image per call (64x64 pixels each) or the whole batch at once: the same outputs, hidden states too."""
     for folder, task in ((tiny_model, "classify"), (tiny_segmenter, "segment")):
-        whole = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32,
+        whole = _rewritten(_load(folder, task), torch.device("cpu"), torch.float32,
                                        speedups=Speedups(micro_batch_pixels=None))
-        single = optimize_for_inference(_load(folder, task), torch.device("cpu"), torch.float32,
+        single = _rewritten(_load(folder, task), torch.device("cpu"), torch.float32,
                                         speedups=Speedups(micro_batch_pixels=64 * 64))
         pixels = torch.rand(5, 3, 64, 64)
         with torch.inference_mode():
@@ -183,8 +189,8 @@ def test_parallel_streams_give_one_streams_outputs(tiny_model, dtype):
     """Micro-batches on two single-threaded streams: the same bits as one after the other, in order."""
     threads = torch.get_num_threads()
     one = replace(CPU_DEFAULT, micro_batch_pixels=2 * 64 * 64, streams=1)
-    sequential = optimize_for_inference(_load(tiny_model), torch.device("cpu"), dtype, speedups=one)
-    parallel = optimize_for_inference(_load(tiny_model), torch.device("cpu"), dtype,
+    sequential = _rewritten(_load(tiny_model), torch.device("cpu"), dtype, speedups=one)
+    parallel = _rewritten(_load(tiny_model), torch.device("cpu"), dtype,
                                       speedups=replace(one, streams=2))
     assert torch.get_num_threads() == threads  # the streams' own setting does not leak into the caller
     pixels = _pixels(tiny_model, 7).to(dtype)
@@ -198,12 +204,12 @@ def test_parallel_streams_give_one_streams_outputs(tiny_model, dtype):
 def test_each_stream_keeps_its_share_of_the_threads():
     """ATen sizes a thread's OpenMP team at its first parallel op from the process-wide setting, which the
     pool puts back: a stream must still run with its share, or two streams oversubscribe the cores."""
-    from mv2batch.speed import _stream_pool
+    from mv2batch.streams import stream_pool
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        pool = _stream_pool(2)
+        pool = stream_pool(2)
         assert torch.get_num_threads() == 4
 
         def threads_after_a_parallel_op() -> int:
@@ -231,7 +237,7 @@ def test_reshape_patches_equal_unfold_and_fold(shape, channels_last):
 
 
 def test_bf16_runs_and_keeps_float_outputs_finite(tiny_model):
-    model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.bfloat16)
+    model = _rewritten(_load(tiny_model), torch.device("cpu"), torch.bfloat16)
     probs = _probs(model, _pixels(tiny_model, 4), torch.bfloat16)
     assert probs.shape == (4, 10) and torch.isfinite(probs).all()
 
@@ -259,7 +265,7 @@ def _check_segmenter(folder: Path, pixels: torch.Tensor, speedups: Speedups, tol
     """Per-pixel class probabilities within the tolerance; masks equal except where the reference hesitated."""
     with torch.inference_mode():
         reference = _load(folder, "segment")(pixel_values=pixels).logits
-        model = optimize_for_inference(_load(folder, "segment"), torch.device("cpu"), torch.float32,
+        model = _rewritten(_load(folder, "segment"), torch.device("cpu"), torch.float32,
                                        speedups=speedups)
         got = model(pixel_values=pixels).logits
     torch.testing.assert_close(got.softmax(1), reference.softmax(1), atol=tolerance, rtol=0)
@@ -306,15 +312,15 @@ def test_run_records_its_speedups_among_the_fingerprint_fields(tiny_model, tmp_p
 
 def test_streams_keep_order_and_never_wait_on_themselves(tiny_model):
     """Items come back in order; a call from inside a stream runs in place instead of queueing on its own pool."""
-    from mv2batch.speed import start_in_streams
+    from mv2batch.streams import start_in_streams
 
-    model = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
-                                   speedups=replace(CPU_DEFAULT, streams=2))
-    nested = lambda item: start_in_streams(model, lambda x: x * 10, [item, item + 1, item + 2])()
-    assert start_in_streams(model, nested, list(range(6)))() == [[10 * i, 10 * i + 10, 10 * i + 20] for i in range(6)]
+    pool = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
+                                  speedups=replace(CPU_DEFAULT, streams=2)).streams
+    nested = lambda item: start_in_streams(pool, lambda x: x * 10, [item, item + 1, item + 2])()
+    assert start_in_streams(pool, nested, list(range(6)))() == [[10 * i, 10 * i + 10, 10 * i + 20] for i in range(6)]
     plain = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
                                    speedups=replace(CPU_DEFAULT, streams=1))
-    assert getattr(plain, "mv2batch_streams") is None and start_in_streams(plain, str, [1, 2])() == ["1", "2"]
+    assert plain.streams is None and start_in_streams(plain.streams, str, [1, 2])() == ["1", "2"]
 
 
 @pytest.mark.parametrize("speedups, streams", [(None, 1), (True, 2)])
@@ -323,22 +329,23 @@ def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny
     """Without streams a started batch is already computed: its rows and progress leave at once (a progress
     update that waited for the next batch would also make every measured rate look a batch faster). With
     streams the next batch is started before the current one is collected, so the streams never idle."""
-    import mv2batch
-    from mv2batch import runner
-    from mv2batch.config import RunConfig
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: streams)  # the default set's stream count
-    started_batches, seen = [], []
-    start_batch = runner._start_batch
-    monkeypatch.setattr(runner, "_start_batch", lambda *args: started_batches.append(1) or start_batch(*args))
     folder = tmp_path / "images"
     folder.mkdir()
     for i, photo in enumerate(real_photos(7)):
         photo.save(folder / f"{i}.png")
-    config = RunConfig(task="classify", source="folder", input=str(folder), out=tmp_path / "out", model=str(tiny_model),
-                       device="cpu", workers=0,
-                       batch_size=2, speedups=speedups)
-    mv2batch.run(config, lambda update: seen.append((update.done, len(started_batches))))
+    started_batches, seen = [], []
+    config = run_config(folder, tmp_path / "out", tiny_model, batch_size=2, speedups=speedups)
+    job, loop, shards = built_loop(config, lambda update: seen.append((update.done, len(started_batches))))
+    real_loader = loop.make_loader
+
+    def counting_loader(*args):  # a batch is started as soon as the loop takes it from the loader
+        for batch in real_loader(*args):
+            started_batches.append(1)
+            yield batch
+
+    loop.make_loader = counting_loader
+    loop.process(shards, job.source.read)
     done_batches = [(done + 1) // 2 for done, _ in seen if done]
     started = [count for done, count in seen if done]
     assert done_batches == [1, 2, 3, 4]
@@ -409,9 +416,10 @@ PREFIX_BY_WIDTH = {
 def test_exact_set_runs_its_first_layers_channels_last_with_transformers_bits(width):
     pixels = _segment_pixels(256, 2)  # two photos at 341x256, NCHW as transformers gets them
     reference = _backbone_from_config(width)
-    model = optimize_for_inference(_backbone_from_config(width), torch.device("cpu"), torch.float32,
-                                   speedups=exact_speedups(torch.device("cpu")))
-    assert model.mv2batch_speedups.channels_last_prefix
+    optimized = optimize_for_inference(_backbone_from_config(width), torch.device("cpu"), torch.float32,
+                                       speedups=exact_speedups(torch.device("cpu")))
+    model = optimized.module
+    assert optimized.speedups.channels_last_prefix
     layouts = list(_conv_input_layouts(model, pixels.contiguous(memory_format=torch.channels_last)).values())
     prefix = PREFIX_BY_WIDTH[width]
     assert layouts == [True] * prefix + [False] * (len(layouts) - prefix)
@@ -423,21 +431,19 @@ def test_exact_set_runs_its_first_layers_channels_last_with_transformers_bits(wi
     assert not any(_conv_input_layouts(model, torch.rand(1, 3, 96, 96)).values())
 
 
-def test_the_prefix_is_dropped_where_the_layouts_round_differently(monkeypatch):
+def test_the_prefix_is_dropped_where_the_layouts_round_differently():
     """A CPU whose channels-last kernels round differently (simulated: the prefix nudges the pixels) keeps NCHW."""
-    from mv2batch import speed
+    from mv2batch.layout import apply_channels_last_prefix, channels_last_if_large
 
-    real_hook = speed._channels_last_if_large
+    def rounding_elsewhere(switch, stem, args):
+        (pixels, *rest) = channels_last_if_large(switch, stem, args)
+        return (pixels * (1 + 1e-6) if switch.on else pixels, *rest)
 
-    def rounding_elsewhere(stem, args):
-        (pixels, *rest) = real_hook(stem, args)
-        return (pixels * (1 + 1e-6) if stem.mv2batch_channels_last else pixels, *rest)
-
-    monkeypatch.setattr(speed, "_channels_last_if_large", rounding_elsewhere)
     pixels = _segment_pixels(256, 2)  # two photos at 341x256, NCHW as transformers gets them
-    model = optimize_for_inference(_backbone_from_config(1.0), torch.device("cpu"), torch.float32,
-                                   speedups=exact_speedups(torch.device("cpu")))
-    assert not model.mv2batch_speedups.channels_last_prefix and not speed.wants_channels_last_input(model)
+    cpu = torch.device("cpu")
+    model = _rewritten(_backbone_from_config(1.0), cpu, torch.float32,
+                       speedups=replace(exact_speedups(cpu), channels_last_prefix=False))
+    assert not apply_channels_last_prefix(model, cpu, torch.float32, stem_hook=rounding_elsewhere)
     assert not any(_conv_input_layouts(model, pixels).values())
     with torch.inference_mode():
         assert torch.equal(model(pixel_values=pixels).logits, _backbone_from_config(1.0)(pixel_values=pixels).logits)
@@ -445,6 +451,6 @@ def test_the_prefix_is_dropped_where_the_layouts_round_differently(monkeypatch):
 
 def test_a_model_channels_last_throughout_records_no_prefix(tiny_model):
     cpu = torch.device("cpu")
-    model = optimize_for_inference(_load(tiny_model), cpu, torch.float32, channels_last=True,
-                                   speedups=exact_speedups(cpu))
-    assert model.mv2batch_speedups.channels_last and not model.mv2batch_speedups.channels_last_prefix
+    applied = optimize_for_inference(_load(tiny_model), cpu, torch.float32, channels_last=True,
+                                     speedups=exact_speedups(cpu)).speedups
+    assert applied.channels_last and not applied.channels_last_prefix

@@ -1,0 +1,19 @@
+"""Engines: how a run's shards reach processes. local: this process (its rank from torchrun or Slurm); ray: each
+shard a Ray task. An engine describes the job, places it (or has its tasks place it) and calls the runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Engine, RunConfig
+
+
+def run(config: RunConfig, progress: Any = None) -> Any:
+    """Run a job on the engine its configuration names and return its report."""
+    if config.engine is Engine.ray:
+        from .ray import run as run_on_ray
+
+        return run_on_ray(config, progress)
+    from .local import run as run_here
+
+    return run_here(config, progress)

@@ -1,0 +1,53 @@
+"""The local engine: this process runs its shards (all of them, or its rank's share under torchrun or Slurm)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import placement, policy, runner
+from ..batchloop import ProgressCallback
+from ..config import RunConfig
+from ..errors import Mv2batchError
+from ..job import describe_job, open_out
+from ..plan import Group, rank_from_env
+from ..report import Report
+
+
+@dataclass(frozen=True)
+class LocalParts:
+    """The steps a test or a benchmark may replace with its own (wrapping the real one, usually)."""
+
+    place: Callable[..., Any] = placement.place  # (job, local_rank) -> Placement
+    plan_loader: Callable[..., policy.LoaderPlan] = policy.plan_loader
+
+
+def run(config: RunConfig, progress: ProgressCallback | None = None, parts: LocalParts = LocalParts()) -> Report:
+    """Describe the job, place its model, open OUT, run this process's shards, and report (once per run)."""
+    started = time.perf_counter()
+    rank = rank_from_env()
+    group = Group(rank)
+    placed = None
+    try:
+        job = describe_job(config)
+        placed = parts.place(job, rank.local_rank)
+        rundir = open_out(job, rank, group, batch_size=placed.batch_size)
+        counters = runner.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.plan_loader)
+        group.barrier()
+        return runner.finish(job, rundir, counters.done, time.perf_counter() - started,
+                             write=rank.is_first or not group.active)
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            raise
+        raise Mv2batchError(out_of_memory(placed)) from None
+    finally:
+        group.close()
+
+
+def out_of_memory(placed: Any) -> str:
+    """One line for a device that ran out of memory: while placing the model, or on a batch."""
+    if placed is None:
+        return "the device ran out of memory while loading the model: free the GPU, or use a smaller model"
+    return (f"the {placed.device.type.upper()} device ran out of memory at --batch-size {placed.batch_size}: "
+            f"lower --batch-size (finished shards are kept; --resume continues the run)")

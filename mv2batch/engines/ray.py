@@ -1,0 +1,84 @@
+"""The Ray engine: the driver describes the job and opens OUT (no weights, no device); each pending shard is a
+Ray task (one GPU each where the cluster has GPUs) that places the model and runs it, with Ray's retries."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..batchloop import ProgressCallback, ProgressUpdate
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..job import Job, describe_job, open_out, owner
+from ..plan import Group, Rank
+from ..report import Report
+
+TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'mv2batch[ray]'") from None
+    if not ray.is_initialized():
+        # RAY_ADDRESS joins an existing cluster; without it Ray starts a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+def run_shard(job: Job, shard: int) -> tuple[int, int]:
+    """A Ray task: place the model on this node and run one shard; (rows, error rows) it ran."""
+    from .. import runner
+    from ..placement import place
+
+    job = _with_model_here(job)
+    placed = place(job)
+    rank = Rank()
+    rundir = open_out(dataclasses.replace(job, config=dataclasses.replace(job.config, resume=True,
+                                                                          overwrite=False)),
+                      rank, Group(rank), owns=owner(rank, (shard,)))
+    counters = runner.run_shards(job, placed, rundir, owner(rank, (shard,)))
+    return counters.done, counters.errors
+
+
+def _with_model_here(job: Job) -> Job:
+    """The job with its checkpoint resolved on this node, at the revision the driver resolved, where the driver's
+    folder is not visible here (another machine's hub cache)."""
+    from .. import models
+
+    if Path(job.resolved.folder).is_dir():
+        return job
+    return dataclasses.replace(job, resolved=models.resolve_model(job.model_name, job.resolved.revision))
+
+
+def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
+    """Describe the job and open OUT here, run every pending shard as a Ray task, then write the report once."""
+    from .. import runner
+
+    started = time.perf_counter()
+    ray = _ray()
+    job = describe_job(dataclasses.replace(config, engine="local"))
+    rank = Rank()
+    rundir = open_out(job, rank, Group(rank))
+    done = rundir.committed(job.fingerprint)
+    pending = [s for s in range(job.plan().n_shards)
+               if s not in done or (config.retry_errors and done[s]["errors"])]
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_gpus=gpus, max_retries=TASK_RETRIES)(run_shard)
+    job_ref = ray.put(job)
+    waiting = [task.remote(job_ref, shard) for shard in pending]
+    ran = errors = 0
+    total = sum(len(job.plan().shard(s)) for s in pending)
+    if progress:
+        progress(ProgressUpdate(0, total, 0))
+    while waiting:  # progress per finished shard, in the order they finish
+        finished, waiting = ray.wait(waiting, num_returns=1)
+        rows, failed = ray.get(finished[0])
+        ran, errors = ran + rows, errors + failed
+        if progress:
+            progress(ProgressUpdate(ran, total, errors))
+    return runner.finish(job, rundir, ran, time.perf_counter() - started, write=True)
