@@ -27,7 +27,7 @@ POSITION = "_index"  # the item index that travels with each row, used for order
 
 
 def prediction_schema(task_fields: list[pa.Field], metadata: dict[str, Any]) -> pa.Schema:
-    """The Parquet schema of DESIGN.md §3, with the run's identity in the key-value metadata."""
+    """The Parquet schema of the README's "Output" section, with the run's identity in the key-value metadata."""
     encoded = {key: json.dumps(value, default=str) for key, value in metadata.items()}
     return pa.schema(COMMON_FIELDS + task_fields, metadata=encoded)
 

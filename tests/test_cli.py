@@ -1,4 +1,4 @@
-"""The CLI: help with examples, the files a run writes (DESIGN.md §3), exit codes, resumption and refusals."""
+"""The CLI: help with examples, the files a run writes (README "Output"), exit codes, resumption and refusals."""
 
 from __future__ import annotations
 
@@ -119,6 +119,63 @@ def test_help_has_an_example(path):
     result = invoke(*path, "--help")
     assert result.exit_code == 0, result.output
     assert "Example" in result.stdout, result.stdout
+
+
+COMMON = ("--out -o --model --revision --device --dtype --batch-size --workers --compile --no-compile --speedups "
+          "--no-speedups --limit --shard-size --preprocess --resume --overwrite --retry-errors --max-pixels --engine "
+          "--quiet -q --strict")
+DATASET = "--split --streaming --image-column --label-column"
+# Every run command's options as they were before the CLI was rewritten in Typer's Annotated style (e4371ad).
+OPTIONS_BEFORE = {
+    ("classify", "folder"): f"INPUT --top-k {COMMON}",
+    ("classify", "dataset"): f"INPUT {DATASET} --top-k {COMMON}",
+    ("segment", "folder"): f"INPUT --masks-dir --overlays-dir {COMMON}",
+    ("segment", "dataset"): f"INPUT {DATASET} --masks-dir --overlays-dir {COMMON}",
+    ("eval", "imagenet-val"): f"INPUT --labels --real-labels {DATASET} {COMMON}",
+    ("eval", "voc"): f"INPUT --split {COMMON}",
+    ("eval", "ade20k"): f"INPUT --split {COMMON}",
+}
+PANELS = ("Input", "Model and precision", "Speed", "Output and resume")
+
+
+def _options_of(path: tuple[str, ...]) -> set[str]:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    names = set()
+    for param in command.params:
+        names |= {*param.opts, *param.secondary_opts} if param.param_type_name == "option" else {param.name.upper()}
+    return names - {"--help"}
+
+
+@pytest.mark.parametrize("path", sorted(OPTIONS_BEFORE), ids=" ".join)
+def test_each_command_keeps_its_options_and_groups_them_in_panels(path):
+    assert _options_of(path) == set(OPTIONS_BEFORE[path].split())
+    shown = invoke(*path, "--help", env={"COLUMNS": "200"}).stdout
+    for option in OPTIONS_BEFORE[path].split()[1:]:
+        assert f" {option} " in shown or f" {option}\n" in shown, option
+    for panel in PANELS:
+        assert f"─ {panel} ─" in shown, panel
+
+
+def test_a_log_gets_a_progress_line_every_few_seconds(tmp_path, tiny_model):
+    """stderr to a file (a Slurm or CI log): plain lines at intervals with done / total, rate, errors and ETA,
+    no live bar."""
+    write_photos(tmp_path / "photos", 24)
+    log = tmp_path / "stderr.log"
+    env = {**os.environ, "MV2BATCH_LOG_INTERVAL": "0.5"}
+    slow = ["--batch-size", "1", "--no-speedups", "--workers", "0"]  # one image per pass: a run of a few seconds
+    with log.open("w") as stderr:
+        subprocess.run([sys.executable, "-m", "mv2batch", "classify", "folder", str(tmp_path / "photos"), "-o",
+                        str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu", *slow],
+                       stderr=stderr, stdout=subprocess.DEVNULL, env=env, timeout=300, check=True)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("mv2batch: classify ")]
+    assert len(lines) >= 2, log.read_text()
+    done = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert done == sorted(done) and done[-1] == 24 and lines[-1].split()[2] == "24/24"
+    assert all("img/s" in line and "errors" in line and "elapsed" in line for line in lines)
+    assert "ETA" in lines[0]
+    assert "\r" not in log.read_text() and "━" not in log.read_text()  # no live bar in a log
 
 
 def test_module_entry_point():
@@ -255,8 +312,8 @@ def test_resume_option_continues(inputs, tiny_model, done_run, tmp_path):
 
 @pytest.mark.parametrize("change, field", [
     (("--top-k", "3"), "top_k"), (("--shard-size", "4"), "shard_size"), (("--limit", "5"), "limit"),
-    ("other-model", "model"),
-], ids=["top-k", "shard-size", "limit", "model"])
+    ("other-model", "model"), (("--max-pixels", "100000"), "max_pixels"),
+], ids=["top-k", "shard-size", "limit", "model", "max-pixels"])
 def test_different_run_is_refused_then_overwritten(inputs, tiny_model, done_run, tmp_path, change, field):
     out = _copy_run(done_run, tmp_path)
     model = tiny_model

@@ -105,6 +105,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(reference, tiny_model,
+                                                                                           tmp_path):
+    """Batch size and workers change how fast, not what: a crashed run resumed with others continues."""
+    folder, expected = reference
+    out = tmp_path / "out"
+    shutil.copytree(expected, out)
+    for shard in (4, 5, 6):  # as if the run had crashed before committing its last three shards
+        (out / "shards" / f"{shard:05d}.json").unlink()
+        (out / "predictions" / f"part-{shard:05d}.parquet").unlink()
+    (out / "report").rename(tmp_path / "old-report")
+    report = classify(folder, out, tiny_model, shard_size=3, batch_size=4, workers=1)
+    assert report.ran_now == 3 + 3 + 2 and report.complete
+    _assert_same_output(out, expected)
+
+
 def test_torchrun_two_processes_give_the_single_process_output(reference, tiny_model, tmp_path):
     folder, expected = reference
     out = tmp_path / "out"

@@ -1,0 +1,147 @@
+"""The package's shape (docs/design.md): no import cycles, small modules, parts passed in rather than patched."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mv2batch"
+MAX_MODULE_LINES = 350
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that a module imports anywhere in its body (lazy imports in functions too: a cycle
+    through them is a cycle of the design all the same)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in known else base)
+    return {module for module in found if module in known and module != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imported(name, path, set(modules)) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path (first module repeated at the end), or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for child in sorted(graph[node]):
+            if state.get(child) == "open":
+                return path[path.index(child):] + [child] if child in path else [node, child]
+            if child not in state:
+                cycle = visit(child, path + [child])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_graph_sees_relative_lazy_and_package_imports():
+    graph = import_graph()
+    assert "mv2batch.engines" in graph["mv2batch"]  # a lazy import inside run()
+    assert "mv2batch.runner" in graph["mv2batch.engines.local"]  # from .. import runner
+    assert "mv2batch.cli_options" in graph["mv2batch.cli"]  # from . import cli_options as o
+
+
+def test_no_module_imports_itself_back():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_runner_never_imports_an_engine():
+    graph = import_graph()
+    assert not {m for m in graph["mv2batch.runner"] if m.startswith("mv2batch.engines")}
+
+
+def test_every_module_is_small():
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"over {MAX_MODULE_LINES} lines: {long}"
+
+
+def _mv2batch_names(tree: ast.AST) -> set[str]:
+    """Local names bound to mv2batch modules or objects (import mv2batch.x as y, from mv2batch import x)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("mv2batch")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mv2batch"):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")  # a dunder (__call__) is public protocol
+
+
+def private_patches(source: str) -> list[str]:
+    """Where a test or benchmark replaces a private name: setattr / monkeypatch.setattr with a name starting
+    with '_' (or a dotted 'mv2batch.x._y' target), or an assignment to an mv2batch module's '_name'."""
+    tree = ast.parse(source)
+    ours = _mv2batch_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "setattr":
+            texts = [a.value for a in node.args[:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            if any(_private(t.rpartition(".")[2]) and (t.startswith("_") or "mv2batch" in t) for t in texts):
+                found.append(f"line {node.lineno}: setattr {texts}")
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and _private(target.attr):
+                if isinstance(target.value, ast.Name) and target.value.id in ours:
+                    found.append(f"line {node.lineno}: {target.value.id}.{target.attr} = ...")
+    return found
+
+
+def test_the_patch_finder_sees_each_form():
+    source = ("from mv2batch import runner\nimport mv2batch.speed as speed\n"
+              "def test(monkeypatch):\n"
+              "    monkeypatch.setattr(runner, '_queued', lambda ctx: True)\n"
+              "    monkeypatch.setattr('mv2batch.runner._prepare', None)\n"
+              "    runner._prepare = None\n"
+              "    speed._helper = None\n"
+              "    monkeypatch.setattr(runner, 'public', None)\n")
+    assert len(private_patches(source)) == 4
+
+
+def test_no_test_or_benchmark_patches_a_private_name():
+    root = PACKAGE.parent
+    found = {str(path.relative_to(root)): hits for path in sorted([*root.glob("tests/*.py"),
+                                                                   *root.glob("benchmarks/*.py")])
+             if (hits := private_patches(path.read_text()))}
+    assert not found, found
