@@ -15,16 +15,16 @@ from .config import Dtype, Engine
 from .errors import Mv2batchError
 
 app = typer.Typer(
-    help="Run Apple's MobileViTV2 models over folders and datasets; write predictions to Parquet."
-         "\n\nExample: mv2batch classify folder photos/ -o out/",
+    help="Run Apple's MobileViTV2 models over folders and datasets; write predictions to Parquet.",
+    epilog="Example: mv2batch classify folder photos/ -o out/",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-classify_app = typer.Typer(help="Top-k ImageNet labels for every image."
-                                "\n\nExample: mv2batch classify folder photos/ -o out/ --top-k 5", no_args_is_help=True)
-segment_app = typer.Typer(help="Per-pixel class masks at each image's original size."
-                               "\n\nExample: mv2batch segment folder photos/ -o out/", no_args_is_help=True)
-eval_app = typer.Typer(help="Accuracy and mIoU against ground truth, exact and per class."
-                            "\n\nExample: mv2batch eval imagenet-val /data/imagenet/val -o out/", no_args_is_help=True)
+classify_app = typer.Typer(help="Top-k ImageNet labels for every image.", no_args_is_help=True,
+                           epilog="Example: mv2batch classify folder photos/ -o out/ --top-k 5")
+segment_app = typer.Typer(help="Per-pixel class masks at each image's original size.", no_args_is_help=True,
+                          epilog="Example: mv2batch segment folder photos/ -o out/")
+eval_app = typer.Typer(help="Accuracy and mIoU against ground truth, exact and per class.", no_args_is_help=True,
+                       epilog="Example: mv2batch eval imagenet-val /data/imagenet/val -o out/")
 app.add_typer(classify_app, name="classify")
 app.add_typer(segment_app, name="segment")
 app.add_typer(eval_app, name="eval")
@@ -56,7 +56,7 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-@classify_app.command("folder")
+@classify_app.command("folder", epilog="Example: mv2batch classify folder photos/ -o out/ --top-k 5")
 def classify_folder(
     input: o.FolderArg, *,
     limit: o.Limit = None, max_pixels: o.MaxPixels = None,
@@ -69,14 +69,11 @@ def classify_folder(
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """Classify every image under DIR.
-
-    Example: mv2batch classify folder photos/ -o out/ --top-k 5
-    """
+    """Classify every image under DIR."""
     _run("classify", "folder", locals())
 
 
-@classify_app.command("dataset")
+@classify_app.command("dataset", epilog="Example: mv2batch classify dataset ./my_saved_dataset -o out/ --split test")
 def classify_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
@@ -91,14 +88,11 @@ def classify_dataset(
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """Classify every image of a Hugging Face dataset.
-
-    Example: mv2batch classify dataset ./my_saved_dataset -o out/ --split test
-    """
+    """Classify every image of a Hugging Face dataset."""
     _run("classify", "dataset", locals())
 
 
-@segment_app.command("folder")
+@segment_app.command("folder", epilog="Example: mv2batch segment folder photos/ -o out/ --masks-dir masks/")
 def segment_folder(
     input: o.FolderArg, *,
     limit: o.Limit = None, max_pixels: o.MaxPixels = None,
@@ -111,14 +105,12 @@ def segment_folder(
     masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """Segment every image under DIR (masks at the original size).
-
-    Example: mv2batch segment folder photos/ -o out/ --masks-dir masks/
-    """
+    """Segment every image under DIR (masks at the original size)."""
     _run("segment", "folder", locals())
 
 
-@segment_app.command("dataset")
+@segment_app.command("dataset",
+                     epilog="Example: mv2batch segment dataset ./my_saved_dataset -o out/ --split validation")
 def segment_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
@@ -133,14 +125,12 @@ def segment_dataset(
     masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """Segment every image of a Hugging Face dataset.
-
-    Example: mv2batch segment dataset ./my_saved_dataset -o out/ --split validation
-    """
+    """Segment every image of a Hugging Face dataset."""
     _run("segment", "dataset", locals())
 
 
-@eval_app.command("imagenet-val")
+@eval_app.command("imagenet-val",
+                  epilog="Example: mv2batch eval imagenet-val /data/imagenet/val -o out/ --preprocess paper")
 def eval_imagenet(
     input: o.ImagenetArg, *,
     labels_file: o.LabelsFile = None, real_labels: o.RealLabels = None,
@@ -155,14 +145,11 @@ def eval_imagenet(
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """ImageNet-1k top-1 / top-5, per class (and ReaL top-1 with --real-labels).
-
-    Example: mv2batch eval imagenet-val /data/imagenet/val -o out/ --preprocess paper
-    """
+    """ImageNet-1k top-1 / top-5, per class (and ReaL top-1 with --real-labels)."""
     _run("classify", "imagenet", locals())
 
 
-@eval_app.command("voc")
+@eval_app.command("voc", epilog="Example: mv2batch eval voc /data/VOCdevkit -o out/")
 def eval_voc(
     input: o.VocArg, *,
     split: o.EvalSplit = None,
@@ -175,14 +162,12 @@ def eval_voc(
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """PASCAL VOC 2012 mIoU, per class (ignore index 255).
-
-    Example: mv2batch eval voc /data/VOCdevkit -o out/
-    """
+    """PASCAL VOC 2012 mIoU, per class (ignore index 255)."""
     _run("segment", "voc", locals())
 
 
-@eval_app.command("ade20k")
+@eval_app.command("ade20k",
+                  epilog="Example: mv2batch eval ade20k /data/ADEChallengeData2016 -o out/ --model my/ade20k-model")
 def eval_ade20k(
     input: o.AdeArg, *,
     split: o.EvalSplit = None,
@@ -195,19 +180,13 @@ def eval_ade20k(
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
-    """ADE20k mIoU over 150 classes (label 0 ignored).
-
-    Example: mv2batch eval ade20k /data/ADEChallengeData2016 -o out/ --model my/ade20k-checkpoint
-    """
+    """ADE20k mIoU over 150 classes (label 0 ignored)."""
     _run("segment", "ade20k", locals())
 
 
-@app.command("report")
+@app.command("report", epilog="Example: mv2batch report out/")
 def report_command(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
-    """Print the report of a run, rebuilt from its shard markers (and rewritten in OUT/report/ when complete).
-
-    Example: mv2batch report out/
-    """
+    """Print the report of a run, rebuilt from its shard markers (and rewritten in OUT/report/ when complete)."""
     from .progress import print_report
     from .report import load_report
 
@@ -217,12 +196,9 @@ def report_command(out: Annotated[Path, typer.Argument(help="A run's output dire
         _fail(str(exc), exc.exit_code)
 
 
-@app.command("models")
+@app.command("models", epilog="Example: mv2batch models")
 def models_command() -> None:
-    """List the known MobileViTV2 checkpoints and which are in the local hub cache.
-
-    Example: mv2batch models
-    """
+    """List the known MobileViTV2 checkpoints and which are in the local hub cache."""
     from .progress import print_models
 
     print_models()

@@ -18,7 +18,7 @@ KNOWN_MODELS = [
 
 # Seconds between two progress lines where stderr is not a terminal (a Slurm or CI log); MV2BATCH_LOG_INTERVAL
 # sets another.
-LOG_INTERVAL_S = 10.0
+LOG_INTERVAL_S = 5.0
 
 
 def run_with_progress(config: Any, quiet: bool, console: Console | None = None) -> Any:

@@ -211,12 +211,18 @@ def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(referenc
     folder, expected = reference
     out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    updates = []
     try:
-        report = classify(folder, out, tiny_model, shard_size=3, batch_size=1, engine="ray")
+        report = classify(folder, out, tiny_model, shard_size=3, batch_size=1, engine="ray",
+                          progress=updates.append)
     finally:
         ray.shutdown()
     assert report.complete and report.ran_now == 20
     _assert_same_output(out, expected)
+    # Progress once before any shard, then once per finished shard (6 of 3 images, 1 of 2).
+    assert len(updates) == 1 + 7 and updates[0].done == 0 and {u.total for u in updates} == {20}
+    assert sorted(u.done for u in updates) == [u.done for u in updates] and updates[-1].done == 20
+    assert {b.done - a.done for a, b in zip(updates, updates[1:])} <= {2, 3}
 
 
 def test_processes_writing_the_same_report_at_once_all_succeed(reference, tmp_path):
