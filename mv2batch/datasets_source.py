@@ -105,6 +105,67 @@ def find_columns(features: Any, image_column: str | None, label_column: str | No
     return image_column, label_column
 
 
+IMAGE_COLUMN_KINDS = "a datasets.Image feature, binary image bytes, a {bytes, path} struct, or strings of paths / URLs"
+PEEKED_ROWS = 8
+
+
+def _type_name(feature: Any) -> str:
+    return getattr(feature, "dtype", None) or type(feature).__name__
+
+
+def _image_column_kind(feature: Any) -> str | None:
+    """image | bytes | struct | strings, or None for a column that cannot hold images."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return "image"
+    if isinstance(feature, dict) and {"bytes", "path"} >= set(feature) and "bytes" in feature:
+        return "struct"
+    dtype = getattr(feature, "dtype", None)
+    if isinstance(feature, datasets.Value) and dtype in ("binary", "large_binary"):
+        return "bytes"
+    if isinstance(feature, datasets.Value) and dtype in ("string", "large_string"):
+        return "strings"
+    return None
+
+
+def _looks_like_a_path(value: Any) -> bool:
+    from .listing import image_extensions
+
+    if not isinstance(value, str) or not value.strip() or "\n" in value:
+        return False
+    return "://" in value or Path(value).suffix.lower() in image_extensions() or Path(value).is_file()
+
+
+def _first_values(data: Any, column: str) -> list[Any]:
+    rows = data.take(PEEKED_ROWS) if hasattr(data, "take") else data.select(range(min(PEEKED_ROWS, len(data))))
+    return [row[column] for row in rows]
+
+
+def check_columns(data: Any, image_column: str, label_column: str | None) -> None:
+    """Before any work: the image column holds images (or their paths), the label column class ids; otherwise
+    one line naming the column, its type and what would do."""
+    import datasets
+
+    features = data.features
+    kind = _image_column_kind(features[image_column])
+    if kind is None:
+        raise InputError(f"column {image_column!r} ({_type_name(features[image_column])}) holds no images: the image "
+                         f"column must be {IMAGE_COLUMN_KINDS} (choose it with --image-column)")
+    if kind == "strings":
+        values = [v for v in _first_values(data, image_column) if v is not None]
+        if values and not any(_looks_like_a_path(v) for v in values):
+            raise InputError(f"column {image_column!r} holds text, not image paths or URLs (e.g. {values[0][:40]!r}):"
+                             f" the image column must be {IMAGE_COLUMN_KINDS} (choose it with --image-column)")
+    if label_column is None:
+        return
+    label = features[label_column]
+    integer = isinstance(label, datasets.Value) and str(label.dtype).startswith(("int", "uint"))
+    if not (isinstance(label, datasets.ClassLabel) or integer):
+        raise InputError(f"column {label_column!r} ({_type_name(label)}) holds no class ids: the label column must "
+                         "be a datasets.ClassLabel or integers (choose it with --label-column)")
+
+
 def _guess_label_column(features: Any, columns: list[str]) -> str | None:
     import datasets
 
@@ -133,6 +194,9 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
     if data.features is None:
         raise InputError(f"dataset {spec.name} declares no features: name the columns with --image-column")
     image_column, label_column = find_columns(data.features, spec.image_column, spec.label_column)
+    check_columns(data, image_column, label_column)
+    # Only the columns used are read: a bad cell of another image column must not fail the row, nor cost time.
+    data = data.select_columns([c for c in (image_column, label_column) if c is not None])
     data = data.cast_column(image_column, datasets.Image(decode=False))
     names = _label_names(data.features, label_column)
     description = f"dataset {spec.name} [{split}]"

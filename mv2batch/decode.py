@@ -47,12 +47,22 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = default
 
 
+def megapixels(value: int, limit: int) -> tuple[str, str]:
+    """Both counts in Mpx with the fewest decimals (at least one) that tell them apart."""
+    for digits in range(1, 7):
+        shown = f"{value / 1e6:.{digits}f}", f"{limit / 1e6:.{digits}f}"
+        if shown[0] != shown[1]:
+            return shown
+    return f"{value / 1e6}", f"{limit / 1e6}"
+
+
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
+        size, limit = megapixels(width * height, max_pixels)
         raise DecodeError(
-            f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the decompression-bomb "
-            f"limit of {max_pixels / 1e6:.1f} Mpx (see --max-pixels)"
+            f"image is {width}x{height} = {size} Mpx, over the decompression-bomb limit of {limit} Mpx "
+            "(see --max-pixels)"
         )
 
 

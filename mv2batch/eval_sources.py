@@ -7,6 +7,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 from .errors import InputError
 from .sources import FolderSource, list_images
@@ -33,19 +34,19 @@ def imagenet_val_labels() -> dict[str, int]:
     return {Path(name).stem: int(label) for name, label in table.items()}
 
 
-def _folder(root: Path, what: str) -> FolderSource:
+def _folder(root: Path, what: str, exclude: Iterable[Path] = ()) -> FolderSource:
     if not root.is_dir():
         raise InputError(f"{what} not found: {root}")
-    return FolderSource.open(root)
+    return FolderSource.open(root, exclude)
 
 
 def _is_class_folder_layout(root: Path) -> bool:
     return any(child.is_dir() and WNID.fullmatch(child.name) for child in root.iterdir())
 
 
-def open_imagenet(root: Path, labels_file: Path | None) -> FolderSource:
+def open_imagenet(root: Path, labels_file: Path | None, exclude: Iterable[Path] = ()) -> FolderSource:
     """A class-folder layout (val/n01440764/*.JPEG) or a flat folder of ILSVRC2012_val_*.JPEG files."""
-    source = _folder(root, "ImageNet validation folder")
+    source = _folder(root, "ImageNet validation folder", exclude)
     if _is_class_folder_layout(root):
         source.labels = _labels_from_class_folders(source.ids)
         layout = "class folders"

@@ -22,17 +22,23 @@ def _open_imagenet(config: RunConfig) -> Any:
 
     path = Path(config.input).expanduser()
     if path.is_dir() and not is_saved_to_disk(path):
-        return open_imagenet(path, config.labels_file)
+        return open_imagenet(path, config.labels_file, exclude=outputs_of(config))
     source = _open_dataset(config)
     if source.label_column is None:
         raise InputError(f"{config.input} has no label column: name it with --label-column")
     return source
 
 
+def outputs_of(config: RunConfig) -> list[Path]:
+    """Folders this run writes to: never read as input, should they lie under it (a mask written there would
+    become an input of the next run)."""
+    return [Path(p).expanduser() for p in (config.out, config.masks_dir, config.overlays_dir) if p is not None]
+
+
 def _open_folder(config: RunConfig) -> Any:
     from .sources import FolderSource
 
-    return FolderSource.open(config.input)
+    return FolderSource.open(config.input, exclude=outputs_of(config))
 
 
 def _open_voc(config: RunConfig) -> Any:

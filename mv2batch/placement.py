@@ -41,7 +41,8 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
         job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0),
         policy.typical_pixels(job.preprocessing.resize_crop))
     module = models.load_weights(job.resolved.folder, job.task.name, job.model_name)
-    model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile)
+    model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
+                                          policy.typical_size(job.preprocessing.resize_crop))
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
     pixel_stage = PixelStage(device_norm, device, job.dtype, channels_last=wants_channels_last_input(speedups))
@@ -49,8 +50,10 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
                      queued=device.type == "cuda")
 
 
-def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, compile: bool) -> tuple:
-    """(model, speed-ups applied, stream pool) for --speedups / --no-speedups / the default, and --compile."""
+def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, compile: bool,
+               input_size: tuple[int, int]) -> tuple:
+    """(model, speed-ups applied, stream pool) for --speedups / --no-speedups / the default, and --compile;
+    input_size: a typical input's (height, width), which the exact set's probe runs at."""
     import torch
 
     from .speed import choose_speedups, optimize_for_inference
@@ -60,6 +63,7 @@ def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, com
         module, applied, streams = module.to(device=device, dtype=dtype), None, None
     else:
         # BatchNorm is folded (where chosen) in float64 before the cast; compile changes which rewrites pay.
-        optimized = optimize_for_inference(module, device, dtype, speedups=chosen, compile=compile)
+        optimized = optimize_for_inference(module, device, dtype, speedups=chosen, compile=compile,
+                                           probe_size=input_size)
         module, applied, streams = optimized.module, optimized.speedups, optimized.streams
     return (torch.compile(module) if compile else module), applied, streams

@@ -96,13 +96,19 @@ def default_batch_size(task: str, device: Any, dtype: Any, width: float, pixels:
     return next((size for size in GPU_BATCH_SIZES if size * per_image <= free / 2), DEFAULT_BATCH_SIZE)
 
 
-def typical_pixels(resize_crop: Any) -> int:
-    """Pixels of one model input: exact with a crop; else as for a 4:3 photo."""
+def typical_size(resize_crop: Any) -> tuple[int, int]:
+    """(height, width) of one model input: exact with a crop; else as for a 4:3 photo."""
     if resize_crop.crop_height is not None:
-        return resize_crop.crop_height * resize_crop.crop_width
+        return resize_crop.crop_height, resize_crop.crop_width
     if resize_crop.shortest_edge is not None:
-        return resize_crop.shortest_edge * (resize_crop.shortest_edge * 4 // 3)
-    return 768 * 1024
+        return resize_crop.shortest_edge, resize_crop.shortest_edge * 4 // 3
+    return 768, 1024
+
+
+def typical_pixels(resize_crop: Any) -> int:
+    """Pixels of one model input (typical_size)."""
+    height, width = typical_size(resize_crop)
+    return height * width
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from .errors import OutputError
 
 OWNED = ("run.json", "predictions", "shards", "report", "masks", "overlays")
 TEMP_SUFFIX = ".tmp"
+LOCK_NAME = ".mv2batch.lock"
 
 
 def fingerprint_of(fields: dict[str, Any]) -> str:
@@ -146,7 +147,7 @@ class RunDir:
 
     def _refuse_foreign_content(self) -> None:
         # Our own folders without run.json: another process of this run is creating it right now.
-        if self.root.is_dir() and any(p.name not in OWNED and not _is_run_json_temporary(p.name)
+        if self.root.is_dir() and any(p.name not in (*OWNED, LOCK_NAME) and not _is_run_json_temporary(p.name)
                                       for p in self.root.iterdir()):
             raise OutputError(
                 f"{self.root} is not empty and holds no mv2batch run: choose a new or empty directory"
@@ -200,3 +201,46 @@ def _is_run_json_temporary(name: str) -> bool:
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class OutLock:
+    """OUT held by one run at a time: processes that are not ranks of one run (two shells, two cron jobs) would
+    otherwise write the same parts. flock, so that the kernel releases it when its process dies, even by
+    kill -9: a dead holder's lock is taken over by the next run. Ranks of one run do not take it (torchrun,
+    Slurm); under Ray the driver holds it for its tasks."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK_NAME
+        self.handle: Any = None
+
+    def acquire(self) -> "OutLock":
+        """Take the lock, or raise OutputError naming the process that holds it."""
+        import fcntl
+        import socket
+        import time
+
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            return self  # not a directory: RunDir.prepare says so
+        with output_errors(str(self.path.parent)):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputError(f"{self.path.parent} is being written by {holder}: wait for it, or pass another "
+                              "OUT") from None
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the flock
+            self.handle = None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, Union
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Union
 
 from .errors import InputError
+from .listing import image_extensions, list_folder, warn_about
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -51,24 +50,10 @@ class StreamedSource(Protocol):
 Source = Union[IndexedSource, StreamedSource]
 
 
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def list_images(root: Path) -> tuple[list[str], int]:
-    """Image paths under root relative to it, sorted, hidden entries skipped; also the count of other files."""
-    found, skipped = [], 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            relative = Path(dirpath, name).relative_to(root)
-            if _is_hidden(relative):
-                continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(relative.as_posix())
-            else:
-                skipped += 1
-    return sorted(found), skipped
+def list_images(root: Path, exclude: Iterable[Path] = ()) -> tuple[list[str], int]:
+    """Image paths under root relative to it, sorted; also the count of files left out (listing.list_folder)."""
+    listing = list_folder(root, exclude)
+    return listing.ids, listing.skipped_files
 
 
 @dataclass
@@ -82,24 +67,28 @@ class FolderSource:
     root: Path
     ids: list[str]
     skipped_files: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # what the listing left out, by kind
     label_names: list[str] | None = None
     description: str = ""
     labels: list[int | None] | None = None
     targets: list[str] | None = None
 
     @classmethod
-    def open(cls, root: str | Path) -> "FolderSource":
-        """List the folder, or raise InputError when it is missing or holds no images."""
+    def open(cls, root: str | Path, exclude: Iterable[Path] = ()) -> "FolderSource":
+        """List the folder (leaving out the folders in exclude), or raise InputError when it is missing or holds
+        no images; say on the warning line what the listing left out."""
         path = Path(root).expanduser()
         if not path.exists():
             raise InputError(f"input folder not found: {path}")
         if not path.is_dir():
             raise InputError(f"input is not a folder: {path}")
-        ids, skipped = list_images(path)
-        if not ids:
-            extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        listing = list_folder(path, exclude)
+        warn_about(listing, path)
+        if not listing.ids:
+            extensions = ", ".join(sorted(e.lstrip(".") for e in image_extensions()))
             raise InputError(f"no images found under {path} (looked for: {extensions})")
-        return cls(root=path.resolve(), ids=ids, skipped_files=skipped, description=f"folder {path}")
+        return cls(root=path.resolve(), ids=listing.ids, skipped_files=listing.skipped_files,
+                   skipped=listing.skipped, description=f"folder {path}")
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -43,6 +43,10 @@ class Speedups:
     # Micro-batches run this many at a time, each on its own thread with its share of the intra-op threads.
     # 1: one after the other, every call using all of them.
     streams: int = 1
+    # The exact set's promise, checked on this machine when the model is rewritten: a probe batch must give
+    # transformers' own bits micro-batched, or the micro-batches are dropped (oneDNN picks its kernels per CPU
+    # and batch size; measured bit-identical on an AMD EPYC, not assumed elsewhere).
+    keep_bits: bool = False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description, for run.json and benchmark tables."""
@@ -78,7 +82,8 @@ def exact_speedups(device: Any, compile: bool = False) -> Speedups:
     """
     eager_cpu = getattr(device, "type", str(device)) == "cpu" and not compile
     return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
-                    channels_last_prefix=eager_cpu, micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None)
+                    channels_last_prefix=eager_cpu, micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None,
+                    keep_bits=True)
 
 
 def speedups_mode(requested: bool | None, dtype: Any) -> str:
@@ -102,7 +107,6 @@ def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bo
     return exact_speedups(device, compile) if mode == "exact" else default_speedups(device, dtype, compile)
 
 
-
 @dataclass(frozen=True)
 class Optimized:
     """A rewritten model and what was applied to it: the rewrites, and the pool of parallel streams (None: one)."""
@@ -113,15 +117,19 @@ class Optimized:
 
 
 def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: bool | None = None,
-                           speedups: Speedups | None = None, compile: bool = False) -> Optimized:
+                           speedups: Speedups | None = None, compile: bool = False,
+                           probe_size: tuple[int, int] = (256, 256)) -> Optimized:
     """Rewrite a MobileViTV2 model in place for inference on device in dtype; call `.module` as before.
 
     The module is inference-only (no dropout, no gradients) and keeps `module(pixel_values=x)`, its output
     class and its hidden states. BatchNorm is folded in float64 before any cast, so bf16 loses nothing extra.
     compile=True: the caller will torch.compile the result (see default_speedups). The result says what was
-    really applied (a channels-last prefix the probe refused is recorded as off). Rewrite a module only once:
+    really applied (micro-batches or a channels-last prefix a probe refused are recorded as off). probe_size:
+    the (height, width) of the inputs the model will get, for the keep_bits probe. Rewrite a module only once:
     a second pass would stack more hooks.
     """
+    import copy
+
     import torch
 
     chosen = speedups or default_speedups(torch.device(device), dtype, compile)
@@ -130,6 +138,8 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
     if chosen.fuse_convolutions and not _can_fuse(torch.device(device), dtype):
         chosen = replace(chosen, fuse_convolutions=False)
     module.eval().requires_grad_(False)
+    # transformers' own module, to probe the promise against (the exact set changes no weight: a copy is cheap)
+    reference = copy.deepcopy(module).to(device=device, dtype=dtype) if chosen.keep_bits else None
     if chosen.fold_batchnorm:
         fold_batchnorm(module)
     if chosen.reshape_patches:
@@ -141,13 +151,30 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
         fuse_convolutions(module)
     else:
         use_inplace_activations(module)
-    pool = None
+    pool, batching = None, None
     if chosen.micro_batch_pixels:
-        pool = use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
+        pool, batching = use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
+    if reference is not None and batching is not None and not _micro_batches_keep_bits(
+            module, reference, batching, probe_size, device, dtype):
+        batching.pixels = None  # whole batches, as transformers runs them
+        chosen = replace(chosen, micro_batch_pixels=None)
     if chosen.channels_last_prefix:  # a model that is channels-last throughout needs none
         applied = not chosen.channels_last and apply_channels_last_prefix(module, device, dtype)
         chosen = replace(chosen, channels_last_prefix=applied)
     return Optimized(module, chosen, pool)
+
+
+def _micro_batches_keep_bits(module: Any, reference: Any, batching: "MicroBatches", size: tuple[int, int],
+                             device: Any, dtype: Any) -> bool:
+    """Whether the rewritten model, micro-batched, gives transformers' own logits on a probe of two micro-batches
+    of images of the given size (with every rewrite before the prefix, which has a probe of its own)."""
+    import torch
+
+    count = 2 * _images_per_call(batching.pixels, *size)
+    probe = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    probe = probe.to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        return torch.equal(module(pixel_values=probe).logits, reference(pixel_values=probe).logits)
 
 
 def _can_fuse(device: Any, dtype: Any) -> bool:
@@ -166,12 +193,21 @@ def wants_channels_last_input(speedups: Speedups | None) -> bool:
 # ---- micro-batches -----------------------------------------------------------------------------------------
 
 
-def use_micro_batches(module: Any, pixels_per_call: int, streams: int = 1) -> Any:
+@dataclass
+class MicroBatches:
+    """How many input pixels one call of the model takes (None: whole batches)."""
+
+    pixels: int | None
+
+
+def use_micro_batches(module: Any, pixels_per_call: int, streams: int = 1) -> tuple[Any, MicroBatches]:
     """Run each batch as micro-batches of about pixels_per_call input pixels, outputs concatenated in order;
-    with streams > 1, that many micro-batches at a time on a pool of threads, which is returned (else None)."""
+    with streams > 1, that many micro-batches at a time on a pool of threads. Returns the pool (None: one
+    stream) and the setting, which may be turned off (MicroBatches.pixels = None)."""
     pool = stream_pool(streams) if streams > 1 else None
-    module.forward = functools.partial(_micro_batched, module.forward, pixels_per_call, pool)
-    return pool
+    batching = MicroBatches(pixels_per_call)
+    module.forward = functools.partial(_micro_batched, module.forward, batching, pool)
+    return pool, batching
 
 
 def micro_batch_images(speedups: Speedups | None, height: int, width: int) -> int | None:
@@ -184,11 +220,11 @@ def _images_per_call(pixels_per_call: int, height: int, width: int) -> int:
     return max(1, pixels_per_call // (height * width))
 
 
-def _micro_batched(forward: Callable, pixels_per_call: int, pool: Any, pixel_values: Any = None, *args: Any,
+def _micro_batched(forward: Callable, batching: MicroBatches, pool: Any, pixel_values: Any = None, *args: Any,
                    **kwargs: Any) -> Any:
-    if pixel_values is None or args or kwargs.get("labels") is not None:
+    if pixel_values is None or args or kwargs.get("labels") is not None or batching.pixels is None:
         return forward(pixel_values, *args, **kwargs)  # a loss is not a per-image sum: leave such calls whole
-    size = _images_per_call(pixels_per_call, pixel_values.shape[-2], pixel_values.shape[-1])
+    size = _images_per_call(batching.pixels, pixel_values.shape[-2], pixel_values.shape[-1])
     if len(pixel_values) <= size:
         return forward(pixel_values, **kwargs)
     parts = list(pixel_values.split(size))

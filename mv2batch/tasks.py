@@ -211,12 +211,17 @@ class SegmentTask:
 
     def _save_files(self, item_id: str, index: int, mask: Any) -> None:
         from .masks import mask_file_name, save_overlay, save_palette_png
+        from .rundir import output_errors
 
         if self.files.masks_dir is not None:
-            save_palette_png(mask, self.files.masks_dir / mask_file_name(item_id, ".png"), self.files.num_classes)
+            path = self.files.masks_dir / mask_file_name(item_id, ".png")
+            with output_errors(f"the mask {path}"):
+                save_palette_png(mask, path, self.files.num_classes)
         if self.files.overlays_dir is not None and self.files.read is not None:
             photo = decode_image(self.files.read(index).raw, self.files.max_pixels).image
-            save_overlay(photo, mask, self.files.overlays_dir / mask_file_name(item_id, ".jpg"))
+            path = self.files.overlays_dir / mask_file_name(item_id, ".jpg")
+            with output_errors(f"the overlay {path}"):
+                save_overlay(photo, mask, path)
 
 
 def _resized_shape(resize_crop: ResizeCrop, size: tuple[int, int]) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from ..errors import Mv2batchError
 from ..job import describe_job, open_out
 from ..plan import Group, rank_from_env
 from ..report import Report
+from ..rundir import OutLock
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,13 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
     started = time.perf_counter()
     rank = rank_from_env()
     group = Group(rank)
+    lock = OutLock(config.out)  # ranks of one run share OUT; a lone process holds it
     placed = None
     try:
         job = describe_job(config)
         placed = parts.place(job, rank.local_rank)
+        if rank.world_size == 1:
+            lock.acquire()
         rundir = open_out(job, rank, group, batch_size=placed.batch_size)
         counters = runner.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.plan_loader)
         group.barrier()
@@ -42,6 +46,7 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
             raise
         raise Mv2batchError(out_of_memory(placed)) from None
     finally:
+        lock.release()
         group.close()
 
 

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..job import Job, describe_job, open_out, owner
 from ..plan import Group, Rank
 from ..report import Report
+from ..rundir import OutLock
 
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
 
@@ -57,13 +58,22 @@ def _with_model_here(job: Job) -> Job:
 
 def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
     """Describe the job and open OUT here, run every pending shard as a Ray task, then write the report once."""
-    from .. import runner
-
     started = time.perf_counter()
     ray = _ray()
     job = describe_job(dataclasses.replace(config, engine="local"))
     rank = Rank()
-    rundir = open_out(job, rank, Group(rank))
+    lock = OutLock(config.out).acquire()  # held by the driver for all its tasks
+    try:
+        return _run_tasks(ray, job, open_out(job, rank, Group(rank)), progress, started)
+    finally:
+        lock.release()
+
+
+def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | None, started: float) -> Report:
+    """Every pending shard as a Ray task; progress per finished shard; the report once, at the end."""
+    from .. import runner
+
+    config = job.config
     done = rundir.committed(job.fingerprint)
     pending = [s for s in range(job.plan().n_shards)
                if s not in done or (config.retry_errors and done[s]["errors"])]
