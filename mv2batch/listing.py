@@ -94,9 +94,9 @@ def list_folder(root: Path, exclude: Iterable[Path] = ()) -> Listing:
         except OSError:
             listing.skip(UNREADABLE, relative.as_posix())
             continue
-        for entry in entries:
-            if not _is_hidden(entry.name):
-                _add(entry, relative / entry.name, extensions, listing, pending)
+        subdirectories = [sub for entry in entries if not _is_hidden(entry.name)
+                          if (sub := _add(entry, relative / entry.name, extensions, listing)) is not None]
+        pending.extend(reversed(subdirectories))  # depth first, in sorted order: the first name of a directory wins
     listing.ids.sort()
     return listing
 
@@ -109,16 +109,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing: Listing,
-         pending: list[Path]) -> None:
+def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing: Listing) -> Path | None:
+    """List or skip one entry; a directory is returned, to be walked."""
     try:
         mode = entry.stat().st_mode  # follows links: what the link points to is what counts
     except OSError:  # a dangling link: not an image that can be read
         listing.skip(NOT_IMAGES, relative.as_posix())
-        return
+        return None
     if stat.S_ISDIR(mode):
-        pending.append(relative)
-        return
+        return relative
     suffix = relative.suffix.lower()
     if suffix not in extensions:
         listing.skip(NO_DECODER if suffix in OPTIONAL_FORMATS else NOT_IMAGES, relative.as_posix())
@@ -126,6 +125,7 @@ def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing
         listing.skip(NOT_REGULAR, relative.as_posix())
     else:
         listing.ids.append(relative.as_posix())
+    return None
 
 
 def warn_about(listing: Listing, root: Path) -> None:

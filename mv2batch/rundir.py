@@ -207,7 +207,7 @@ class OutLock:
     """OUT held by one run at a time: processes that are not ranks of one run (two shells, two cron jobs) would
     otherwise write the same parts. flock, so that the kernel releases it when its process dies, even by
     kill -9: a dead holder's lock is taken over by the next run. Ranks of one run do not take it (torchrun,
-    Slurm); under Ray the driver holds it for its tasks."""
+    Slurm); under Ray the driver holds it for its tasks. The file is removed on release, while still held."""
 
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_NAME
@@ -215,15 +215,20 @@ class OutLock:
 
     def acquire(self) -> "OutLock":
         """Take the lock, or raise OutputError naming the process that holds it."""
-        import fcntl
-        import socket
-        import time
-
         if self.path.parent.exists() and not self.path.parent.is_dir():
             return self  # not a directory: RunDir.prepare says so
         with output_errors(str(self.path.parent)):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")
+            while self.handle is None:
+                self.handle = self._try_lock()
+        self._write_holder()
+        return self
+
+    def _try_lock(self) -> Any:
+        """The open, locked file; None where it was removed by its last holder between our open and lock."""
+        import fcntl
+
+        handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -232,15 +237,23 @@ class OutLock:
             handle.close()
             raise OutputError(f"{self.path.parent} is being written by {holder}: wait for it, or pass another "
                               "OUT") from None
-        handle.seek(0)
-        handle.truncate()
+        if not self.path.exists() or not os.path.samestat(os.fstat(handle.fileno()), self.path.stat()):
+            handle.close()
+            return None
+        return handle
+
+    def _write_holder(self) -> None:
+        import socket
+        import time
+
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
-        handle.flush()
-        self.handle = handle
-        return self
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since {since}\n")
+        self.handle.flush()
 
     def release(self) -> None:
         if self.handle is not None:
+            self.path.unlink(missing_ok=True)
             self.handle.close()  # closing the file releases the flock
             self.handle = None

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import classify, read_rows, skimage_photos, write_odd_images
+from conftest import classify, read_rows, segment, skimage_photos, write_odd_images
 from mv2batch.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -284,6 +284,33 @@ def test_max_pixels_cli(tiny_model, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     _check_max_pixels_rows(tmp_path / "out")
+
+
+def test_megapixel_figures_have_the_digits_that_tell_them_apart(tiny_model, tmp_path):
+    from mv2batch.decode import megapixels
+
+    assert megapixels(120_000, 100_000) == ("0.12", "0.10")
+    assert megapixels(3_000_000, 1_000_000) == ("3.0", "1.0")
+    folder = tmp_path / "images"
+    _write(folder, "a_400x300.png", _photo(size=(400, 300)))
+    classify(folder, tmp_path / "out", tiny_model, max_pixels=100_000)
+    error = read_rows(tmp_path / "out")[0]["error"]
+    assert "= 0.12 Mpx, over the decompression-bomb limit of 0.10 Mpx" in error, error
+
+
+def test_a_full_disk_while_writing_a_mask_names_the_mask(tiny_segmenter, tmp_path):
+    """/dev/full refuses every write with ENOSPC: a mask file linked to it is a disk that filled on that file."""
+    from mv2batch.errors import OutputError
+
+    folder = tmp_path / "images"
+    for name in ("a.png", "b.png"):
+        _write(folder, name, _photo(size=(80, 60)))
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / "b.jpg").symlink_to("/dev/full")
+    with pytest.raises(OutputError, match=r"disk full while writing the overlay .*overlays/b\.jpg") as raised:
+        segment(folder, tmp_path / "out", tiny_segmenter, masks_dir=tmp_path / "masks",
+                overlays_dir=tmp_path / "overlays")
+    assert "\n" not in str(raised.value) and "predictions" not in str(raised.value)
 
 
 # ---- inputs that are not a folder of images: one clear error ---------------------------------------------------

@@ -255,6 +255,53 @@ def test_no_image_column(tiny_model, tmp_path):
     assert_one_line_error(cli_classify_dataset(data, tmp_path / "cli", tiny_model), "no image column")
 
 
+def _columns_of_every_kind(files: list[Path]):
+    """The photos with a caption (text), a string label, an int count and an int label."""
+    import datasets
+
+    return make_dataset(
+        {"photo": cells(files), "caption": [f"a photo of {f.stem}" for f in files],
+         "kind": [CLASSES[label] for label in LABELS], "count": list(range(len(files))), "label": LABELS},
+        {"photo": datasets.Image(), "caption": datasets.Value("string"), "kind": datasets.Value("string"),
+         "count": datasets.Value("int64"), "label": datasets.Value("int64")})
+
+
+@pytest.mark.parametrize("options, column, words", [
+    ({"label_column": "kind"}, "kind", ("string", "ClassLabel or integers", "--label-column")),
+    ({"image_column": "count"}, "count", ("int64", "holds no images", "--image-column")),
+    ({"image_column": "caption"}, "caption", ("holds text", "a photo of", "--image-column")),
+], ids=["string-label", "int-image", "caption-image"])
+def test_a_wrong_column_is_one_line_before_any_work(photo_files, tiny_model, tmp_path, options, column, words):
+    data = _save(_columns_of_every_kind(photo_files), tmp_path / "data")
+    input_error(lambda: classify_dataset(data, tmp_path / "out", tiny_model, **options), repr(column), *words)
+    assert not (tmp_path / "out").exists()  # refused before OUT was touched
+    flags = [part for name, value in options.items() for part in ("--" + name.replace("_", "-"), value)]
+    assert_one_line_error(cli_classify_dataset(data, tmp_path / "cli", tiny_model, *flags), repr(column))
+
+
+def test_a_string_column_of_paths_is_an_image_column(photo_files, folder_reference, tiny_model, tmp_path):
+    import datasets
+
+    data = _save(make_dataset({"file": [str(f) for f in photo_files], "label": LABELS},
+                              {"file": datasets.Value("string"), "label": datasets.Value("int64")}), tmp_path / "data")
+    classify_dataset(data, tmp_path / "out", tiny_model, image_column="file")
+    assert_same_predictions(rows_in_order(tmp_path / "out"), folder_reference)
+
+
+def test_a_bad_cell_of_an_unused_image_column_is_never_read(photo_files, folder_reference, tiny_model, tmp_path):
+    """Two Image columns: only the chosen one is read and decoded, so a corrupt cell of the other costs nothing."""
+    import datasets
+
+    broken = [{"bytes": b"not an image at all", "path": "broken.png"}] * len(photo_files)
+    data = _save(make_dataset({"photo": cells(photo_files), "thumbnail": broken, "label": LABELS},
+                              {"photo": datasets.Image(), "thumbnail": datasets.Image(),
+                               "label": datasets.ClassLabel(names=CLASSES)}), tmp_path / "data")
+    classify_dataset(data, tmp_path / "out", tiny_model, image_column="photo")
+    rows = rows_in_order(tmp_path / "out")
+    assert all(row["status"] == "ok" for row in rows)
+    assert_same_predictions(rows, folder_reference)
+
+
 # ---- bad cells, streaming, workers ----------------------------------------------------------------------------
 
 

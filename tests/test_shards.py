@@ -105,19 +105,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(reference, tiny_model,
-                                                                                           tmp_path):
-    """Batch size and workers change how fast, not what: a crashed run resumed with others continues."""
-    folder, expected = reference
-    out = tmp_path / "out"
+def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(tiny_model, tmp_path):
+    """Batch size and workers change how fast, not what: a crashed run resumed with others continues, and every
+    row is the uninterrupted run's to the bit (batches of 4 or more: oneDNN sums calls of 1 or 2 images apart)."""
+    folder = _photos(tmp_path / "images", 24)
+    expected, out = tmp_path / "reference", tmp_path / "out"
+    classify(folder, expected, tiny_model, shard_size=8, batch_size=8)
     shutil.copytree(expected, out)
-    for shard in (4, 5, 6):  # as if the run had crashed before committing its last three shards
-        (out / "shards" / f"{shard:05d}.json").unlink()
-        (out / "predictions" / f"part-{shard:05d}.parquet").unlink()
-    (out / "report").rename(tmp_path / "old-report")
-    report = classify(folder, out, tiny_model, shard_size=3, batch_size=4, workers=1)
-    assert report.ran_now == 3 + 3 + 2 and report.complete
-    _assert_same_output(out, expected)
+    (out / "shards" / "00002.json").unlink()  # as if the run had crashed before committing its last shard
+    (out / "predictions" / "part-00002.parquet").unlink()
+    shutil.rmtree(out / "report")
+    report = classify(folder, out, tiny_model, shard_size=8, batch_size=4, workers=1)
+    assert report.ran_now == 8 and report.complete
+    assert read_rows(out) == read_rows(expected)
+    assert _summary(out) == _summary(expected)
 
 
 def test_torchrun_two_processes_give_the_single_process_output(reference, tiny_model, tmp_path):
@@ -204,6 +205,47 @@ def test_unwritable_output_is_one_clear_error(reference, tiny_model, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OutputError):
         classify(folder, blocker / "out", tiny_model)
+
+
+def test_a_run_held_by_another_process_is_one_line_naming_it(reference, tiny_model, tmp_path):
+    from mv2batch.rundir import OutLock
+
+    folder, expected = reference
+    held = OutLock(tmp_path / "out").acquire()  # as a run in another process holds it
+    try:
+        with pytest.raises(OutputError, match=rf"is being written by pid {os.getpid()} on host .* since ") as refused:
+            classify(folder, tmp_path / "out", tiny_model, shard_size=3, batch_size=1)
+        assert "wait for it, or pass another OUT" in str(refused.value) and "\n" not in str(refused.value)
+    finally:
+        held.release()
+    assert not (tmp_path / "out" / "predictions").exists()  # the refused run wrote nothing
+    classify(folder, tmp_path / "out", tiny_model, shard_size=3, batch_size=1)
+    _assert_same_output(tmp_path / "out", expected)
+
+
+def test_the_lock_of_a_dead_process_is_taken_over(reference, tiny_model, tmp_path):
+    folder, expected = reference
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]);"
+                           "from mv2batch.rundir import OutLock; OutLock(sys.argv[2]).acquire(); os._exit(9)",
+                           str(Path(__file__).resolve().parents[1]), str(out)])
+    assert dead.returncode == 9 and "pid" in (out / ".mv2batch.lock").read_text()
+    classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    _assert_same_output(out, expected)
+
+
+@pytest.mark.slow
+def test_two_processes_started_at_once_on_one_out_one_refused_the_other_complete(tiny_model, tmp_path):
+    folder = _photos(tmp_path / "images", 400, size=(64, 48))
+    reference = tmp_path / "reference"
+    classify(folder, reference, tiny_model, batch_size=1, speedups=False)
+    command = [sys.executable, *_cli(folder, tmp_path / "out", tiny_model, "--batch-size", "1", "--no-speedups")]
+    both = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in both)
+    assert [code for code, _ in outcomes] == [0, OutputError.exit_code], outcomes
+    lines = outcomes[1][1].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mv2batch: error:") and "is being written by pid" in lines[0]
+    _assert_same_output(tmp_path / "out", reference)
 
 
 def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, tmp_path):
