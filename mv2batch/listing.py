@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 log = logging.getLogger("mv2batch")
 
@@ -71,9 +71,10 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_folder(root: Path, exclude: Iterable[Path] = ()) -> Listing:
+def list_folder(root: Path, exclude: Iterable[Path] = (), scan: Callable = os.scandir) -> Listing:
     """The image files under root (hidden entries skipped), each real directory walked once; directories in
-    exclude (this run's masks and overlays, when they lie under the input) are left out."""
+    exclude (this run's masks and overlays, when they lie under the input) are left out. scan: os.scandir
+    (a test passes one that refuses a directory, as permissions do for anyone but root)."""
     extensions, listing = image_extensions(), Listing()
     excluded = {_identity(path) for path in exclude if path.is_dir()}
     seen: set[tuple[int, int]] = set()
@@ -90,7 +91,7 @@ def list_folder(root: Path, exclude: Iterable[Path] = ()) -> Listing:
             listing.skip(OUTPUTS, relative.as_posix())
             continue
         try:
-            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+            entries = sorted(scan(directory), key=lambda entry: entry.name)
         except OSError:
             listing.skip(UNREADABLE, relative.as_posix())
             continue

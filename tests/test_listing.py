@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_rows, real_photos, segment
-from mv2batch.listing import NO_DECODER, NOT_IMAGES, NOT_REGULAR, OPTIONAL_FORMATS, REPEATED, list_folder
+from mv2batch.listing import (NO_DECODER, NOT_IMAGES, NOT_REGULAR, OPTIONAL_FORMATS, REPEATED, UNREADABLE,
+                              list_folder)
 from mv2batch.listing import image_extensions
 
 
@@ -71,6 +72,20 @@ def test_every_kind_left_out_is_counted_and_said(tmp_path, tiny_model, caplog):
         assert f"{count} {kind}" in line, line
     assert all(f"phone{e}" in line for e in no_decoder), line
     assert "\n" not in line
+
+
+def test_an_unreadable_directory_is_counted_and_said(tmp_path):
+    folder = tmp_path / "in"
+    _photos(folder, ["a.jpg", "locked/b.jpg", "locked/c.jpg"])
+
+    def scan(directory):
+        if Path(directory).name == "locked":
+            raise PermissionError(13, "Permission denied", str(directory))
+        return os.scandir(directory)
+
+    listing = list_folder(folder, scan=scan)
+    assert listing.ids == ["a.jpg"] and listing.skipped == {UNREADABLE: 1}
+    assert f"1 {UNREADABLE} (locked)" in listing.warning(folder)
 
 
 def test_masks_written_under_the_input_are_not_inputs_of_the_next_run(tmp_path, tiny_segmenter):
