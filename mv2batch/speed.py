@@ -167,10 +167,17 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
 def _micro_batches_keep_bits(module: Any, reference: Any, batching: "MicroBatches", size: tuple[int, int],
                              device: Any, dtype: Any) -> bool:
     """Whether the rewritten model, micro-batched, gives transformers' own logits on a probe of two micro-batches
-    of images of the given size (with every rewrite before the prefix, which has a probe of its own)."""
+    of images of the given size (with every rewrite before the prefix, which has a probe of its own).
+
+    Micro-batches of one image (whole photos for segmentation) are kept unprobed: one image per call is what
+    transformers computes for one image, as its pipeline runs it, and no batch of them is more its own.
+    """
     import torch
 
-    count = 2 * _images_per_call(batching.pixels, *size)
+    per_call = _images_per_call(batching.pixels, *size)
+    if per_call < 2:
+        return True
+    count = 2 * per_call
     probe = torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(1)) * 4 - 2
     probe = probe.to(device=device, dtype=dtype)
     with torch.inference_mode():
