@@ -37,12 +37,12 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
     if device.type == "cpu":
         keep_freed_memory()  # reuse activation memory between layers instead of page-faulting it in again
         limit_kernel_cache()  # before the first convolution: oneDNN reads it then
+    height, width = policy.typical_size(job.preprocessing.resize_crop)
     batch_size = config.batch_size or policy.default_batch_size(
-        job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0),
-        policy.typical_pixels(job.preprocessing.resize_crop))
+        job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0), height * width)
     module = models.load_weights(job.resolved.folder, job.task.name, job.model_name)
     model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
-                                          policy.typical_size(job.preprocessing.resize_crop))
+                                          (height, width))
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
     pixel_stage = PixelStage(device_norm, device, job.dtype, channels_last=wants_channels_last_input(speedups))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Protocol, Union
+from typing import Any, ClassVar, Iterable, Iterator, Protocol
 
 from .errors import InputError
 from .listing import image_extensions, list_folder, warn_about
@@ -47,12 +47,10 @@ class StreamedSource(Protocol):
     def fingerprint(self) -> str: ...
 
 
-Source = Union[IndexedSource, StreamedSource]
 
-
-def list_images(root: Path, exclude: Iterable[Path] = ()) -> tuple[list[str], int]:
+def list_images(root: Path) -> tuple[list[str], int]:
     """Image paths under root relative to it, sorted; also the count of files left out (listing.list_folder)."""
-    listing = list_folder(root, exclude)
+    listing = list_folder(root)
     return listing.ids, listing.skipped_files
 
 

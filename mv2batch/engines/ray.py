@@ -38,11 +38,10 @@ def run_shard(job: Job, shard: int) -> tuple[int, int]:
 
     job = _with_model_here(job)
     placed = place(job)
-    rank = Rank()
-    rundir = open_out(dataclasses.replace(job, config=dataclasses.replace(job.config, resume=True,
-                                                                          overwrite=False)),
-                      rank, Group(rank), owns=owner(rank, (shard,)))
-    counters = runner.run_shards(job, placed, rundir, owner(rank, (shard,)))
+    rank, owns = Rank(), owner(Rank(), (shard,))
+    joining = dataclasses.replace(job.config, resume=True, overwrite=False)  # the driver prepared OUT
+    rundir = open_out(dataclasses.replace(job, config=joining), rank, Group(rank), owns=owns)
+    counters = runner.run_shards(job, placed, rundir, owns)
     return counters.done, counters.errors
 
 
