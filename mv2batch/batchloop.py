@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .loader import DecodeGate
 from .rundir import part_name
@@ -44,7 +44,7 @@ class ShardState:
     """Counters of one shard while its batches flow."""
 
     number: int
-    expected_rows: int
+    expected_rows: int | None  # None: known once the loader's last batch of the shard comes (sharded sources)
     counts: Any
     rows: int = 0
     errors: int = 0
@@ -53,8 +53,10 @@ class ShardState:
     wait_s: float = 0.0
 
 
-# (read, gate, batches of indices) -> an iterator of loader.Batch; see runner.loader_factory.
-LoaderFactory = Callable[[Callable, "DecodeGate | None", Iterable[list[int]]], Iterator[Any]]
+# (read, gate, shards) -> an iterator of loader.Batch in the shards' order; see runner.loader_factory.
+LoaderFactory = Callable[[Callable, "DecodeGate | None", Shards], Iterator[Any]]
+# (index, path) -> the encoded photo of a row again (the segmentation overlays re-read it in the writer thread).
+PhotoReader = Callable[[int, "str | None"], Any]
 
 
 @dataclass
@@ -66,18 +68,24 @@ class BatchLoop:
     make_loader: LoaderFactory
     make_writer: Callable[[], Any]  # -> writer.BackgroundWriter
     item_id: Callable[[int], str]
-    shard_size: int
+    shard_size: int | None  # item index -> shard, where batches do not say (sharded sources: they do)
     marker_fields: dict  # written into every shard marker (fingerprint, rank)
     gate: bool = False  # workers decode only between passes
     progress: ProgressCallback | None = None
     counters: Counters = field(default_factory=Counters)
 
-    def process(self, shards: Shards, read: Callable) -> None:
-        """Run the shards through one loader, committing each shard when its last row is written."""
+    def process(self, shards: Shards, read: Callable, photo: PhotoReader | None = None) -> None:
+        """Run the shards through one loader, committing each shard when its last row is written.
+
+        shards: (number, item indices), or (number, None) where the loader reads whole shards of the source's
+        own and says which batch ends each; read: an item's Record by index; photo: a row's photo again
+        (default: read again by index).
+        """
         if not shards:
             return
-        self.task.reading(read)
-        states = {number: ShardState(number, len(indices), self.task.new_counts()) for number, indices in shards}
+        self.task.reading(photo or (lambda index, path: read(index).raw))
+        states = {number: ShardState(number, len(indices) if indices is not None else None, self.task.new_counts())
+                  for number, indices in shards}
         writer = self.make_writer()
         try:
             for state, columns in self.predict(shards, read, states):
@@ -95,7 +103,7 @@ class BatchLoop:
         import torch
 
         gate = DecodeGate() if self.gate else None
-        loader = self.make_loader(read, gate, self._index_batches(shards, read))
+        loader = self.make_loader(read, gate, shards)
         self._report()
         with torch.inference_mode():
             started = self._started_batches(loader, states, gate)
@@ -112,12 +120,6 @@ class BatchLoop:
         if self.progress:
             self.progress(ProgressUpdate(self.counters.done, self.counters.total, self.counters.errors))
 
-    def _index_batches(self, shards: Shards, read: Callable) -> Iterator[list[int]]:
-        """The batches of every shard in turn, made lazily so that probing image sizes never delays the start."""
-        resize_crop = self.placement.host_pixels.resize_crop
-        for _, indices in shards:
-            yield from self.task.batches(indices, read, resize_crop, self.placement.batch_size)
-
     def _started_batches(self, loader: Iterator, states: dict[int, ShardState],
                          gate: DecodeGate | None) -> Iterator[tuple]:
         """(shard state, batch, results) for each batch of the loader, the model started on it (and, with a
@@ -127,7 +129,8 @@ class BatchLoop:
             batch = next(loader, None)
             if batch is None:
                 return
-            state = states[batch.samples[0].index // self.shard_size]
+            shard = batch.shard if batch.shard is not None else batch.samples[0].index // self.shard_size
+            state = states[shard]
             state.started = state.started or waited
             state.wait_s += time.perf_counter() - waited
             with gate.paused() if gate else contextlib.nullcontext():
@@ -175,6 +178,8 @@ class BatchLoop:
                 columns.setdefault(name, []).append(value)
         errors = sum(output is None for output in outputs)
         state.rows, state.errors = state.rows + len(batch.samples), state.errors + errors
+        if batch.ends_shard:
+            state.expected_rows = state.rows
         self.counters.done += len(batch.samples)
         self.counters.errors += errors
         return columns
@@ -183,7 +188,7 @@ class BatchLoop:
         from .writer import POSITION
 
         common = {
-            "id": self.item_id(sample.index), "path": sample.path, "shard": state.number,
+            "id": sample.id if sample.id is not None else self.item_id(sample.index), "path": sample.path, "shard": state.number,
             "width": sample.width, "height": sample.height, "status": "ok" if output is not None else "error",
             "error": sample.error, POSITION: sample.index,
         }

@@ -41,7 +41,9 @@ def _run(task: str, source: str, values: dict[str, Any]) -> None:
     quiet, strict = values.pop("quiet"), values.pop("strict")
     options = {k: v for k, v in values.items() if v is not None}
     try:
-        config = RunConfig(task=task, source=source, **{**options, "input": str(values["input"])})
+        given = values["input"]
+        names = [str(name) for name in given] if isinstance(given, (list, tuple)) else str(given)
+        config = RunConfig(task=task, source=source, **{**options, "input": names})
         report = run_with_progress(config, quiet)
     except Mv2batchError as exc:
         _fail(str(exc), exc.exit_code)
@@ -77,7 +79,7 @@ def classify_folder(
 def classify_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
-    label_column: o.LabelColumn = None,
+    label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
     limit: o.Limit = None, max_pixels: o.MaxPixels = None,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
@@ -90,6 +92,22 @@ def classify_dataset(
 ) -> None:
     """Classify every image of a Hugging Face dataset."""
     _run("classify", "dataset", locals())
+
+@classify_app.command("webdataset",
+                      epilog="Example: mv2batch classify webdataset 'shards/data-{00000..00099}.tar' -o out/")
+def classify_webdataset(
+    input: o.ShardsArg, *,
+    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None,
+    model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
+    preprocess: o.Preprocess = None,
+    top_k: o.TopK = 5,
+    device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
+    compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
+    out: o.Out, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
+    quiet: o.Quiet = False, strict: o.Strict = False,
+) -> None:
+    """Classify every sample of WebDataset tar shards, streamed (one output shard per tar; labels from cls)."""
+    _run("classify", "webdataset", locals())
 
 
 @segment_app.command("folder", epilog="Example: mv2batch segment folder photos/ -o out/ --masks-dir masks/")
@@ -114,7 +132,7 @@ def segment_folder(
 def segment_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
-    label_column: o.LabelColumn = None,
+    label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
     limit: o.Limit = None, max_pixels: o.MaxPixels = None,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
@@ -128,14 +146,29 @@ def segment_dataset(
     """Segment every image of a Hugging Face dataset."""
     _run("segment", "dataset", locals())
 
+@segment_app.command("webdataset", epilog="Example: mv2batch segment webdataset shards/ -o out/ --masks-dir masks/")
+def segment_webdataset(
+    input: o.ShardsArg, *,
+    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None,
+    model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
+    preprocess: o.Preprocess = None,
+    device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
+    compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
+    out: o.Out, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
+    masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
+    quiet: o.Quiet = False, strict: o.Strict = False,
+) -> None:
+    """Segment every sample of WebDataset tar shards, streamed (one output shard per tar)."""
+    _run("segment", "webdataset", locals())
+
 
 @eval_app.command("imagenet-val",
                   epilog="Example: mv2batch eval imagenet-val /data/imagenet/val -o out/ --preprocess paper")
 def eval_imagenet(
     input: o.ImagenetArg, *,
-    labels_file: o.LabelsFile = None, real_labels: o.RealLabels = None,
+    labels_file: o.LabelsFile = None, real_labels: o.RealLabels = None, image_ext: o.ImageExt = None,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
-    label_column: o.LabelColumn = None,
+    label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
     limit: o.Limit = None, max_pixels: o.MaxPixels = None,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,

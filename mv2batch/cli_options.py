@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -20,8 +20,12 @@ FolderArg = Annotated[Path, typer.Argument(help="Folder of images, searched recu
                                            rich_help_panel=INPUT)]
 DatasetArg = Annotated[str, typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.",
                                            metavar="NAME|PATH", rich_help_panel=INPUT)]
+ShardsArg = Annotated[List[str], typer.Argument(
+    help="WebDataset tars: files, brace patterns (data/{00000..00099}.tar), folders of tars, or a .txt list of "
+         "them.", metavar="SHARDS...", rich_help_panel=INPUT, show_default=False)]
 ImagenetArg = Annotated[str, typer.Argument(
-    help="val/ with WordNet-id class folders, a flat folder of ILSVRC2012_val_*.JPEG, or a dataset.",
+    help="val/ with WordNet-id class folders, a flat folder of ILSVRC2012_val_*.JPEG, WebDataset tars "
+         "(.jpg + .cls), or a dataset.",
     metavar="PATH|NAME", rich_help_panel=INPUT)]
 VocArg = Annotated[Path, typer.Argument(help="VOCdevkit (or its VOC2012 folder).", metavar="VOCDEVKIT",
                                         rich_help_panel=INPUT)]
@@ -32,10 +36,17 @@ AdeArg = Annotated[Path, typer.Argument(help="ADEChallengeData2016 (or the folde
 Split = Annotated[Optional[str], typer.Option(help="Split to read (default: the only one).", rich_help_panel=INPUT)]
 EvalSplit = Annotated[Optional[str], typer.Option(
     "--split", help="Split (default: val for VOC, validation for ADE20k).", rich_help_panel=INPUT)]
-Streaming = Annotated[bool, typer.Option("--streaming", help="Stream instead of downloading whole.",
-                                         rich_help_panel=INPUT)]
-ImageColumn = Annotated[Optional[str], typer.Option(help="Image column (default: the datasets.Image one).",
-                                                    rich_help_panel=INPUT)]
+Streaming = Annotated[bool, typer.Option(
+    "--streaming", help="Stream instead of downloading whole (local tables: read in place, not converted into "
+                        "the datasets cache).", rich_help_panel=INPUT)]
+ImageColumn = Annotated[Optional[str], typer.Option(
+    help="Image column (default: the datasets.Image, {bytes, path} or binary one); a string column holds paths "
+         "(relative to the table's folder) or URLs.", rich_help_panel=INPUT)]
+IdColumn = Annotated[Optional[str], typer.Option(
+    help="Take each row's id from this column (a key or file name) instead of split/index.", rich_help_panel=INPUT)]
+ImageExt = Annotated[Optional[str], typer.Option(
+    help="Tar shards: the image member's extension(s), in order of preference (default: jpg,jpeg,png,webp,…).",
+    rich_help_panel=INPUT)]
 LabelColumn = Annotated[Optional[str], typer.Option(help="Gold label column (default: the ClassLabel one).",
                                                     rich_help_panel=INPUT)]
 LabelsFile = Annotated[Optional[Path], typer.Option(

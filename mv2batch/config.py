@@ -19,6 +19,7 @@ class Task(str, Enum):
 class SourceKind(str, Enum):
     folder = "folder"
     dataset = "dataset"
+    webdataset = "webdataset"  # tar shards, one mv2batch shard per tar
     imagenet = "imagenet"  # evaluation inputs: labelled layouts
     voc = "voc"
     ade20k = "ade20k"
@@ -57,7 +58,9 @@ class RunConfig:
 
     task: Task = field(metadata=OUTPUTS)
     source: SourceKind = field(metadata=OUTPUTS)
-    input: str = field(metadata=OUTPUTS)  # fingerprinted by content: the source's listing, not the path
+    # Fingerprinted by content (the source's listing), not by name. Tar shards: several names (tar files,
+    # brace patterns, folders, shard lists) as a tuple.
+    input: str | tuple[str, ...] = field(metadata=OUTPUTS)
     out: Path
     model: str | None = _outputs()  # None: the task's default checkpoint
     revision: str | None = _outputs()
@@ -81,6 +84,8 @@ class RunConfig:
     streaming: bool = _outputs(False)
     image_column: str | None = _outputs()
     label_column: str | None = _outputs()
+    id_column: str | None = _outputs()  # datasets: ids from this column instead of split/index
+    image_ext: tuple[str, ...] | None = _outputs()  # tar shards: the image members' extensions, by preference
     masks_dir: Path | None = _outputs()
     overlays_dir: Path | None = _outputs()
     labels_file: Path | None = _outputs()  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
@@ -98,7 +103,13 @@ class RunConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "out", Path(self.out))
+        if not isinstance(self.input, str):
+            names = tuple(str(name) for name in self.input)
+            object.__setattr__(self, "input", names[0] if len(names) == 1 else names)
+        if isinstance(self.image_ext, str):
+            object.__setattr__(self, "image_ext", tuple(e.strip() for e in self.image_ext.split(",") if e.strip()))
         self._validate()
+        self._validate_inputs()
 
     def _validate(self) -> None:
         positive = {"--batch-size": self.batch_size, "--top-k": self.top_k, "--max-pixels": self.max_pixels,
@@ -120,6 +131,20 @@ class RunConfig:
             raise ConfigError("--streaming applies to datasets, not folders")
         if not DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+    def _validate_inputs(self) -> None:
+        if not isinstance(self.input, str) and self.source is not SourceKind.webdataset:
+            raise ConfigError(f"{self.source.value} inputs take one name, not {len(self.input)}")
+        if self.source is SourceKind.webdataset:
+            given = {"--limit": self.limit, "--shard-size": self.shard_size, "--streaming": self.streaming or None}
+            for name, value in given.items():
+                if value is not None:
+                    raise ConfigError(f"{name} does not apply to tar shards (one shard per tar, each read whole): "
+                                      "name fewer tars instead")
+        if self.image_ext and self.source not in (SourceKind.webdataset, SourceKind.imagenet):
+            raise ConfigError("--image-ext applies to tar shards")
+        if self.id_column and self.source not in (SourceKind.dataset, SourceKind.imagenet):
+            raise ConfigError("--id-column applies to datasets and tables")
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

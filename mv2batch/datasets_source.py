@@ -22,6 +22,7 @@ class DatasetSpec:
     label_column: str | None = None
     streaming: bool = False
     revision: str | None = None
+    id_column: str | None = None
 
 
 def is_saved_to_disk(path: Path) -> bool:
@@ -87,22 +88,31 @@ def _first_line(exc: BaseException) -> str:
 
 
 def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str | None]:
-    """The image column (a datasets.Image feature) and the label column (a ClassLabel, or an int `label`)."""
-    import datasets
-
+    """The image column (a datasets.Image feature, else a {bytes, path} struct, else binary) and the label column
+    (a ClassLabel, or an int `label`)."""
     columns = list(features.keys())
     if image_column is not None and image_column not in columns:
         raise InputError(f"no column {image_column!r} (columns: {', '.join(columns)})")
     if label_column is not None and label_column not in columns:
         raise InputError(f"no column {label_column!r} (columns: {', '.join(columns)})")
     if image_column is None:
-        images = [c for c in columns if isinstance(features[c], datasets.Image)]
-        if not images:
-            raise InputError(f"no image column found (columns: {', '.join(columns)}): name it with --image-column")
-        image_column = images[0]
+        image_column = _guess_image_column(features, columns)
     if label_column is None:
         label_column = _guess_label_column(features, columns)
     return image_column, label_column
+
+
+AUTO_IMAGE_KINDS = ("image", "struct", "bytes")  # found without --image-column, in this order of preference
+
+
+def _guess_image_column(features: Any, columns: list[str]) -> str:
+    """The first datasets.Image column, else the first {bytes, path} struct, else the first binary column."""
+    kinds = {column: _image_column_kind(features[column]) for column in columns}
+    for wanted in AUTO_IMAGE_KINDS:
+        found = [column for column in columns if kinds[column] == wanted]
+        if found:
+            return found[0]
+    raise InputError(f"no image column found (columns: {', '.join(columns)}): name it with --image-column")
 
 
 IMAGE_COLUMN_KINDS = "a datasets.Image feature, binary image bytes, a {bytes, path} struct, or strings of paths / URLs"
@@ -195,14 +205,42 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
         raise InputError(f"dataset {spec.name} declares no features: name the columns with --image-column")
     image_column, label_column = find_columns(data.features, spec.image_column, spec.label_column)
     check_columns(data, image_column, label_column)
+    _check_id_column(data, spec.id_column, image_column)
     # Only the columns used are read: a bad cell of another image column must not fail the row, nor cost time.
-    data = data.select_columns([c for c in (image_column, label_column) if c is not None])
+    data = data.select_columns(list(dict.fromkeys(c for c in (image_column, label_column, spec.id_column) if c)))
     data = data.cast_column(image_column, datasets.Image(decode=False))
     names = _label_names(data.features, label_column)
     description = f"dataset {spec.name} [{split}]"
-    if isinstance(data, datasets.IterableDataset):
-        return StreamingSource(data, split, image_column, label_column, names, description)
-    return DatasetSource(data, split, image_column, label_column, names, description)
+    kind = StreamingSource if isinstance(data, datasets.IterableDataset) else DatasetSource
+    return kind(data, split, image_column, label_column, names, description, id_column=spec.id_column,
+                base=_table_folder(spec.name))
+
+
+def _table_folder(name: str) -> Path | None:
+    """Where relative image paths in a local table point from: the table file's folder, or the data folder."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve().parent
+    return path.resolve() if path.is_dir() else None
+
+
+def _check_id_column(data: Any, id_column: str | None, image_column: str) -> None:
+    """--id-column names a column other than the image one; in a table read whole, its values are unique."""
+    if id_column is None:
+        return
+    columns = list(data.features)
+    if id_column not in columns:
+        raise InputError(f"no column {id_column!r} for --id-column (columns: {', '.join(columns)})")
+    if id_column == image_column:
+        raise InputError(f"--id-column {id_column!r} is the image column: name a key or file name column")
+    if hasattr(data, "__len__"):
+        values = data.select_columns([id_column]).to_pandas()[id_column]
+        if values.isna().any():
+            raise InputError(f"--id-column {id_column!r} is empty in row {int(values.isna().idxmax())}")
+        repeated = values[values.duplicated()]
+        if len(repeated):
+            raise InputError(f"--id-column {id_column!r} repeats {str(repeated.iloc[0])!r} ({len(repeated)} "
+                             "duplicate value(s)): ids must be unique")
 
 
 @dataclass

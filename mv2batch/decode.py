@@ -25,13 +25,32 @@ class Decoded:
     height: int
 
 
+URL_TIMEOUT_S = 60
+
+
 def _read(raw: str | Path | bytes) -> bytes:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         return bytes(raw)
+    if isinstance(raw, str) and raw.startswith(("http://", "https://")):
+        return _fetch(raw)
     try:
         return Path(raw).read_bytes()
     except OSError as exc:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _fetch(url: str) -> bytes:
+    """An image named by an http(s) URL in a table; a failure is this image's error, with the server's reason."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raise DecodeError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise DecodeError(f"cannot fetch {url}: {getattr(exc, 'reason', None) or exc}") from None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -6,21 +6,34 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, SourceKind
-from .errors import InputError, ModelError
+from .errors import ConfigError, InputError, ModelError
 
 
 def _open_dataset(config: RunConfig) -> Any:
     from .datasets_source import DatasetSpec, open_dataset
 
-    spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming)
+    spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming,
+                       id_column=config.id_column)
     return open_dataset(spec)
+
+
+def _open_webdataset(config: RunConfig, require_label: bool = False) -> Any:
+    from .webdataset_source import TarShards
+
+    names = (config.input,) if isinstance(config.input, str) else config.input
+    return TarShards.open(names, config.image_ext, require_label=require_label)
 
 
 def _open_imagenet(config: RunConfig) -> Any:
     from .datasets_source import is_saved_to_disk
     from .eval_sources import open_imagenet
+    from .webdataset_source import looks_like_shards
 
     path = Path(config.input).expanduser()
+    if looks_like_shards(config.input) and not is_saved_to_disk(path):
+        if config.limit or config.shard_size:
+            raise ConfigError("--limit and --shard-size do not apply to tar shards (one shard per tar)")
+        return _open_webdataset(config, require_label=True)
     if path.is_dir() and not is_saved_to_disk(path):
         return open_imagenet(path, config.labels_file, exclude=outputs_of(config))
     source = _open_dataset(config)
@@ -54,6 +67,7 @@ def _open_ade20k(config: RunConfig) -> Any:
 
 
 SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dataset,
+                  SourceKind.webdataset: _open_webdataset,
                   SourceKind.imagenet: _open_imagenet, SourceKind.voc: _open_voc, SourceKind.ade20k: _open_ade20k}
 EVAL_CLASSES = {SourceKind.imagenet: 1000, SourceKind.voc: 21, SourceKind.ade20k: 150}
 

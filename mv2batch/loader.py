@@ -16,6 +16,7 @@ import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from .errors import Mv2batchError
+from .shared_batches import Batch, BufferPool, collate, giving_buffers_back
 from .sources import Record
 
 log = logging.getLogger("mv2batch")
@@ -38,24 +39,7 @@ class Sample:
     label: int | None
     error: str | None
     target: np.ndarray | None = None  # ground-truth class ids at the original size (segmentation eval)
-
-
-@dataclass
-class Batch:
-    """A collated batch: every sample's metadata in order, and the pixels of those that decoded.
-
-    `groups` holds (positions in samples, uint8 NHWC tensor) per pixel shape: one group when the batch
-    sampler grouped by shape correctly, more only if an image's header misled it.
-    """
-
-    samples: list[Sample]
-    groups: list[tuple[list[int], Any]]
-    buffer: tuple[int, int] | None = None  # (worker, buffer id) of the shared memory the groups are views of
-
-    def pin_memory(self) -> "Batch":
-        """Called by the DataLoader's pinning thread when the device is a GPU."""
-        self.groups = [(positions, pixels.pin_memory()) for positions, pixels in self.groups]
-        return self
+    id: str | None = None  # the row's id where the record names it (tar keys, an id column)
 
 
 class DecodeGate:
@@ -102,12 +86,17 @@ class ImageDataset:
     def __getitem__(self, index: int) -> Sample:
         if self.gate is not None:
             self.gate.wait()
-        record = self.read(index)
+        return self.sample_of(index, self.read(index))
+
+    def sample_of(self, index: int, record: Record) -> Sample:
+        """The worker stage of one record: decode, EXIF, ground truth, resize / crop; failures as the error."""
+        if record.error is not None:
+            return Sample(index, None, None, None, record.path, record.label, record.error, id=record.id)
         try:
             decoded = decode_image(record.raw, self.max_pixels)
         except DecodeError as exc:
-            return Sample(index, None, None, None, record.path, record.label, str(exc))
-        sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None)
+            return Sample(index, None, None, None, record.path, record.label, str(exc), id=record.id)
+        sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None, id=record.id)
         try:
             sample.target = self._target(record.target, decoded) if record.target else None
             sample.pixels = self.transform(decoded.image)  # a crop's view: collate copies it into the batch
@@ -148,108 +137,6 @@ def read_target(path: str, reduce_labels: bool) -> np.ndarray:
     return target
 
 
-def collate(samples: list[Sample], buffers: "BufferPool | None" = None) -> Batch:
-    """Stack the ok samples' pixels into one uint8 tensor per shape; in a worker with a buffer pool, all of
-    them into one of its shared buffers."""
-    by_shape: dict[tuple, list[int]] = {}
-    for position, sample in enumerate(samples):
-        if sample.error is None:
-            by_shape.setdefault(sample.pixels.shape, []).append(position)
-    positions = list(by_shape.values())
-    stacked, buffer = _stack([[samples[p].pixels for p in group] for group in positions], buffers)
-    for sample in samples:
-        sample.pixels = None  # already in the stacked tensors; do not ship twice
-    return Batch(samples=samples, groups=list(zip(positions, stacked)), buffer=buffer)
-
-
-ALIGN = 64  # bytes: each group of a batch starts on a cache line of the shared buffer
-
-
-def _stack(groups: list[list[np.ndarray]], buffers: "BufferPool | None") -> tuple[list[Any], tuple | None]:
-    """Each group of uint8 arrays as one tensor; in a worker, stacked straight into the shared memory they
-    will travel in (one of the pool's buffers for the whole batch), with that buffer's (worker, id).
-
-    Allocating it here matters when shared memory runs out: the DataLoader hands an error raised here to the
-    main process, whereas a failure to share the batch later, in the worker queue's feeder thread, is only
-    printed, and the main process would wait for that batch forever.
-    """
-    import torch
-    from torch.utils.data import get_worker_info
-
-    worker = get_worker_info()
-    if worker is None or buffers is None or not groups:
-        return [torch.from_numpy(np.stack(arrays)) for arrays in groups], None
-    shapes = [(len(arrays), *arrays[0].shape) for arrays in groups]
-    offsets, end = [], 0
-    for shape in shapes:
-        offsets.append(end)
-        end += -(-int(np.prod(shape)) // ALIGN) * ALIGN
-    buffer_id, storage = buffers.take(worker.id, end)
-    stacked = []
-    for arrays, shape, offset in zip(groups, shapes, offsets):
-        tensor = torch.empty(0, dtype=torch.uint8).set_(storage, offset, shape)
-        np.stack(arrays, out=tensor.numpy())
-        stacked.append(tensor)
-    return stacked, (worker.id, buffer_id)
-
-
-def shared_storage(nbytes: int) -> Any:
-    import torch
-
-    return torch.UntypedStorage._new_shared(nbytes)
-
-
-class BufferPool:
-    """Shared-memory buffers that each loader worker fills again once the main process gives them back.
-
-    A fresh shared buffer costs a worker the page faults and zeroing of every page it writes: measured 4.5 ms
-    of CPU for a batch of 32 at 256x256 against 0.2 ms into memory already mapped, about 5 % of the worker's
-    decoding time (the input is the limit on a GPU). The main process gives a buffer back only once nothing
-    it holds reads it: after copying the pixels out (into pinned memory for a GPU, into its own memory on the
-    CPU), so a worker never refills pixels that are still being read. A worker with no buffer back yet makes a
-    new one; it keeps at most `keep` of them.
-
-    The queues are made in the main process before the workers start; the buffers live in each worker.
-    """
-
-    def __init__(self, workers: int, keep: int):
-        self.returns = [multiprocessing.SimpleQueue() for _ in range(workers)]
-        self.keep = keep
-        self.buffers: dict[int, Any] = {}  # in a worker: id -> storage, in flight or free
-        self.free: set[int] = set()
-        self.made = 0
-
-    def take(self, worker: int, nbytes: int) -> tuple[int, Any]:
-        """In a worker: a buffer of at least nbytes, free for this batch, and its id."""
-        returned = self.returns[worker]
-        while not returned.empty():
-            self.free.add(returned.get())
-        fitting = [i for i in self.free if self.buffers[i].nbytes() >= nbytes]
-        if fitting:
-            chosen = min(fitting, key=lambda i: self.buffers[i].nbytes())
-            self.free.discard(chosen)
-            return chosen, self.buffers[chosen]
-        chosen, self.made = self.made, self.made + 1
-        self.buffers[chosen] = shared_storage(nbytes)
-        for unused in sorted(self.free, key=lambda i: self.buffers[i].nbytes()):
-            if len(self.buffers) <= self.keep:
-                break
-            self.free.discard(unused)
-            del self.buffers[unused]  # the segment goes once the main process has let go of it too
-        return chosen, self.buffers[chosen]
-
-    def give_back(self, batch: Batch) -> None:
-        """In the main process: copy the batch's pixels out of its buffer and hand the buffer back to the worker
-        that filled it. Pinned groups are copies already (the DataLoader's pinning thread made them)."""
-        if batch.buffer is None:
-            return
-        batch.groups = [(positions, pixels if pixels.is_pinned() else _copy(pixels))
-                        for positions, pixels in batch.groups]
-        worker, buffer_id = batch.buffer
-        batch.buffer = None
-        self.returns[worker].put(buffer_id)
-
-
 def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive index batches of one shard."""
     return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
@@ -278,7 +165,7 @@ def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: in
 
     prefetch = PREFETCH
     if workers > 0 and batch_bytes:
-        workers, prefetch = _fit_shared_memory(workers, batch_bytes)
+        workers, prefetch = fitted_to_shared_memory(workers, batch_bytes)
     extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
     # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
     # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
@@ -287,23 +174,7 @@ def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: in
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                         collate_fn=partial(collate, buffers=buffers),
                         pin_memory=pin_memory, **extra)
-    return _reporting_shared_memory_errors(_giving_buffers_back(iter(loader), buffers))
-
-
-def _copy(pixels: Any) -> Any:
-    """A private copy, made by this thread alone. torch's clone runs on the intra-op threads, beside the
-    model's: measured 2 % slower end to end than this copy (bf16, 2 cores)."""
-    import torch
-
-    return torch.from_numpy(pixels.numpy().copy())
-
-
-def _giving_buffers_back(batches: Iterator[Batch], buffers: BufferPool | None) -> Iterator[Batch]:
-    """The loader's batches, each one's buffer handed back to its worker before the batch is passed on."""
-    for batch in batches:
-        if buffers is not None:
-            buffers.give_back(batch)
-        yield batch
+    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), buffers))
 
 
 def fit_to_shared_memory(workers: int, batch_bytes: int, free_bytes: int) -> tuple[int, int]:
@@ -323,7 +194,7 @@ def shared_memory_free() -> int | None:
         return None
 
 
-def _fit_shared_memory(workers: int, batch_bytes: int) -> tuple[int, int]:
+def fitted_to_shared_memory(workers: int, batch_bytes: int) -> tuple[int, int]:
     free = shared_memory_free()
     if free is None:
         return workers, PREFETCH
@@ -336,7 +207,7 @@ def _fit_shared_memory(workers: int, batch_bytes: int) -> tuple[int, int]:
     return fitted, prefetch
 
 
-def _reporting_shared_memory_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+def reporting_shared_memory_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
     """The loader's batches; a worker that ran out of shared memory ends the run with one line, not a traceback."""
     try:
         yield from batches

@@ -27,6 +27,7 @@ def run_with_progress(config: Any, quiet: bool, console: Console | None = None) 
     from .engines import run
 
     if quiet:
+        silence_libraries()
         return run(config)
     console = console or Console(stderr=True)
     shown = _Bar(console, config.task.value) if console.is_terminal else LogLines(console, config.task.value)
@@ -36,6 +37,27 @@ def run_with_progress(config: Any, quiet: bool, console: Console | None = None) 
         shown.stop()
     print_report(report, console)
     return report
+
+
+QUIET_ENVIRONMENT = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def silence_libraries() -> None:
+    """--quiet: no progress bars or info lines from datasets or huggingface_hub either (their own switches; the
+    environment for what is imported later, the functions for what is loaded already), warnings only."""
+    import logging
+    import os
+    import sys
+
+    os.environ.update(QUIET_ENVIRONMENT)
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    for name in ("datasets", "huggingface_hub", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class _Bar:

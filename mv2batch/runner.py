@@ -8,14 +8,14 @@ from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 from . import policy, runinfo
-from .batchloop import BatchLoop, Counters, ProgressCallback, ShardState
+from .batchloop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
 from .config import SourceKind
 from .errors import ConfigError
 from .job import Job
 from .loader import ImageDataset, make_loader
 from .report import Report, build_report, write_report
 from .rundir import RunDir, write_json_atomic
-from .sources import Record
+from .sources import Record, is_sharded
 
 PlanLoader = Callable[..., policy.LoaderPlan]  # policy.plan_loader's signature
 
@@ -32,9 +32,11 @@ def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], b
     loop = build_loop(job, placement, rundir, rank, progress, plan_loader)
     with device.float32_math(placement.device, placement.dtype):
         done = rundir.committed(job.fingerprint)
-        if job.config.retry_errors:
+        if job.config.retry_errors and not is_sharded(job.source):
             _retry_errors(job, loop, rundir, done, owns)
-        if job.source.streamed:
+        if is_sharded(job.source):
+            _run_sharded(job, loop, done, owns)
+        elif job.source.streamed:
             _run_stream(job, loop, rundir, done, owns)
         else:
             _run_planned(job, loop, done, owns)
@@ -49,18 +51,38 @@ def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress
     plan = plan_loader(job.config.workers, placement, job.preprocessing.resize_crop)
     schema = prediction_schema(job)
     return BatchLoop(
-        task=job.task, placement=placement, make_loader=partial(loader_factory, job, placement, plan),
+        task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, plan),
         make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows),
         item_id=job.source.item_id, shard_size=job.shard_size,
         marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=plan.gate, progress=progress)
 
 
 def loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,
-                   batches: Iterable[list[int]]) -> Iterator[Any]:
+                   shards: Shards) -> Iterator[Any]:
     """A DataLoader over the records `read` gives, decoding and resizing in plan.workers workers."""
-    dataset = ImageDataset(read, placement.host_pixels, job.config.max_pixels,
-                           reduce_labels=job.config.source is SourceKind.ade20k, gate=gate)
-    return make_loader(dataset, batches, plan.workers, plan.pin_memory, batch_bytes=plan.batch_bytes)
+    return make_loader(_images(job, placement, read, gate), _index_batches(job, placement, shards, read),
+                       plan.workers, plan.pin_memory, batch_bytes=plan.batch_bytes)
+
+
+def shard_loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,
+                         shards: Shards) -> Iterator[Any]:
+    """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time)."""
+    from .shard_loader import make_shard_loader
+
+    return make_shard_loader(job.source, [number for number, _ in shards], _images(job, placement, None, None),
+                             placement.batch_size, plan.workers, plan.pin_memory, plan.batch_bytes, gate)
+
+
+def _images(job: Job, placement: Any, read: Callable | None, gate: Any) -> ImageDataset:
+    return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
+                        reduce_labels=job.config.source is SourceKind.ade20k, gate=gate)
+
+
+def _index_batches(job: Job, placement: Any, shards: Shards, read: Callable) -> Iterator[list[int]]:
+    """The batches of every shard in turn, made lazily so that probing image sizes never delays the start."""
+    resize_crop = placement.host_pixels.resize_crop
+    for _, indices in shards:
+        yield from job.task.batches(indices, read, resize_crop, placement.batch_size)
 
 
 def prediction_schema(job: Job) -> Any:
@@ -74,6 +96,20 @@ def _run_planned(job: Job, loop: BatchLoop, done: dict[int, dict], owns: Callabl
     todo = [s for s in range(plan.n_shards) if s not in done and owns(s)]
     loop.counters.total = sum(len(plan.shard(s)) for s in todo)
     loop.process([(s, plan.shard(s)) for s in todo], job.source.read)
+
+
+def _run_sharded(job: Job, loop: BatchLoop, done: dict[int, dict], owns: Callable[[int], bool]) -> None:
+    """Every pending shard of a sharded source (tars), read whole; --retry-errors runs a shard with error rows
+    again whole, as a tar is read from its start either way."""
+    retry = job.config.retry_errors
+    todo = [n for n in range(job.run_info["plan"]["n_shards"])
+            if owns(n) and (n not in done or (retry and done[n]["errors"]))]
+    loop.process([(number, None) for number in todo], _no_index,
+                 photo=lambda index, path: job.source.read_member(path))
+
+
+def _no_index(index: int) -> Record:
+    raise AssertionError("a sharded source is read by its shard loader, not by index")
 
 
 def _run_stream(job: Job, loop: BatchLoop, rundir: RunDir, done: dict[int, dict],

@@ -10,8 +10,6 @@ from typing import Any, ClassVar, Iterable, Iterator, Protocol
 from .errors import InputError
 from .listing import image_extensions, list_folder, warn_about
 
-
-
 @dataclass(frozen=True)
 class Record:
     """What a worker needs to produce one row: the encoded image and its metadata."""
@@ -20,6 +18,8 @@ class Record:
     path: str | None
     label: int | None
     target: str | None = None  # a ground-truth mask file, for segmentation evaluation
+    id: str | None = None  # the row's id, where the source names it as it reads (tar keys, an id column)
+    error: str | None = None  # why this item has no image (a tar sample without one): the row's error
 
 
 class IndexedSource(Protocol):
@@ -45,6 +45,26 @@ class StreamedSource(Protocol):
     def records(self) -> Iterator[Record]: ...
     def item_id(self, index: int) -> str: ...
     def fingerprint(self) -> str: ...
+
+
+class ShardedSource(Protocol):
+    """An input that comes in shards of its own (WebDataset tars): one mv2batch shard per input shard, their
+    number known up front, each read in order by one loader worker; a shard's length is known once read."""
+
+    streamed: ClassVar[bool]  # False
+    sharded: ClassVar[bool]  # True
+    description: str
+    label_names: list[str] | None
+    shards: list[str]
+
+    def records(self, shard: int) -> Iterator[Record]: ...  # in a worker; every Record names its id
+    def read_member(self, path: str) -> bytes: ...  # a record's encoded image again, by its path
+    def fingerprint(self) -> str: ...
+
+
+def is_sharded(source: object) -> bool:
+    """Whether a source brings its own shards (ShardedSource)."""
+    return bool(getattr(source, "sharded", False))
 
 
 
@@ -124,13 +144,19 @@ class DatasetColumns:
     label_column: str | None
     label_names: list[str] | None = None
     description: str = ""
+    id_column: str | None = None  # ids from this column (they travel with the records) instead of split/index
+    base: Path | None = None  # relative image paths in the table point from here (a local table's folder)
 
     def item_id(self, index: int) -> str:
         return f"{self.split}/{index}"
 
     def record(self, row: dict) -> Record:
-        """One row's undecoded image cell and label."""
-        return cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None)
+        """One row's undecoded image cell, label and (with an id column) id."""
+        record = cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None,
+                             self.base)
+        if self.id_column is None:
+            return record
+        return Record(record.raw, record.path, record.label, id=str(row[self.id_column]))
 
 
 @dataclass
@@ -151,14 +177,21 @@ class DatasetSource(DatasetColumns):
         return hashlib.sha256(f"{own}\0{self.split}\0{len(self)}".encode()).hexdigest()
 
 
-def cell_record(cell: Any, label: Any) -> Record:
-    """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record."""
+def cell_record(cell: Any, label: Any, base: Path | None = None) -> Record:
+    """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record; a relative path points
+    from base (the table's folder)."""
     path = cell.get("path") if isinstance(cell, dict) else None
     if isinstance(cell, dict):
-        raw = cell.get("bytes") or cell.get("path") or b""
+        raw = cell.get("bytes") or _from(base, cell.get("path")) or b""
     elif isinstance(cell, (bytes, str)):
-        raw = cell
+        raw = _from(base, cell) if isinstance(cell, str) else cell
     else:
         raw = b""
     gold = None if label is None or int(label) < 0 else int(label)
-    return Record(raw=raw, path=path, label=gold)
+    return Record(raw=raw, path=path if path is None or isinstance(raw, bytes) else raw, label=gold)
+
+
+def _from(base: Path | None, path: str | None) -> str | None:
+    if not path or base is None or "://" in path or Path(path).is_absolute():
+        return path
+    return str(base / path)

@@ -44,7 +44,7 @@ class ClassifyTask:
     def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
         return consecutive_batches(indices, size)
 
-    def reading(self, read: Callable) -> None:
+    def reading(self, photo: Callable) -> None:
         """Nothing to re-read for classification."""
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
@@ -100,7 +100,7 @@ class MaskFiles:
 
     masks_dir: Path | None = None
     overlays_dir: Path | None = None
-    read: Callable | None = None
+    read: Callable | None = None  # (index, path) -> the encoded photo, for overlays
     num_classes: int = 0
     max_pixels: int = 0
     written: list = field(default_factory=list)
@@ -139,9 +139,9 @@ class SegmentTask:
 
         return grouped_batches(indices, shape_of, size)
 
-    def reading(self, read: Callable) -> None:
-        """How the writer thread re-reads a photo for its overlay (the source, or a stream's chunk)."""
-        self.files.read = read
+    def reading(self, photo: Callable) -> None:
+        """How the writer thread re-reads a photo for its overlay: (index, path) -> encoded image."""
+        self.files.read = photo
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model, the masks and their counts on the device; the result waits for them and gives one
@@ -206,10 +206,10 @@ class SegmentTask:
         for position, mask in enumerate(columns["mask_png"]):
             if mask is None:
                 continue
-            self._save_files(columns["id"][position], columns["_index"][position], mask)
+            self._save_files(columns["id"][position], columns["_index"][position], columns["path"][position], mask)
             columns["mask_png"][position] = encode_png(mask)
 
-    def _save_files(self, item_id: str, index: int, mask: Any) -> None:
+    def _save_files(self, item_id: str, index: int, photo_path: str | None, mask: Any) -> None:
         from .masks import mask_file_name, save_overlay, save_palette_png
         from .rundir import output_errors
 
@@ -218,7 +218,7 @@ class SegmentTask:
             with output_errors(f"the mask {path}"):
                 save_palette_png(mask, path, self.files.num_classes)
         if self.files.overlays_dir is not None and self.files.read is not None:
-            photo = decode_image(self.files.read(index).raw, self.files.max_pixels).image
+            photo = decode_image(self.files.read(index, photo_path), self.files.max_pixels).image
             path = self.files.overlays_dir / mask_file_name(item_id, ".jpg")
             with output_errors(f"the overlay {path}"):
                 save_overlay(photo, mask, path)

@@ -109,3 +109,17 @@ def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> Path:
+    """A WebDataset tar shard: each sample's members `<key>.<ext>` one after another, in the order given."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    return Path(path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import classify, read_rows, real_photos
-from mv2batch import loader
+from mv2batch import loader, shared_batches
 from mv2batch.errors import Mv2batchError
 
 MB = 2**20
@@ -68,14 +68,14 @@ class _Numbered:
 
 def test_workers_reuse_their_shared_buffers_and_never_refill_one_still_read(monkeypatch):
     made = multiprocessing.Value("i", 0)
-    fresh = loader.shared_storage
+    fresh = shared_batches.shared_storage
 
     def counted(nbytes):
         with made.get_lock():
             made.value += 1
         return fresh(nbytes)
 
-    monkeypatch.setattr(loader, "shared_storage", counted)  # forked workers inherit it
+    monkeypatch.setattr(shared_batches, "shared_storage", counted)  # forked workers inherit it
     index_batches = [list(range(start, start + 4)) for start in range(0, 240, 4)]
     held = list(loader.make_loader(_Numbered(), iter(index_batches), workers=2, pin_memory=False))
     assert len(held) == 60

@@ -16,6 +16,7 @@ from ..job import Job, describe_job, open_out, owner
 from ..plan import Group, Rank
 from ..report import Report
 from ..rundir import OutLock
+from ..sources import is_sharded
 
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
 
@@ -74,14 +75,14 @@ def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | Non
 
     config = job.config
     done = rundir.committed(job.fingerprint)
-    pending = [s for s in range(job.plan().n_shards)
+    pending = [s for s in range(job.run_info["plan"]["n_shards"])
                if s not in done or (config.retry_errors and done[s]["errors"])]
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_gpus=gpus, max_retries=TASK_RETRIES)(run_shard)
     job_ref = ray.put(job)
     waiting = [task.remote(job_ref, shard) for shard in pending]
     ran = errors = 0
-    total = sum(len(job.plan().shard(s)) for s in pending)
+    total = None if is_sharded(job.source) else sum(len(job.plan().shard(s)) for s in pending)
     if progress:
         progress(ProgressUpdate(0, total, 0))
     while waiting:  # progress per finished shard, in the order they finish
