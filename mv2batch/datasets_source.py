@@ -205,7 +205,7 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
         raise InputError(f"dataset {spec.name} declares no features: name the columns with --image-column")
     image_column, label_column = find_columns(data.features, spec.image_column, spec.label_column)
     check_columns(data, image_column, label_column)
-    _check_id_column(data, spec.id_column, image_column)
+    _check_id_column(data, spec.id_column)
     # Only the columns used are read: a bad cell of another image column must not fail the row, nor cost time.
     data = data.select_columns(list(dict.fromkeys(c for c in (image_column, label_column, spec.id_column) if c)))
     data = data.cast_column(image_column, datasets.Image(decode=False))
@@ -224,15 +224,15 @@ def _table_folder(name: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def _check_id_column(data: Any, id_column: str | None, image_column: str) -> None:
-    """--id-column names a column other than the image one; in a table read whole, its values are unique."""
+def _check_id_column(data: Any, id_column: str | None) -> None:
+    """--id-column names a column of ids (not of images); in a table read whole, its values are unique."""
     if id_column is None:
         return
     columns = list(data.features)
     if id_column not in columns:
         raise InputError(f"no column {id_column!r} for --id-column (columns: {', '.join(columns)})")
-    if id_column == image_column:
-        raise InputError(f"--id-column {id_column!r} is the image column: name a key or file name column")
+    if _image_column_kind(data.features[id_column]) in AUTO_IMAGE_KINDS:  # a column of paths may name its rows
+        raise InputError(f"--id-column {id_column!r} holds images, not ids: name a key or file name column")
     if hasattr(data, "__len__"):
         values = data.select_columns([id_column]).to_pandas()[id_column]
         if values.isna().any():

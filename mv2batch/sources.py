@@ -156,7 +156,10 @@ class DatasetColumns:
                              self.base)
         if self.id_column is None:
             return record
-        return Record(record.raw, record.path, record.label, id=str(row[self.id_column]))
+        value = row[self.id_column]
+        if isinstance(value, dict):  # the image column of paths itself, cast to an undecoded datasets.Image
+            value = value.get("path")
+        return Record(record.raw, record.path, record.label, id=str(value))
 
 
 @dataclass

@@ -124,14 +124,18 @@ def test_help_has_an_example(path):
 COMMON = ("--out -o --model --revision --device --dtype --batch-size --workers --compile --no-compile --speedups "
           "--no-speedups --limit --shard-size --preprocess --resume --overwrite --retry-errors --max-pixels --engine "
           "--quiet -q --strict")
-DATASET = "--split --streaming --image-column --label-column"
-# Every run command's options as they were before the CLI was rewritten in Typer's Annotated style (e4371ad).
+DATASET = "--split --streaming --image-column --label-column --id-column"
+TARS = " ".join(option for option in COMMON.split() if option not in ("--limit", "--shard-size"))
+# Every run command's options: as they were before the CLI was rewritten in Typer's Annotated style (e4371ad),
+# and those added since (--id-column, --image-ext, the webdataset commands).
 OPTIONS_BEFORE = {
     ("classify", "folder"): f"INPUT --top-k {COMMON}",
     ("classify", "dataset"): f"INPUT {DATASET} --top-k {COMMON}",
     ("segment", "folder"): f"INPUT --masks-dir --overlays-dir {COMMON}",
     ("segment", "dataset"): f"INPUT {DATASET} --masks-dir --overlays-dir {COMMON}",
-    ("eval", "imagenet-val"): f"INPUT --labels --real-labels {DATASET} {COMMON}",
+    ("eval", "imagenet-val"): f"INPUT --labels --real-labels --image-ext {DATASET} {COMMON}",
+    ("classify", "webdataset"): f"INPUT --image-ext --top-k {TARS}",
+    ("segment", "webdataset"): f"INPUT --image-ext --masks-dir --overlays-dir {TARS}",
     ("eval", "voc"): f"INPUT --split {COMMON}",
     ("eval", "ade20k"): f"INPUT --split {COMMON}",
 }
