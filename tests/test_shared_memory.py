@@ -49,7 +49,7 @@ def test_workers_out_of_shared_memory_end_the_run_with_one_line(tmp_path, tiny_m
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: "
                            "No space left on device (28)")
 
-    monkeypatch.setattr(loader, "shared_storage", no_space)  # forked workers inherit it
+    monkeypatch.setattr(shared_batches, "shared_storage", no_space)  # forked workers inherit it
     folder = _photos(tmp_path / "in", 4)
     with pytest.raises(Mv2batchError, match="ran out of shared memory in /dev/shm") as raised:
         classify(folder, tmp_path / "out", tiny_model, batch_size=2, workers=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import subprocess
 import sys
 import threading
@@ -138,9 +139,13 @@ def test_quiet_silences_the_datasets_progress_lines_too(photos, tiny_model, tmp_
     pq.write_table(pa.table({"jpg": [d for *_, d in photos[:2]]}), tmp_path / "images.parquet")
     command = [sys.executable, "-m", "mv2batch", "classify", "dataset", str(tmp_path / "images.parquet"), "-o",
                str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu", "--workers", "0"]
-    loud = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    from mv2batch.progress import QUIET_ENVIRONMENT
+
+    # An in-process --quiet run of another test has set these here: the loud run must not inherit them.
+    env = {key: value for key, value in os.environ.items() if key not in QUIET_ENVIRONMENT}
+    loud = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True, env=env)
     assert "Generating train split" in loud.stderr  # what --quiet must silence is there without it
     pq.write_table(pa.table({"jpg": [d for *_, d in photos[2:4]]}), tmp_path / "other.parquet")
     command[5], command[7] = str(tmp_path / "other.parquet"), str(tmp_path / "quiet")
-    quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=120, check=True)
+    quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=120, check=True, env=env)
     assert quiet.stderr == "" and quiet.stdout == ""
