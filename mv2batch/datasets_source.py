@@ -38,14 +38,23 @@ def _load(spec: DatasetSpec) -> Any:
         return datasets.load_from_disk(str(path))
     if path.is_file():
         builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None and path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+            raise InputError(f"{path.name} is a tar: read WebDataset shards with `mv2batch classify webdataset`")
         if builder is None:
-            raise InputError(f"unsupported data file {path.name}: give a parquet / arrow file or a folder")
+            raise InputError(f"unsupported data file {path.name}: give a parquet / arrow / csv / json file or a "
+                             "folder")
         return datasets.load_dataset(builder, data_files=str(path), streaming=spec.streaming)
+    if path.is_dir() and _holds_tars(path):  # datasets' webdataset builder would copy every image into its cache
+        raise InputError(f"{path} holds tar files: read WebDataset shards with `mv2batch classify webdataset`")
     if path.is_dir():
         return datasets.load_dataset(str(path), streaming=spec.streaming)
     if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1:
         raise InputError(f"dataset not found: {spec.name} is neither a local path nor a hub id")
     return datasets.load_dataset(spec.name, split=spec.split, revision=spec.revision, streaming=spec.streaming)
+
+
+def _holds_tars(folder: Path) -> bool:
+    return any(p.name.lower().endswith((".tar", ".tar.gz", ".tgz")) for p in folder.iterdir() if p.is_file())
 
 
 def _pick_split(loaded: Any, split: str | None) -> tuple[Any, str]:

@@ -149,3 +149,12 @@ def test_quiet_silences_the_datasets_progress_lines_too(photos, tiny_model, tmp_
     command[5], command[7] = str(tmp_path / "other.parquet"), str(tmp_path / "quiet")
     quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=120, check=True, env=env)
     assert quiet.stderr == "" and quiet.stdout == ""
+
+
+def test_tars_given_as_a_dataset_point_to_the_webdataset_command(photos, tmp_path):
+    from test_webdataset import _as_tars
+
+    tars = _as_tars(photos[:2], tmp_path / "tars")
+    for name in (tars[0], tmp_path / "tars"):
+        with pytest.raises(InputError, match="classify webdataset"):
+            _classify_table(name, tmp_path / "out", tmp_path / "no-model-needed")

@@ -295,3 +295,44 @@ def test_reading_tars_writes_nothing_outside_out(reference, tiny_model, tmp_path
     _run([str(t) for t in tars], tmp_path / "out", tiny_model, workers=2)
     assert {p: p.stat().st_size for p in tars[0].parent.parent.rglob("*")} == snapshot
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_image_ext_chooses_the_member_and_gzipped_tars_are_read(photos, tiny_model, tmp_path):
+    import tarfile
+
+    (tmp_path / "tars").mkdir()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photos[1][2])).save(png, format="PNG")
+    tar = write_tar(tmp_path / "tars" / "both.tar", [("pair", {"jpg": photos[0][2], "png": png.getvalue()})])
+    with tarfile.open(tmp_path / "tars" / "zipped.tar.gz", "w:gz") as zipped, tarfile.open(tar) as plain:
+        for member in plain.getmembers():
+            zipped.addfile(member, plain.extractfile(member))
+    default = _run([str(tar)], tmp_path / "default", tiny_model)
+    chosen = _run([str(tar), str(tmp_path / "tars" / "zipped.tar.gz")], tmp_path / "png", tiny_model,
+                  image_ext=("png",))
+    assert default.n_errors == chosen.n_errors == 0
+    assert read_rows(tmp_path / "default")[0]["path"].endswith("#pair.jpg")
+    rows = read_rows(tmp_path / "png")
+    assert [row["id"] for row in rows] == ["both/pair", "zipped/pair"]
+    assert all(row["path"].endswith("#pair.png") for row in rows)
+    assert rows[0]["topk_scores"] == rows[1]["topk_scores"]
+    assert (rows[0]["width"], rows[0]["height"]) == Image.open(io.BytesIO(photos[1][2])).size
+
+
+def test_the_ray_engine_runs_one_task_per_tar_with_the_single_process_output(reference, tiny_model, tmp_path):
+    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
+    tars, _ = reference
+    _run([str(t) for t in tars], tmp_path / "one", tiny_model)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    updates = []
+    try:
+        import mv2batch
+
+        config = RunConfig(task="classify", source="webdataset", input=[str(t) for t in tars], out=tmp_path / "ray",
+                           model=str(tiny_model), device="cpu", workers=0, engine="ray")
+        report = mv2batch.run(config, updates.append)
+    finally:
+        ray.shutdown()
+    assert report.complete and report.ran_now == 12
+    _assert_same_rows(read_rows(tmp_path / "ray"), read_rows(tmp_path / "one"))
+    assert [u.done for u in updates] == [0, 4, 8, 12] and {u.total for u in updates} == {None}
