@@ -11,6 +11,7 @@ from .config import RunConfig, output_fields
 from .plan import DEFAULT_SHARD_SIZE, ShardPlan
 from .preprocess import Preprocessing
 from .rundir import fingerprint_of
+from .sources import is_sharded
 from .speed import speedups_mode
 
 
@@ -33,7 +34,7 @@ def shard_size(config: RunConfig) -> int:
 
 
 def _n_items(config: RunConfig, source: Any) -> int | None:
-    if source.streamed or getattr(source, "sharded", False):
+    if source.streamed or is_sharded(source):
         return None  # unknown until read
     return min(len(source), config.limit) if config.limit else len(source)
 
@@ -61,7 +62,8 @@ def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocess
         "input": lambda: source.fingerprint(), "model": lambda: resolved.model_id,
         "revision": lambda: resolved.revision, "preprocess": preprocessing.describe,
         "dtype": lambda: str(dtype).replace("torch.", ""), "speedups": lambda: speedups_mode(config.speedups, dtype),
-        "shard_size": lambda: None if getattr(source, "sharded", False) else shard_size(config), "labels_file": lambda: _file_digest(config.labels_file),
+        "shard_size": lambda: None if is_sharded(source) else shard_size(config),
+        "labels_file": lambda: _file_digest(config.labels_file),
         "real_labels": lambda: _file_digest(config.real_labels), "masks_dir": lambda: _folder(config.masks_dir),
         "overlays_dir": lambda: _folder(config.overlays_dir),
     }
@@ -76,7 +78,7 @@ def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: P
     fields = fingerprint_fields(config, source, resolved, preprocessing, dtype)
     plan = ShardPlan(n_items, shard_size(config)).describe() if n_items is not None else {
         "n_items": None, "shard_size": shard_size(config), "n_shards": None}
-    if getattr(source, "sharded", False):  # one shard per input shard; their lengths are known once read
+    if is_sharded(source):  # one shard per input shard; their lengths are known once read
         plan = {"n_items": None, "shard_size": None, "n_shards": len(source.shards), "per_input_shard": True}
     return {
         "task": config.task.value,
