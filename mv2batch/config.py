@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
+from . import storage
 from .decode import DEFAULT_MAX_PIXELS
 from .errors import ConfigError
 
@@ -61,7 +62,7 @@ class RunConfig:
     # Fingerprinted by content (the source's listing), not by name. Tar shards: several names (tar files,
     # brace patterns, folders, shard lists) as a tuple.
     input: str | tuple[str, ...] = field(metadata=OUTPUTS)
-    out: Path
+    out: Path | str  # a URL (s3://, gs://, ...): OUT on an object store
     model: str | None = _outputs()  # None: the task's default checkpoint
     revision: str | None = _outputs()
     device: str = "auto"
@@ -86,11 +87,13 @@ class RunConfig:
     label_column: str | None = _outputs()
     id_column: str | None = _outputs()  # datasets: ids from this column instead of split/index
     image_ext: tuple[str, ...] | None = _outputs()  # tar shards: the image members' extensions, by preference
-    masks_dir: Path | None = _outputs()
-    overlays_dir: Path | None = _outputs()
-    labels_file: Path | None = _outputs()  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
-    real_labels: Path | None = _outputs()  # ImageNet-ReaL real.json
+    masks_dir: Path | str | None = _outputs()  # paths, or URLs of an object store
+    overlays_dir: Path | str | None = _outputs()
+    labels_file: Path | str | None = _outputs()  # ImageNet flat layout: LOC_val_solution.csv or filename,label CSV
+    real_labels: Path | str | None = _outputs()  # ImageNet-ReaL real.json
     engine: Engine = Engine.local  # local (torchrun / Slurm set the rank) or ray (shards as Ray tasks)
+    # fsspec's options for every URL of the run (endpoint, credentials, ...): never written to run.json.
+    storage_options: dict | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
@@ -99,10 +102,8 @@ class RunConfig:
         object.__setattr__(self, "engine", Engine(self.engine))
         if self.preprocess is not None:
             object.__setattr__(self, "preprocess", Protocol(self.preprocess))
-        for name in ("masks_dir", "overlays_dir", "labels_file", "real_labels"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)))
-        object.__setattr__(self, "out", Path(self.out))
+        for name in ("out", "masks_dir", "overlays_dir", "labels_file", "real_labels"):
+            object.__setattr__(self, name, storage.location(getattr(self, name)))
         if not isinstance(self.input, str):
             names = tuple(str(name) for name in self.input)
             object.__setattr__(self, "input", names[0] if len(names) == 1 else names)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+from . import storage
 from .errors import InputError
 from .sources import DatasetColumns, DatasetSource, Record
 
@@ -23,6 +25,7 @@ class DatasetSpec:
     streaming: bool = False
     revision: str | None = None
     id_column: str | None = None
+    storage_options: dict | None = None  # for data files on an object store
 
 
 def is_saved_to_disk(path: Path) -> bool:
@@ -33,6 +36,8 @@ def is_saved_to_disk(path: Path) -> bool:
 def _load(spec: DatasetSpec) -> Any:
     import datasets
 
+    if storage.is_url(spec.name):
+        return _load_remote(spec)
     path = Path(spec.name).expanduser()
     if is_saved_to_disk(path):
         return datasets.load_from_disk(str(path))
@@ -51,6 +56,44 @@ def _load(spec: DatasetSpec) -> Any:
     if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1:
         raise InputError(f"dataset not found: {spec.name} is neither a local path nor a hub id")
     return datasets.load_dataset(spec.name, split=spec.split, revision=spec.revision, streaming=spec.streaming)
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _remote_data_files(url: str, options: dict | None) -> list[str]:
+    """The data file a URL names, or the data files under a prefix (sorted, of one kind)."""
+    fs = storage.filesystem(url, options)
+    with storage.start_up_errors("input", url):
+        if not fs.isdir(url):
+            if not fs.isfile(url):
+                raise InputError(f"dataset not found: {url}")
+            return [url]
+        keys = sorted(fs.find(url))
+    if any(key.lower().endswith(TAR_SUFFIXES) for key in keys):
+        raise InputError(f"{url} holds tar files: read WebDataset shards with `mv2batch classify webdataset`")
+    files = [fs.unstrip_protocol(k) for k in keys if Path(k).suffix.lower() in DATA_FILE_BUILDERS
+             and not any(part.startswith(".") for part in k.split("/"))]
+    if not files:
+        raise InputError(f"no data files (parquet, arrow, csv, json) under {url}")
+    return files
+
+
+def _load_remote(spec: DatasetSpec) -> Any:
+    """Data files on an object store, read by datasets through fsspec with the run's storage options."""
+    import datasets
+
+    files = _remote_data_files(spec.name, spec.storage_options)
+    name = storage.name_of(files[0])
+    builders = {DATA_FILE_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if name.lower().endswith(TAR_SUFFIXES):
+        raise InputError(f"{name} is a tar: read WebDataset shards with `mv2batch classify webdataset`")
+    if len(builders) != 1 or None in builders:
+        raise InputError(f"unsupported data file(s) under {spec.name}: give parquet / arrow / csv / json files of "
+                         "one kind")
+    # A copy: datasets adds its own entries (an "hf" key) to the dict it is given.
+    return datasets.load_dataset(builders.pop(), data_files=files, streaming=spec.streaming,
+                                 storage_options=copy.deepcopy(spec.storage_options or {}))
 
 
 def _holds_tars(folder: Path) -> bool:
@@ -222,11 +265,13 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
     description = f"dataset {spec.name} [{split}]"
     kind = StreamingSource if isinstance(data, datasets.IterableDataset) else DatasetSource
     return kind(data, split, image_column, label_column, names, description, id_column=spec.id_column,
-                base=_table_folder(spec.name))
+                base=_table_folder(spec.name, spec.storage_options), options=spec.storage_options)
 
 
-def _table_folder(name: str) -> Path | None:
-    """Where relative image paths in a local table point from: the table file's folder, or the data folder."""
+def _table_folder(name: str, options: dict | None = None) -> Path | str | None:
+    """Where relative image paths in a table point from: the table file's folder, or the data folder."""
+    if storage.is_url(name):
+        return name.rstrip("/") if storage.is_dir(name, options) else str(storage.parent_of(name.rstrip("/")))
     path = Path(name).expanduser()
     if path.is_file():
         return path.resolve().parent

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from .storage import RemoteFile, StoreReadError
+
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
@@ -28,9 +30,14 @@ class Decoded:
 URL_TIMEOUT_S = 60
 
 
-def _read(raw: str | Path | bytes) -> bytes:
+def _read(raw: str | Path | bytes | RemoteFile) -> bytes:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         return bytes(raw)
+    if isinstance(raw, RemoteFile):
+        try:
+            return raw.read()
+        except StoreReadError as exc:
+            raise DecodeError(f"cannot read {raw.url}: {exc}") from None
     if isinstance(raw, str) and raw.startswith(("http://", "https://")):
         return _fetch(raw)
     try:
@@ -85,7 +92,7 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
         )
 
 
-def decode_image(raw: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Open, EXIF-transpose and convert to RGB; any failure becomes a DecodeError with a short message."""
     data = _read(raw)
     if not data:
@@ -112,10 +119,12 @@ def decode_image(raw: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) 
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-def probe_size(raw: str | Path | bytes) -> tuple[int, int] | None:
-    """(width, height) after EXIF orientation from the header alone; None when the header is unreadable."""
+def probe_size(raw: str | Path | bytes | RemoteFile) -> tuple[int, int] | None:
+    """(width, height) after EXIF orientation from the header alone (an object: its first ranges); None when
+    the header is unreadable."""
     try:
-        source = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw
+        source = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw.open() if isinstance(
+            raw, RemoteFile) else raw
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(source) as image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .config import RunConfig, SourceKind
 from .errors import ConfigError, InputError, ModelError
 
@@ -13,7 +14,7 @@ def _open_dataset(config: RunConfig) -> Any:
     from .datasets_source import DatasetSpec, open_dataset
 
     spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming,
-                       id_column=config.id_column)
+                       id_column=config.id_column, storage_options=config.storage_options)
     return open_dataset(spec)
 
 
@@ -21,7 +22,7 @@ def _open_webdataset(config: RunConfig, require_label: bool = False) -> Any:
     from .webdataset_source import TarShards
 
     names = (config.input,) if isinstance(config.input, str) else config.input
-    return TarShards.open(names, config.image_ext, require_label=require_label)
+    return TarShards.open(names, config.image_ext, require_label=require_label, options=config.storage_options)
 
 
 def _open_imagenet(config: RunConfig) -> Any:
@@ -29,41 +30,42 @@ def _open_imagenet(config: RunConfig) -> Any:
     from .eval_sources import open_imagenet
     from .webdataset_source import looks_like_shards
 
-    path = Path(config.input).expanduser()
-    if looks_like_shards(config.input) and not is_saved_to_disk(path):
+    path = storage.location(config.input)
+    local = isinstance(path, Path)
+    if looks_like_shards(config.input, config.storage_options) and not (local and is_saved_to_disk(path)):
         if config.limit or config.shard_size:
             raise ConfigError("--limit and --shard-size do not apply to tar shards (one shard per tar)")
         return _open_webdataset(config, require_label=True)
-    if path.is_dir() and not is_saved_to_disk(path):
-        return open_imagenet(path, config.labels_file, exclude=outputs_of(config))
+    if not local or (path.is_dir() and not is_saved_to_disk(path)):
+        return open_imagenet(path, config.labels_file, outputs_of(config), config.storage_options)
     source = _open_dataset(config)
     if source.label_column is None:
         raise InputError(f"{config.input} has no label column: name it with --label-column")
     return source
 
 
-def outputs_of(config: RunConfig) -> list[Path]:
-    """Folders this run writes to: never read as input, should they lie under it (a mask written there would
-    become an input of the next run)."""
-    return [Path(p).expanduser() for p in (config.out, config.masks_dir, config.overlays_dir) if p is not None]
+def outputs_of(config: RunConfig) -> list[Path | str]:
+    """Folders (or prefixes) this run writes to: never read as input, should they lie under it (a mask written
+    there would become an input of the next run)."""
+    return [p for p in (config.out, config.masks_dir, config.overlays_dir) if p is not None]
 
 
 def _open_folder(config: RunConfig) -> Any:
     from .sources import FolderSource
 
-    return FolderSource.open(config.input, exclude=outputs_of(config))
+    return FolderSource.open(config.input, exclude=outputs_of(config), options=config.storage_options)
 
 
 def _open_voc(config: RunConfig) -> Any:
     from .eval_sources import open_voc
 
-    return open_voc(Path(config.input).expanduser(), config.split)
+    return open_voc(storage.location(config.input), config.split, config.storage_options)
 
 
 def _open_ade20k(config: RunConfig) -> Any:
     from .eval_sources import open_ade20k
 
-    return open_ade20k(Path(config.input).expanduser(), config.split)
+    return open_ade20k(storage.location(config.input), config.split, config.storage_options)
 
 
 SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dataset,

@@ -83,7 +83,7 @@ def open_out(job: Job, rank: Rank, group: Group, batch_size: int | None = None,
     run_info = job.run_info
     if batch_size is not None:
         run_info = {**run_info, "options": {**run_info["options"], "batch_size": batch_size}}
-    rundir, owns = RunDir(config.out), owns or owner(rank)
+    rundir, owns = RunDir(config.out, config.storage_options), owns or owner(rank)
     if rank.is_first:
         rundir.prepare(run_info, config.overwrite, config.resume, owns)
     group.barrier()

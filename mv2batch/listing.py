@@ -11,8 +11,8 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger("mv2batch")
 
@@ -47,6 +47,7 @@ class Listing:
     ids: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few of each kind, for the warning
+    signatures: dict[str, str] | None = None  # an object store's size and ETag of each id (the fingerprint)
 
     def skip(self, kind: str, relative: str) -> None:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
@@ -58,7 +59,7 @@ class Listing:
         """Files left out (not directories)."""
         return sum(n for kind, n in self.skipped.items() if kind in (NOT_IMAGES, NO_DECODER, NOT_REGULAR))
 
-    def warning(self, root: Path) -> str | None:
+    def warning(self, root: Path | str) -> str | None:
         """One line naming what was left out, by kind with a few examples each (None: nothing was)."""
         if not self.skipped:
             return None
@@ -71,12 +72,12 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_folder(root: Path, exclude: Iterable[Path] = (), scan: Callable = os.scandir) -> Listing:
+def list_folder(root: Path, exclude: Iterable[Path | str] = (), scan: Callable = os.scandir) -> Listing:
     """The image files under root (hidden entries skipped), each real directory walked once; directories in
     exclude (this run's masks and overlays, when they lie under the input) are left out. scan: os.scandir
     (a test passes one that refuses a directory, as permissions do for anyone but root)."""
     extensions, listing = image_extensions(), Listing()
-    excluded = {_identity(path) for path in exclude if path.is_dir()}
+    excluded = {_identity(path) for path in exclude if isinstance(path, Path) and path.is_dir()}
     seen: set[tuple[int, int]] = set()
     pending = [Path(".")]
     while pending:
@@ -129,7 +130,32 @@ def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing
     return None
 
 
-def warn_about(listing: Listing, root: Path) -> None:
+def list_prefix(url: str, options: dict | None = None, exclude: Iterable[Any] = ()) -> Listing:
+    """The image objects under a URL prefix, by key in sorted order (hidden keys skipped, as hidden files are;
+    keys under this run's outputs left out), each with its size and ETag. Object stores list keys, not
+    folders: there are no links, loops or FIFOs to guard against."""
+    from . import storage
+
+    fs = storage.filesystem(url, options)
+    root = fs._strip_protocol(url).rstrip("/")
+    outputs = tuple(fs._strip_protocol(str(path)).rstrip("/") + "/" for path in exclude if storage.is_url(path))
+    extensions, listing = image_extensions(), Listing(signatures={})
+    for key, info in sorted(fs.find(root, detail=True).items()):
+        relative = key[len(root) + 1:] if key.startswith(root + "/") else ""
+        if not relative or info.get("type") == "directory" or any(map(_is_hidden, relative.split("/"))):
+            continue
+        suffix = PurePosixPath(relative).suffix.lower()
+        if key.startswith(outputs) and outputs:
+            listing.skip(OUTPUTS, relative)
+        elif suffix not in extensions:
+            listing.skip(NO_DECODER if suffix in OPTIONAL_FORMATS else NOT_IMAGES, relative)
+        else:
+            listing.ids.append(relative)
+            listing.signatures[relative] = f"{info.get('size')}:{info.get('ETag') or info.get('etag') or ''}"
+    return listing
+
+
+def warn_about(listing: Listing, root: Path | str) -> None:
     """Say on the warning line what the listing left out."""
     line = listing.warning(root)
     if line:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
@@ -122,8 +123,10 @@ def read_target(path: str, reduce_labels: bool) -> np.ndarray:
     """Class ids of a ground-truth PNG (palette index or grey level); reduce_labels: ADE20k's 0 = ignore."""
     from PIL import Image
 
+    from .storage import RemoteFile
+
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path.read()) if isinstance(path, RemoteFile) else path) as image:
             target = np.array(image)
     except Exception as exc:
         raise TargetError(f"cannot read ground-truth mask: {type(exc).__name__}: {exc}") from None

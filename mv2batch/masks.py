@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -42,24 +42,26 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def save_palette_png(mask: np.ndarray, path: Path, num_classes: int) -> None:
+def palette_png(mask: np.ndarray, num_classes: int) -> bytes:
     """A mask file viewers show in colour: VOC palette for 21-class models, plain ids otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = mask_image(mask)
     if num_classes <= 256 and image.mode == "L":
         image = image.convert("P")
         image.putpalette(voc_palette().reshape(-1).tolist())
-    image.save(path, format="PNG")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def save_overlay(photo: Image.Image, mask: np.ndarray, path: Path, alpha: float = 0.5) -> None:
+def overlay_jpeg(photo: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> bytes:
     """The photo blended with the coloured mask."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     colours = voc_palette(max(256, int(mask.max(initial=0)) + 1))[mask]
     blended = (np.asarray(photo.convert("RGB"), dtype=np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
-    Image.fromarray(blended).save(path, format="JPEG", quality=90)
+    buffer = io.BytesIO()
+    Image.fromarray(blended).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def mask_file_name(item_id: str, suffix: str) -> str:
     """A file name under the masks / overlays folder that mirrors the image id (subfolders kept)."""
-    return str(Path(item_id.replace("\\", "/")).with_suffix(suffix))
+    return str(PurePosixPath(item_id.replace("\\", "/")).with_suffix(suffix))

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .rundir import RunDir, output_errors, replacing
+from .rundir import RunDir
 
 
 @dataclass
@@ -64,26 +64,25 @@ def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task:
     )
 
 
-def _write_table(rows: list[dict], path: Path) -> None:
-    with replacing(path) as temp:
-        pq.write_table(pa.Table.from_pylist(rows), temp)
+def _table_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def write_report(report: Report, rundir: RunDir) -> None:
-    """summary.parquet (and per_class.parquet), each written whole then renamed into place."""
-    with output_errors(str(rundir.report)):
-        rundir.report.mkdir(parents=True, exist_ok=True)
-        _write_table([report.summary_row()], rundir.report / "summary.parquet")
-        if report.per_class:
-            _write_table(report.per_class, rundir.report / "per_class.parquet")
-        if report.confusion:
-            _write_table(report.confusion, rundir.report / "confusion.parquet")
+    """summary.parquet (and per_class.parquet, confusion.parquet), each written whole (renamed, or one PUT)."""
+    rundir.write_report_file("summary.parquet", _table_bytes([report.summary_row()]))
+    if report.per_class:
+        rundir.write_report_file("per_class.parquet", _table_bytes(report.per_class))
+    if report.confusion:
+        rundir.write_report_file("confusion.parquet", _table_bytes(report.confusion))
 
 
-def load_report(out: Path) -> Report:
+def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
     """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
-    rundir = RunDir(out)
-    if not rundir.root.is_dir():
+    rundir = RunDir(out, storage_options)
+    if not rundir.exists():
         raise OutputError(f"no such output directory: {out}")
     run_info = rundir.read_run()
     if run_info is None:

@@ -1,21 +1,24 @@
-"""The output directory: run.json and its fingerprint, shard markers, temporary parts, atomic writes."""
+"""The output directory: run.json and its fingerprint, shard markers, parts, the same-run check, the lock.
+
+OUT is a folder on a file system or a prefix on an object store; `out_files` writes each file whole on
+either, and RunDir never asks which.
+"""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import secrets
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from . import storage
 from .errors import OutputError
+from .out_files import TEMP_SUFFIX, files_for, output_errors
+
+__all__ = ["OWNED", "LOCK_NAME", "RunDir", "OutLock", "fingerprint_of", "output_errors", "part_name"]
 
 OWNED = ("run.json", "predictions", "shards", "report", "masks", "overlays")
-TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".mv2batch.lock"
 
 
@@ -24,68 +27,8 @@ def fingerprint_of(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-@contextmanager
-def output_errors(what: str) -> Iterator[None]:
-    """Turn a full disk or a permission problem into one clear OutputError."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {what}: free some space and re-run to continue") from None
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write {what}: {exc.strerror}") from None
-        raise OutputError(f"cannot write {what}: {exc}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def commit_file(temp: Path, final: Path) -> None:
-    """fsync a finished temporary file, rename it into place, fsync the folder."""
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-    _fsync_dir(final.parent)
-
-
-def temporary_name(path: Path) -> Path:
-    """A hidden temporary name of this writer's own next to `path`.
-
-    Processes of one run may write the same file at the same moment (run.json when they start together,
-    the report when their last shards end together): with a shared temporary name, one renames the
-    other's half-written file into place or finds its own gone. Each writes whole and renames; all
-    write the same content, so whichever rename lands last is right.
-    """
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-@contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary name to write `path` whole under; commit it when the block ends, or remove it."""
-    temp = temporary_name(path)
-    try:
-        yield temp
-        commit_file(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)  # only there when writing or committing failed
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name and rename it, so a reader never sees half a file."""
-    with output_errors(str(path)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as temp:
-            temp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
 
 
 def part_name(shard: int) -> str:
@@ -94,31 +37,65 @@ def part_name(shard: int) -> str:
 
 
 class RunDir:
-    """Paths and state of one OUT directory."""
+    """Paths and state of one OUT directory (a folder, or a prefix on an object store)."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.run_json = self.root / "run.json"
-        self.predictions = self.root / "predictions"
-        self.shards = self.root / "shards"
-        self.report = self.root / "report"
+    def __init__(self, root: Path | str, options: dict | None = None):
+        self.root = storage.location(root)
+        self.files = files_for(self.root, options)
+        self.run_json = storage.join(self.root, "run.json")
+        self.predictions = storage.join(self.root, "predictions")
+        self.shards = storage.join(self.root, "shards")
+        self.report = storage.join(self.root, "report")
 
-    def part_path(self, shard: int) -> Path:
-        return self.predictions / part_name(shard)
+    def part_path(self, shard: int) -> Path | str:
+        return storage.join(self.predictions, part_name(shard))
+
+    def marker_path(self, shard: int) -> Path | str:
+        return storage.join(self.shards, f"{shard:05d}.json")
 
     def part_temp(self, shard: int) -> Path:
-        # A leading dot: pyarrow, DuckDB and Spark skip it when reading predictions/ as a dataset.
-        return self.predictions / f".part-{shard:05d}.parquet{TEMP_SUFFIX}"
+        """A local file to write a part in before it is committed."""
+        return self.files.local_temp(self.part_path(shard))
 
-    def marker_path(self, shard: int) -> Path:
-        return self.shards / f"{shard:05d}.json"
+    def commit_part(self, shard: int, temp: Path) -> None:
+        """The finished part under its final name: renamed into place, or uploaded whole."""
+        self.files.commit(temp, self.part_path(shard))
+
+    def read_part(self, shard: int) -> Any:
+        import pyarrow.parquet as pq
+
+        with self.files.open_read(self.part_path(shard)) as handle:
+            return pq.read_table(handle)
+
+    def write_json(self, where: Path | str, data: Any) -> None:
+        """A JSON file written whole (a reader never sees half of it)."""
+        with output_errors(str(where)):
+            self.files.write_whole(where, _json_bytes(data))
+
+    def write_run(self, run_info: dict) -> None:
+        self.write_json(self.run_json, run_info)
+
+    def write_marker(self, shard: int, marker: dict) -> None:
+        self.write_json(self.marker_path(shard), marker)
+
+    def write_report_file(self, name: str, data: bytes) -> None:
+        with output_errors(str(self.report)):
+            self.files.write_whole(storage.join(self.report, name), data)
+
+    def exists(self) -> bool:
+        with output_errors(str(self.root)):
+            return self.files.is_dir(self.root)
 
     def read_run(self) -> dict | None:
-        if not self.run_json.is_file():
+        try:
+            data = self.files.read_bytes(self.run_json)
+        except OSError:
+            data = b""
+        if data is None:
             return None
         try:
-            return json.loads(self.run_json.read_text())
-        except (OSError, ValueError):
+            return json.loads(data)
+        except ValueError:
             raise OutputError(f"{self.run_json} is unreadable: remove it or use --overwrite") from None
 
     def prepare(self, run_info: dict, overwrite: bool, resume: bool, owns: Callable[[int], bool] = lambda s: True) -> None:
@@ -127,10 +104,11 @@ class RunDir:
         `owns` tells which shards this process runs: only their leftovers are removed, since another
         process of the same run may be writing its own at this moment.
         """
-        if self.root.exists() and not self.root.is_dir():
-            raise OutputError(f"output path exists and is not a directory: {self.root}")
-        if overwrite:
-            self._wipe()
+        with output_errors(str(self.root)):
+            if self.files.exists(self.root) and not self.files.is_dir(self.root):
+                raise OutputError(f"output path exists and is not a directory: {self.root}")
+            if overwrite:
+                self._wipe()
         existing = self.read_run()
         if existing is None:
             if resume:
@@ -139,16 +117,16 @@ class RunDir:
         else:
             self._check_same_run(existing, run_info)
         with output_errors(str(self.root)):
-            for folder in (self.predictions, self.shards):
-                folder.mkdir(parents=True, exist_ok=True)
+            self.files.make_folders(self.predictions, self.shards)
         self.remove_temporaries(owns)
         if existing is None:
-            write_json_atomic(self.run_json, run_info)
+            self.write_run(run_info)
 
     def _refuse_foreign_content(self) -> None:
         # Our own folders without run.json: another process of this run is creating it right now.
-        if self.root.is_dir() and any(p.name not in (*OWNED, LOCK_NAME) and not _is_run_json_temporary(p.name)
-                                      for p in self.root.iterdir()):
+        with output_errors(str(self.root)):
+            names = self.files.names(self.root)
+        if any(name not in (*OWNED, LOCK_NAME) and not _is_run_json_temporary(name) for name in names):
             raise OutputError(
                 f"{self.root} is not empty and holds no mv2batch run: choose a new or empty directory"
             )
@@ -167,29 +145,31 @@ class RunDir:
     def _wipe(self) -> None:
         with output_errors(str(self.root)):
             for name in OWNED:
-                target = self.root / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+                self.files.remove(storage.join(self.root, name))
 
     def remove_temporaries(self, owns: Callable[[int], bool] = lambda s: True) -> None:
-        """Delete parts a crashed run left half-written; their shards have no marker and run again."""
-        for temp in self.predictions.glob(f".part-*{TEMP_SUFFIX}"):
+        """Delete parts a crashed run left half-written on a file system; their shards have no marker and run
+        again. (On an object store nothing is half-written: a part without a marker is written over.)"""
+        if self.files.on_object_store:
+            return
+        for temp in Path(self.predictions).glob(f".part-*{TEMP_SUFFIX}"):
             number = temp.name.removeprefix(".part-").split(".")[0]
             if not number.isdigit() or owns(int(number)):
                 temp.unlink(missing_ok=True)
 
     def committed(self, fingerprint: str) -> dict[int, dict]:
         """Markers of this run whose part file is in place, by shard number."""
+        with output_errors(str(self.root)):
+            parts = set(self.files.names(self.predictions))
+            markers = [name for name in self.files.names(self.shards) if name.endswith(".json")]
         done = {}
-        for marker in sorted(self.shards.glob("*.json")):
+        for name in markers:
             try:
-                data = json.loads(marker.read_text())
+                data = json.loads(self.files.read_bytes(storage.join(self.shards, name)) or b"")
             except (OSError, ValueError):
                 continue
             shard = data.get("shard")
-            if data.get("fingerprint") == fingerprint and isinstance(shard, int) and self.part_path(shard).is_file():
+            if data.get("fingerprint") == fingerprint and isinstance(shard, int) and part_name(shard) in parts:
                 done[shard] = data
         return done
 
@@ -209,12 +189,16 @@ class OutLock:
     kill -9: a dead holder's lock is taken over by the next run. Ranks of one run do not take it (torchrun,
     Slurm); under Ray the driver holds it for its tasks. The file is removed on release, while still held."""
 
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOCK_NAME
+    def __init__(self, root: Path | str):
+        where = storage.location(root)
+        # An object store has no flock (nor any lock its clients all honour): there, OUT is not locked.
+        self.path = where / LOCK_NAME if isinstance(where, Path) else None
         self.handle: Any = None
 
     def acquire(self) -> "OutLock":
         """Take the lock, or raise OutputError naming the process that holds it."""
+        if self.path is None:
+            return self
         if self.path.parent.exists() and not self.path.parent.is_dir():
             return self  # not a directory: RunDir.prepare says so
         with output_errors(str(self.path.parent)):

@@ -39,14 +39,18 @@ def _n_items(config: RunConfig, source: Any) -> int | None:
     return min(len(source), config.limit) if config.limit else len(source)
 
 
-def _file_digest(path: Path | None) -> str | None:
+def _file_digest(path: Path | str | None, options: dict | None) -> str | None:
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path is not None and path.is_file() else None
+    from . import storage
+
+    if path is None or not storage.is_file(path, options):
+        return None
+    return hashlib.sha256(storage.read_bytes(path, options)).hexdigest()[:16]
 
 
-def _folder(path: Path | None) -> str | None:
-    return str(path.expanduser().resolve()) if path is not None else None
+def _folder(path: Path | str | None) -> str | None:
+    return str(path.expanduser().resolve()) if isinstance(path, Path) else path
 
 
 def _plain(value: Any) -> Any:
@@ -63,8 +67,8 @@ def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocess
         "revision": lambda: resolved.revision, "preprocess": preprocessing.describe,
         "dtype": lambda: str(dtype).replace("torch.", ""), "speedups": lambda: speedups_mode(config.speedups, dtype),
         "shard_size": lambda: None if is_sharded(source) else shard_size(config),
-        "labels_file": lambda: _file_digest(config.labels_file),
-        "real_labels": lambda: _file_digest(config.real_labels), "masks_dir": lambda: _folder(config.masks_dir),
+        "labels_file": lambda: _file_digest(config.labels_file, config.storage_options),
+        "real_labels": lambda: _file_digest(config.real_labels, config.storage_options), "masks_dir": lambda: _folder(config.masks_dir),
         "overlays_dir": lambda: _folder(config.overlays_dir),
     }
     return {name: resolved_values[name]() if name in resolved_values else _plain(getattr(config, name))

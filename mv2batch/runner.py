@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .job import Job
 from .loader import ImageDataset, make_loader
 from .report import Report, build_report, write_report
-from .rundir import RunDir, write_json_atomic
+from .rundir import RunDir
 from .sources import Record, is_sharded
 
 PlanLoader = Callable[..., policy.LoaderPlan]  # policy.plan_loader's signature
@@ -124,7 +124,7 @@ def _run_stream(job: Job, loop: BatchLoop, rundir: RunDir, done: dict[int, dict]
     run_info = rundir.read_run()
     if run_info is not None and n_shards != run_info["plan"].get("n_shards"):
         run_info["plan"].update({"n_shards": n_shards})
-        write_json_atomic(rundir.run_json, run_info)
+        rundir.write_run(run_info)
 
 
 @dataclass
@@ -163,11 +163,9 @@ def _retry_errors(job: Job, loop: BatchLoop, rundir: RunDir, done: dict[int, dic
 
 
 def _retry_shard(job: Job, loop: BatchLoop, rundir: RunDir, number: int, marker: dict, indices: range) -> None:
-    import pyarrow.parquet as pq
-
     from .writer import POSITION, PartWriter
 
-    rows = pq.read_table(rundir.part_path(number)).to_pylist()
+    rows = rundir.read_part(number).to_pylist()
     failed = [position for position, row in enumerate(rows) if row["status"] == "error"]
     state = ShardState(number, len(failed), job.task.new_counts())
     loop.counters.total = (loop.counters.total or 0) + len(failed)
@@ -182,7 +180,7 @@ def _retry_shard(job: Job, loop: BatchLoop, rundir: RunDir, number: int, marker:
     merged = job.task.counts_from_json(marker["metrics"]).merge(state.counts)
     updated = {**marker, "errors": sum(row["status"] == "error" for row in rows), "metrics": merged.to_json(),
                "retried": marker.get("retried", 0) + 1}
-    write_json_atomic(rundir.marker_path(number), updated)
+    rundir.write_marker(number, updated)
 
 
 def finish(job: Job, rundir: RunDir, ran_now: int, elapsed: float, write: bool) -> Report:

@@ -7,17 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Protocol
 
+from . import storage
 from .errors import InputError
-from .listing import image_extensions, list_folder, warn_about
+from .listing import image_extensions, list_folder, list_prefix, warn_about
 
 @dataclass(frozen=True)
 class Record:
     """What a worker needs to produce one row: the encoded image and its metadata."""
 
-    raw: str | bytes
+    raw: str | bytes | storage.RemoteFile
     path: str | None
     label: int | None
-    target: str | None = None  # a ground-truth mask file, for segmentation evaluation
+    target: str | storage.RemoteFile | None = None  # a ground-truth mask file, for segmentation evaluation
     id: str | None = None  # the row's id, where the source names it as it reads (tar keys, an id column)
     error: str | None = None  # why this item has no image (a tar sample without one): the row's error
 
@@ -76,13 +77,12 @@ def list_images(root: Path) -> tuple[list[str], int]:
 
 @dataclass
 class FolderSource:
-    """Every image file under a folder, recursively, in sorted order; id = path relative to the folder.
-
-    Evaluation layouts attach a gold label, or a ground-truth mask file, to each image.
+    """Every image file under a folder (or object under a URL prefix), recursively, in sorted order; id = path
+    relative to the folder. Evaluation layouts attach a gold label, or a ground-truth mask file, to each image.
     """
 
     streamed: ClassVar[bool] = False
-    root: Path
+    root: Path | str  # a URL: an object-store prefix, read through fsspec in the workers
     ids: list[str]
     skipped_files: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # what the listing left out, by kind
@@ -90,12 +90,17 @@ class FolderSource:
     description: str = ""
     labels: list[int | None] | None = None
     targets: list[str] | None = None
+    options: dict | None = None  # the object store's --storage-options
+    signatures: dict[str, str] | None = None  # the object store's size and ETag of each id
 
     @classmethod
-    def open(cls, root: str | Path, exclude: Iterable[Path] = ()) -> "FolderSource":
+    def open(cls, root: str | Path, exclude: Iterable[Path | str] = (),
+             options: dict | None = None) -> "FolderSource":
         """List the folder (leaving out the folders in exclude), or raise InputError when it is missing or holds
         no images; say on the warning line what the listing left out."""
-        path = Path(root).expanduser()
+        path = storage.location(root)
+        if isinstance(path, str):
+            return cls._open_prefix(path, exclude, options)
         if not path.exists():
             raise InputError(f"input folder not found: {path}")
         if not path.is_dir():
@@ -108,6 +113,25 @@ class FolderSource:
         return cls(root=path.resolve(), ids=listing.ids, skipped_files=listing.skipped_files,
                    skipped=listing.skipped, description=f"folder {path}")
 
+    @classmethod
+    def _open_prefix(cls, url: str, exclude: Iterable[Path | str], options: dict | None) -> "FolderSource":
+        with storage.start_up_errors("input", url):
+            listing = list_prefix(url, options, exclude)
+        warn_about(listing, url)
+        if not listing.ids:
+            extensions = ", ".join(sorted(e.lstrip(".") for e in image_extensions()))
+            raise InputError(f"no images found under {url} (looked for: {extensions})")
+        return cls(root=url, ids=listing.ids, skipped_files=listing.skipped_files, skipped=listing.skipped,
+                   description=f"folder {url}", options=options, signatures=listing.signatures)
+
+    def file(self, relative: str) -> str:
+        """Where a file of this folder lies, as text (a path or a URL)."""
+        return str(storage.join(self.root, relative))
+
+    def remote(self, where: str | None) -> str | storage.RemoteFile | None:
+        """What a worker reads: a path, or the object behind a URL with this store's options."""
+        return storage.RemoteFile(where, self.options) if storage.is_url(where) else where
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -115,23 +139,28 @@ class FolderSource:
         return self.ids[index]
 
     def read(self, index: int) -> Record:
-        path = str(self.root / self.ids[index])
+        path = self.file(self.ids[index])
         label = self.labels[index] if self.labels is not None else None
         target = self.targets[index] if self.targets is not None else None
-        return Record(raw=path, path=path, label=label, target=target)
+        return Record(raw=self.remote(path), path=path, label=label, target=self.remote(target))
 
     def fingerprint(self) -> str:
-        """Hash of the listing: ids, file sizes and gold labels, so a changed input is a different run."""
+        """Hash of the listing: ids, file sizes (objects: size and ETag) and gold labels, so a changed input is a
+        different run."""
         digest = hashlib.sha256()
         for index, item in enumerate(self.ids):
-            try:
-                size = (self.root / item).stat().st_size
-            except OSError:
-                size = -1
+            size = self.signatures.get(item) if self.signatures is not None else _size(self.root / item)
             label = self.labels[index] if self.labels is not None else ""
             target = self.targets[index] if self.targets is not None else ""
             digest.update(f"{item}\0{size}\0{label}\0{target}\n".encode())
         return digest.hexdigest()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 @dataclass
@@ -145,7 +174,8 @@ class DatasetColumns:
     label_names: list[str] | None = None
     description: str = ""
     id_column: str | None = None  # ids from this column (they travel with the records) instead of split/index
-    base: Path | None = None  # relative image paths in the table point from here (a local table's folder)
+    base: Path | str | None = None  # relative image paths in the table point from here (the table's folder)
+    options: dict | None = None  # the object store's --storage-options, for tables and images named by URL
 
     def item_id(self, index: int) -> str:
         return f"{self.split}/{index}"
@@ -153,7 +183,7 @@ class DatasetColumns:
     def record(self, row: dict) -> Record:
         """One row's undecoded image cell, label and (with an id column) id."""
         record = cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None,
-                             self.base)
+                             self.base, self.options)
         if self.id_column is None:
             return record
         value = row[self.id_column]
@@ -180,9 +210,9 @@ class DatasetSource(DatasetColumns):
         return hashlib.sha256(f"{own}\0{self.split}\0{len(self)}".encode()).hexdigest()
 
 
-def cell_record(cell: Any, label: Any, base: Path | None = None) -> Record:
+def cell_record(cell: Any, label: Any, base: Path | str | None = None, options: dict | None = None) -> Record:
     """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record; a relative path points
-    from base (the table's folder)."""
+    from base (the table's folder); an object-store URL is read in the worker with the run's options."""
     path = cell.get("path") if isinstance(cell, dict) else None
     if isinstance(cell, dict):
         raw = cell.get("bytes") or _from(base, cell.get("path")) or b""
@@ -191,10 +221,13 @@ def cell_record(cell: Any, label: Any, base: Path | None = None) -> Record:
     else:
         raw = b""
     gold = None if label is None or int(label) < 0 else int(label)
-    return Record(raw=raw, path=path if path is None or isinstance(raw, bytes) else raw, label=gold)
+    shown = path if path is None or isinstance(raw, bytes) else raw
+    if isinstance(raw, str) and storage.is_url(raw) and storage.protocol_of(raw) not in ("http", "https"):
+        raw = storage.RemoteFile(raw, options)
+    return Record(raw=raw, path=shown, label=gold)
 
 
-def _from(base: Path | None, path: str | None) -> str | None:
+def _from(base: Path | str | None, path: str | None) -> str | None:
     if not path or base is None or "://" in path or Path(path).is_absolute():
         return path
-    return str(base / path)
+    return str(storage.join(base, path))

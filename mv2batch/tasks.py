@@ -98,11 +98,12 @@ class ClassifyTask:
 class MaskFiles:
     """Where optional mask and overlay files go, and how to re-read a photo for its overlay."""
 
-    masks_dir: Path | None = None
-    overlays_dir: Path | None = None
+    masks_dir: Path | str | None = None  # a folder, or an object-store prefix
+    overlays_dir: Path | str | None = None
     read: Callable | None = None  # (index, path) -> the encoded photo, for overlays
     num_classes: int = 0
     max_pixels: int = 0
+    storage_options: dict | None = None  # for folders on an object store
     written: list = field(default_factory=list)
 
 
@@ -210,18 +211,19 @@ class SegmentTask:
             columns["mask_png"][position] = encode_png(mask)
 
     def _save_files(self, item_id: str, index: int, photo_path: str | None, mask: Any) -> None:
-        from .masks import mask_file_name, save_overlay, save_palette_png
+        from . import storage
+        from .masks import mask_file_name, overlay_jpeg, palette_png
         from .rundir import output_errors
 
         if self.files.masks_dir is not None:
-            path = self.files.masks_dir / mask_file_name(item_id, ".png")
+            path = storage.join(self.files.masks_dir, mask_file_name(item_id, ".png"))
             with output_errors(f"the mask {path}"):
-                save_palette_png(mask, path, self.files.num_classes)
+                storage.write_bytes(path, palette_png(mask, self.files.num_classes), self.files.storage_options)
         if self.files.overlays_dir is not None and self.files.read is not None:
             photo = decode_image(self.files.read(index, photo_path), self.files.max_pixels).image
-            path = self.files.overlays_dir / mask_file_name(item_id, ".jpg")
+            path = storage.join(self.files.overlays_dir, mask_file_name(item_id, ".jpg"))
             with output_errors(f"the overlay {path}"):
-                save_overlay(photo, mask, path)
+                storage.write_bytes(path, overlay_jpeg(photo, mask), self.files.storage_options)
 
 
 def _resized_shape(resize_crop: ResizeCrop, size: tuple[int, int]) -> tuple[int, int]:
@@ -238,8 +240,8 @@ def make_task(config: Any, labels: list[str]) -> ClassifyTask | SegmentTask:
     if config.task.value == "classify":
         from .eval_sources import read_real_labels
 
-        real = read_real_labels(config.real_labels) if config.real_labels else None
+        real = read_real_labels(config.real_labels, config.storage_options) if config.real_labels else None
         return ClassifyTask(labels, top_k=config.top_k, real=real)
     files = MaskFiles(masks_dir=config.masks_dir, overlays_dir=config.overlays_dir, num_classes=len(labels),
-                      max_pixels=config.max_pixels)
+                      max_pixels=config.max_pixels, storage_options=config.storage_options)
     return SegmentTask(labels, files)

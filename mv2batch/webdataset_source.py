@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generator, Iterable, Iterator, Sequence
 
+from . import storage
 from .errors import InputError
 from .sources import Record
 
@@ -46,52 +47,95 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
-def _is_tar(path: Path) -> bool:
-    return path.name.lower().endswith(TAR_SUFFIXES)
+def _is_tar(path: Path | str) -> bool:
+    return storage.name_of(path).lower().endswith(TAR_SUFFIXES)
 
 
-def _listed(path: Path) -> list[str]:
+def _listed(path: Path | str, options: dict | None = None) -> list[str]:
     """A shard list: one path per line (relative to the list's folder), blank lines and # comments skipped."""
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line if Path(line).is_absolute() else str(path.parent / line)
-            for line in lines if line and not line.startswith("#")]
+    try:
+        text = storage.read_bytes(path, options).decode("utf-8", "replace")
+    except storage.StoreReadError as exc:
+        raise InputError(f"cannot read the shard list {path}: {exc}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line if Path(line).is_absolute() or storage.is_url(line) else str(storage.join(
+        storage.parent_of(path), line)) for line in lines if line and not line.startswith("#")]
 
 
-def looks_like_shards(name: str) -> bool:
-    """Whether an input names tar shards: a tar, a brace pattern of them, a shard list, or a folder of tars
-    holding no save_to_disk dataset."""
-    path = Path(name).expanduser()
-    if _is_tar(path) or ("{" in name and ".tar" in name) or path.suffix.lower() in LIST_SUFFIXES:
+def looks_like_shards(name: str, options: dict | None = None) -> bool:
+    """Whether an input names tar shards: a tar, a brace pattern of them, a shard list, or a folder (prefix) of
+    tars holding no save_to_disk dataset."""
+    path = storage.location(name)
+    if _is_tar(path) or ("{" in name and ".tar" in name) or storage.name_of(path).lower().endswith(LIST_SUFFIXES):
         return True
+    if isinstance(path, str):
+        with storage.start_up_errors("input", path):
+            return storage.is_dir(path, options) and any(_is_tar(n) for n, _ in storage.children(path, options))
     return path.is_dir() and any(_is_tar(child) for child in path.iterdir())
 
 
-def resolve_shards(inputs: Sequence[str]) -> list[Path]:
+def resolve_shards(inputs: Sequence[str], options: dict | None = None) -> list[Path | str]:
     """Every tar the inputs name, in the order given (folders: their tars, sorted); a missing one: InputError."""
-    shards: list[Path] = []
+    shards: list[Path | str] = []
     for given in inputs:
         for name in expand_braces(str(given)):
-            path = Path(name).expanduser()
-            if path.is_dir():
+            path = storage.location(name)
+            if isinstance(path, str):
+                shards += _remote_shards(path, options)
+            elif path.is_dir():
                 found = sorted(p for p in path.rglob("*") if p.is_file() and _is_tar(p))
                 if not found:
                     raise InputError(f"no .tar files under {path}")
                 shards += found
             elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-                shards += resolve_shards(_listed(path))
+                shards += resolve_shards(_listed(path), options)
             else:
                 shards.append(path)
-    missing = [p for p in shards if not p.is_file()]
+    missing = [p for p in shards if isinstance(p, Path) and not p.is_file()]
     if missing:
         raise InputError(f"{len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}")
     if not shards:
         raise InputError("no shards given")
-    return [p.resolve() for p in shards]
+    return [p.resolve() if isinstance(p, Path) else p for p in shards]
 
 
-def shard_name(path: Path) -> str:
+def _remote_shards(url: str, options: dict | None) -> list[str]:
+    """A tar's URL as given; a shard list's entries; the tars under a prefix, sorted by key."""
+    if url.lower().endswith(LIST_SUFFIXES):
+        return resolve_shards(_listed(url, options), options)  # type: ignore[return-value]
+    if _is_tar(url):
+        return [url]
+    fs = storage.filesystem(url, options)
+    with storage.start_up_errors("input", url):
+        found = sorted(fs.unstrip_protocol(key) for key in fs.find(url) if _is_tar(key))
+    if not found:
+        raise InputError(f"no .tar files under {url}")
+    return found
+
+
+def remote_signatures(urls: list[str], options: dict | None) -> dict[str, str]:
+    """Size and ETag of each tar on an object store, one listing per prefix (not a request per tar)."""
+    by_prefix: dict[str, dict[str, str]] = {}
+    signatures = {}
+    for url in urls:
+        prefix = str(storage.parent_of(url))
+        if prefix not in by_prefix:
+            fs = storage.filesystem(url, options)
+            with storage.start_up_errors("input", prefix):
+                entries = fs.ls(prefix, detail=True, refresh=True)
+            by_prefix[prefix] = {storage.name_of(e["name"]): f"{e.get('size')}:{e.get('ETag', '')}" for e in entries
+                                 if e.get("type") == "file"}
+        found = by_prefix[prefix].get(storage.name_of(url))
+        if found is None:
+            missing = [u for u in urls if storage.name_of(u) not in by_prefix.get(str(storage.parent_of(u)), {})]
+            raise InputError(f"{len(missing) or 1} of {len(urls)} shard(s) not found, e.g. {url}")
+        signatures[url] = found
+    return signatures
+
+
+def shard_name(path: Path | str) -> str:
     """A tar's name without its suffix: the first part of its rows' ids."""
-    name = path.name
+    name = storage.name_of(path)
     for suffix in TAR_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -116,6 +160,8 @@ class TarShards:
     label_names: list[str] | None = None
     description: str = ""
     names: list[str] = field(default_factory=list)
+    options: dict | None = None  # the object store's --storage-options, for tars named by URL
+    signatures: dict[str, str] = field(default_factory=dict)  # size and ETag of each tar on an object store
     _open_tar: tuple | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # an open tar stays in the process that opened it
@@ -123,26 +169,24 @@ class TarShards:
 
     @classmethod
     def open(cls, inputs: Sequence[str], image_exts: Iterable[str] | None = None,
-             require_label: bool = False) -> "TarShards":
-        paths = resolve_shards(inputs)
+             require_label: bool = False, options: dict | None = None) -> "TarShards":
+        paths = resolve_shards(inputs, options)
+        signatures = remote_signatures([p for p in paths if isinstance(p, str)], options)
         names = [shard_name(p) for p in paths]
         if len(set(names)) < len(names):
             twice = next(n for n in names if names.count(n) > 1)
             raise InputError(f"two shards are named {twice!r}: ids (<tar name>/<key>) would collide")
         exts = tuple(e.lower().lstrip(".") for e in image_exts) if image_exts else DEFAULT_IMAGE_EXTS
-        first = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} tars)"
+        first = str(paths[0]) if len(paths) == 1 else f"{storage.parent_of(paths[0])} ({len(paths)} tars)"
         return cls(shards=[str(p) for p in paths], image_exts=exts, require_label=require_label,
-                   description=f"webdataset {first}", names=names)
+                   description=f"webdataset {first}", names=names, options=options, signatures=signatures)
 
     def fingerprint(self) -> str:
         """Hash of the shard names and sizes (and what is read from them)."""
         digest = hashlib.sha256(f"{','.join(self.image_exts)}\0{self.require_label}\n".encode())
         for path in self.shards:
-            try:
-                size = os.stat(path).st_size
-            except OSError:
-                size = -1
-            digest.update(f"{Path(path).name}\0{size}\n".encode())
+            size = self.signatures.get(path) or _size(path)
+            digest.update(f"{storage.name_of(path)}\0{size}\n".encode())
         return digest.hexdigest()
 
     def item_id(self, index: int) -> str:  # ids come with the records
@@ -165,7 +209,7 @@ class TarShards:
         if self._open_tar is None or self._open_tar[0] != tar_path:
             if self._open_tar is not None:
                 self._open_tar[1].close()
-            tar = tarfile.open(tar_path, mode="r:*")
+            tar = tarfile.open(fileobj=_open(tar_path, self.options), mode="r:*")
             self._open_tar = (tar_path, tar, {info.name: info for info in tar.getmembers()})
         _, tar, members = self._open_tar
         handle = tar.extractfile(members[member]) if member in members else None
@@ -187,9 +231,9 @@ class _TarReader:
 
     def samples(self) -> Iterator[Record]:
         try:
-            handle = open(self.path, "rb")
-        except OSError as exc:
-            yield self.error(0, f"cannot read {self.path}: {exc.strerror or exc}")
+            handle = _open(self.path, self.source.options)
+        except (OSError, storage.StoreReadError) as exc:
+            yield self.error(0, f"cannot read {self.path}: {getattr(exc, 'strerror', None) or exc}")
             return
         with handle:
             try:
@@ -245,6 +289,23 @@ class _TarReader:
         return Record(raw=image[1], path=path, label=label, id=item, error=problem)
 
 
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+STREAM_BLOCK = 8 << 20  # an object's tar is read in ranges this large: few requests, little memory
+
+
+def _open(path: str, options: dict | None) -> object:
+    """A tar file, or the object behind a URL (a seekable file that reads ahead in large ranges)."""
+    if not storage.is_url(path):
+        return open(path, "rb")
+    return storage.retrying(lambda: storage.filesystem(path, options).open(path, "rb", block_size=STREAM_BLOCK))
+
+
 def _label(members: dict[str, tuple[str, bytes]]) -> tuple[int | None, str | None]:
     """The class id of a `cls` / `label` member, or why it holds none."""
     for ext in LABEL_EXTS:
@@ -265,7 +326,7 @@ def _tail_problem(handle: object, tar: tarfile.TarFile) -> str | None:
     """
     if getattr(tar.fileobj, "comptype", "tar") != "tar":
         return None  # a compressed stream that ended early has raised already
-    size = os.fstat(handle.fileno()).st_size
+    size = handle.size if hasattr(handle, "size") else os.fstat(handle.fileno()).st_size
     handle.seek(tar.offset)
     rest = handle.read(min(size - tar.offset, 1 << 20))
     if size - tar.offset < END_OF_ARCHIVE:

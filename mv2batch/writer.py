@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .rundir import RunDir, commit_file, write_json_atomic
+from .rundir import RunDir
 
 COMMON_FIELDS = [
     pa.field("id", pa.string()),
@@ -40,7 +40,7 @@ class PartWriter:
     """
 
     def __init__(self, rundir: RunDir, shard: int, schema: pa.Schema, reorder: bool = False):
-        self.temp, self.final = rundir.part_temp(shard), rundir.part_path(shard)
+        self.rundir, self.shard, self.temp = rundir, shard, rundir.part_temp(shard)
         self.schema, self.reorder = schema, reorder
         self.buffer: list[pa.RecordBatch] = []
         self.positions: list[int] = []
@@ -66,13 +66,14 @@ class PartWriter:
     def commit(self) -> None:
         self._flush()
         self.writer.close()
-        commit_file(self.temp, self.final)
+        self.rundir.commit_part(self.shard, self.temp)
 
     def abort(self) -> None:
         try:
             self.writer.close()
         except Exception:
             pass
+        self.temp.unlink(missing_ok=True)
 
 
 class BackgroundWriter:
@@ -92,7 +93,7 @@ class BackgroundWriter:
         self._put(("rows", shard, columns))
 
     def commit(self, shard: int, marker: dict) -> None:
-        """Queue the commit of a finished shard: close, fsync, rename its part, then write its marker."""
+        """Queue the commit of a finished shard: close its part, commit it (rename or upload), then its marker."""
         self._put(("commit", shard, marker))
 
     def close(self) -> None:
@@ -145,7 +146,7 @@ class BackgroundWriter:
         elif kind == "commit":
             part = self.parts.pop(shard, None) or PartWriter(self.rundir, shard, self.schema, self.reorder)
             part.commit()
-            write_json_atomic(self.rundir.marker_path(shard), payload)
+            self.rundir.write_marker(shard, payload)
 
     def _abort_open(self) -> None:
         for part in self.parts.values():

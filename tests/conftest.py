@@ -70,6 +70,14 @@ def tiny_model(tmp_path_factory, calibration_photos) -> Path:
 
 
 @pytest.fixture(scope="session")
+def imagenet_model(tmp_path_factory, calibration_photos) -> Path:
+    """A tiny 1000-class checkpoint, so that ImageNet evaluation accepts it."""
+    from mv2batch.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("imagenet-model"), calibration_photos, num_labels=1000)
+
+
+@pytest.fixture(scope="session")
 def full_model(tmp_path_factory, calibration_photos) -> Path:
     """A MobileViTV2-1.0 classifier of the real size (1000 classes, 288 / 256), random but calibrated."""
     from mv2batch.testing import make_checkpoint

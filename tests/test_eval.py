@@ -24,14 +24,6 @@ from mv2batch.postprocess import confusion_cells
 CLASSES = [0, 1, 7, 100, 333, 999]
 
 
-@pytest.fixture(scope="session")
-def imagenet_model(tmp_path_factory, calibration_photos) -> Path:
-    """A tiny 1000-class checkpoint, so that ImageNet evaluation accepts it."""
-    from mv2batch.testing import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("imagenet-model"), calibration_photos, num_labels=1000)
-
-
 def _val_files_by_class(per_class: int) -> dict[int, list[str]]:
     """Real validation file names whose official label is each chosen class."""
     by_class: dict[int, list[str]] = {c: [] for c in CLASSES}

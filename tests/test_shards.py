@@ -24,7 +24,7 @@ from conftest import classify, read_rows, skimage_photos
 from mv2batch.errors import OutputError
 from mv2batch.plan import Rank, rank_from_env
 from mv2batch.report import load_report, write_report
-from mv2batch.rundir import RunDir, write_json_atomic
+from mv2batch.rundir import RunDir
 
 STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
 
@@ -280,7 +280,7 @@ def test_processes_writing_the_same_report_at_once_all_succeed(reference, tmp_pa
         start_together.wait()
         for _ in range(25):
             write_report(report, rundir)
-            write_json_atomic(rundir.run_json, run_info)
+            rundir.write_run(run_info)
 
     with ThreadPoolExecutor(writers) as pool:
         list(pool.map(write_both_many_times, range(writers)))  # re-raises a writer's OutputError
