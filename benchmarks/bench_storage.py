@@ -71,21 +71,30 @@ def input_alone(source: str, options: dict | None) -> tuple[float, float, int]:
     return listed, time.perf_counter() - started, len(folder)
 
 
-def list_many(fs, endpoint_options: dict, keys: int) -> tuple[float, float]:
-    """Seconds to create `keys` empty objects (not mv2batch's work), and for mv2batch's listing of them."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (moto's server: what it took from the model's 2 cores)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def list_many(fs, endpoint_options: dict, keys: int) -> tuple[float, float, float]:
+    """Seconds to create `keys` empty objects (not mv2batch's work), for s3fs's own recursive listing of them,
+    and for mv2batch's listing (that listing, then filtered by extension, sorted, signed)."""
     from mv2batch.listing import list_prefix
 
     prefix = "bench/many"
     started = time.perf_counter()
-    if len(fs.find(prefix)) != keys:
-        for start in range(0, keys, 5000):
-            fs.pipe({f"{prefix}/{i // 1000:03d}/{i:06d}.jpg": b"" for i in range(start, min(keys, start + 5000))})
+    for start in range(0, keys, 5000):
+        fs.pipe({f"{prefix}/{i // 1000:03d}/{i:06d}.jpg": b"" for i in range(start, min(keys, start + 5000))})
     created = time.perf_counter() - started
+    started = time.perf_counter()
+    assert len(fs.find(prefix, detail=True)) == keys
+    raw = time.perf_counter() - started
     started = time.perf_counter()
     listing = list_prefix("s3://" + prefix, endpoint_options)
     listed = time.perf_counter() - started
     assert len(listing.ids) == keys, len(listing.ids)
-    return created, listed
+    return created, raw, listed
 
 
 def main() -> None:
@@ -113,24 +122,30 @@ def main() -> None:
         runs = {"local -> local": (str(photos), str(common.CACHE / "storage-out"), None),
                 "s3 -> s3": ("s3://bench/photos", "s3://bench/out", options)}
         seconds: dict[str, list[float]] = {name: [] for name in runs}
+        server_cpu: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeat):
             for name, (source, out, opts) in runs.items():
+                before = cpu_seconds(server.pid)
                 took, rows = classify_run(source, out, model, opts)
                 assert rows == args.n, rows
                 seconds[name].append(took)
-                print(f"  {name}: {args.n / took:.1f} img/s", flush=True)
+                server_cpu[name].append(cpu_seconds(server.pid) - before)
+                print(f"  {name}: {args.n / took:.1f} img/s, moto's server {server_cpu[name][-1]:.1f} CPU s", flush=True)
         alone = {name: input_alone(source, opts) for name, (source, _, opts) in runs.items()}
-        created, listed = list_many(fs, options, args.keys) if args.keys else (0.0, 0.0)
+        created, raw, listed = list_many(fs, options, args.keys) if args.keys else (0.0, 0.0, 0.0)
     finally:
         server.kill()
     best = {name: args.n / min(values) for name, values in seconds.items()}
     base = best["local -> local"]
-    rows = [[name, f"{best[name]:.1f}", f"{best[name] / base:.0%}", f"{alone[name][0]:.2f}",
-             f"{alone[name][2] / alone[name][1]:.0f}"] for name in runs]
-    print(common.table(["run", "end to end img/s (best)", "of local", "listing s", "read alone img/s"], rows))
+    rows = [[name, f"{best[name]:.1f}", f"{best[name] / base:.0%}", ", ".join(f"{args.n / t:.1f}" for t in values),
+             f"{sum(server_cpu[name]) / len(server_cpu[name]):.1f}", f"{alone[name][0]:.2f}",
+             f"{alone[name][2] / alone[name][1]:.0f}"] for name, values in seconds.items()]
+    print(common.table(["run", "end to end img/s (best)", "of local", "each run", "moto CPU s per run",
+                        "listing s", "read alone img/s (1 thread)"], rows))
     if args.keys:
-        print(f"listing {args.keys:,} keys: {listed:.1f} s ({args.keys / listed:,.0f} keys/s); creating them "
-              f"took {created:.1f} s (moto, not mv2batch)")
+        print(f"listing {args.keys:,} keys: mv2batch {listed:.1f} s ({args.keys / listed:,.0f} keys/s), s3fs's "
+              f"find alone {raw:.1f} s: mv2batch's own share {max(listed - raw, 0):.1f} s; creating them took "
+              f"{created:.1f} s (moto)")
     print(f"cores: {os.cpu_count()}")
 
 

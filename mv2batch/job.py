@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from . import inputs, models, runinfo
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .plan import Group, Rank, ShardPlan
 from .preprocess import Preprocessing
 from .rundir import RunDir
@@ -88,5 +88,24 @@ def open_out(job: Job, rank: Rank, group: Group, batch_size: int | None = None,
         rundir.prepare(run_info, config.overwrite, config.resume, owns)
     group.barrier()
     if not rank.is_first:
+        if rundir.files.on_object_store and not group.active:
+            wait_for_run(rundir, rank.rank)
         rundir.prepare(run_info, False, config.resume, owns)
     return rundir
+
+
+RUN_WAIT_S = 600
+
+
+def wait_for_run(rundir: RunDir, rank: int, limit_s: float = RUN_WAIT_S, poll_s: float = 1.0) -> None:
+    """Ranks without a barrier (Slurm tasks) on an object store: the first rank writes run.json, the others
+    wait for it rather than write the same key (a file system's renames make that harmless, PUTs do not say
+    which one won)."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while rundir.read_run() is None:
+        if time.monotonic() > deadline:
+            raise OutputError(f"rank {rank} waited {limit_s:.0f} s for rank 0 to create {rundir.root}/run.json: "
+                              "is rank 0 running?")
+        time.sleep(poll_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,6 +16,9 @@ from .loader import consecutive_batches, grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
 from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
 from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
+from .storage import RemoteFile
+
+REMOTE_PROBES = 16  # image headers on an object store read at once, for segmentation's shape grouping
 
 
 class ClassifyTask:
@@ -138,6 +142,12 @@ class SegmentTask:
             probed = probe_size(read(index).raw)
             return _resized_shape(resize_crop, probed) if probed else None
 
+        if indices and isinstance(read(indices[0]).raw, RemoteFile):
+            # Each header is a request to the store: asked one at a time, a shard of 1,000 objects would wait
+            # 1,000 round trips before its first batch.
+            with ThreadPoolExecutor(REMOTE_PROBES) as pool:
+                shapes = dict(zip(indices, pool.map(shape_of, indices)))
+            return grouped_batches(indices, shapes.__getitem__, size)
         return grouped_batches(indices, shape_of, size)
 
     def reading(self, photo: Callable) -> None:

@@ -409,3 +409,36 @@ def test_tables_on_s3_bytes_streamed_and_paths_relative_to_the_table(s3, photos,
         _same_rows(read_rows(tmp_path / name), want)
     paths = [row["path"] for row in read_rows(tmp_path / "paths")]
     assert paths == [f"{bucket}/photos/{i}" for i in ids]
+
+
+def test_slurm_tasks_without_a_barrier_share_one_s3_out_and_only_rank_0_writes_run_json(s3, reference,
+                                                                                        tiny_model, tmp_path):
+    """Rank 1 starts first: on an object store it waits for rank 0's run.json instead of writing the same key."""
+    source, expected = reference
+    out = s3.bucket() + "/out"
+    args = _cli("classify", "folder", source, "-o", out, "--model", str(tiny_model), "--shard-size", "3",
+                "--batch-size", "1", "--workers", "0")
+    env = {**s3.env, "SLURM_NTASKS": "2", "OMP_NUM_THREADS": "1"}
+    second = subprocess.Popen(args, env={**env, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+    time.sleep(8)  # rank 1 has listed the input and is waiting
+    assert second.poll() is None and not s3.fs.exists(out + "/run.json")
+    first = subprocess.run(args, env={**env, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, timeout=300)
+    assert first.returncode == 0 and second.wait(timeout=300) == 0
+    _assert_committed_output(s3, out, expected, tmp_path / "fetched")
+    ranks = {json.loads(s3.fs.cat_file(f"{out}/shards/{i:05d}.json"))["rank"] for i in range(7)}
+    assert ranks == {0, 1}
+
+
+def test_a_part_without_its_marker_is_written_over_by_the_next_run(s3, reference, tiny_model, tmp_path):
+    """A crash between a part's PUT and its marker's leaves a part no marker vouches for: the next run runs that
+    shard again and writes its part over, whatever the stray object holds."""
+    source, expected = reference
+    out = s3.bucket() + "/out"
+    args = _cli("classify", "folder", source, "-o", out, "--model", str(tiny_model), "--shard-size", "3",
+                "--batch-size", "1", "--workers", "0")
+    subprocess.run(args, check=True, timeout=300, env=s3.env)
+    s3.fs.rm(out + "/shards/00004.json")
+    s3.fs.pipe(out + "/predictions/part-00004.parquet", b"half a part")
+    s3.fs.rm(out + "/report", recursive=True)
+    subprocess.run(args, check=True, timeout=300, env=s3.env)
+    _assert_committed_output(s3, out, expected, tmp_path / "fetched")
