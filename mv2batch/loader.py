@@ -158,26 +158,43 @@ def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | No
     return consecutive_batches([index for group in groups.values() for index in group], batch_size)
 
 
-def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool,
-                batch_bytes: int | None = None) -> Iterator[Batch]:
-    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead.
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Workers fitted to shared memory, the DataLoader's prefetch options, and the pool of their buffers."""
 
-    batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short.
-    """
-    from torch.utils.data import DataLoader
+    workers: int
+    options: dict
+    buffers: BufferPool | None
 
+
+def plan_workers(workers: int, batch_bytes: int | None) -> WorkerPlan:
+    """batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short."""
     prefetch = PREFETCH
     if workers > 0 and batch_bytes:
         workers, prefetch = fitted_to_shared_memory(workers, batch_bytes)
-    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
+    if workers == 0:
+        return WorkerPlan(0, {}, None)
     # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
     # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
-    buffers = BufferPool(workers, keep=prefetch + 1) if workers > 0 else None
+    return WorkerPlan(workers, {"prefetch_factor": prefetch, "persistent_workers": False},
+                      BufferPool(workers, keep=prefetch + 1))
+
+
+def loader_batches(loader: Any, plan: WorkerPlan) -> Iterator[Batch]:
+    """A DataLoader's batches, each worker's buffers given back once used; out of shared memory: one line."""
+    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), plan.buffers))
+
+
+def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool,
+                batch_bytes: int | None = None) -> Iterator[Batch]:
+    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead."""
+    from torch.utils.data import DataLoader
+
+    plan = plan_workers(workers, batch_bytes)
     # A partial of a module-level function, not a closure: spawned workers can unpickle it.
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                        collate_fn=partial(collate, buffers=buffers),
-                        pin_memory=pin_memory, **extra)
-    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), buffers))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=plan.workers,
+                        collate_fn=partial(collate, buffers=plan.buffers), pin_memory=pin_memory, **plan.options)
+    return loader_batches(loader, plan)
 
 
 def fit_to_shared_memory(workers: int, batch_bytes: int, free_bytes: int) -> tuple[int, int]:

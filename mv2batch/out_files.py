@@ -21,6 +21,9 @@ from . import storage
 from .errors import OutputError
 
 TEMP_SUFFIX = ".tmp"
+# Where parts bound for an object store are made: `<pid>-<random>-<name>`, so that a killed run's leftovers
+# are known by their dead pid and removed by the next run.
+PART_TEMPS = Path(tempfile.gettempdir()) / "mv2batch-parts"
 
 
 @contextmanager
@@ -104,6 +107,16 @@ class LocalFiles:
         except FileNotFoundError:
             return None
 
+    def read_many(self, folder: Path, names: list[str]) -> dict[str, bytes]:
+        """The files of folder by name (those that could be read)."""
+        found = {}
+        for name in names:
+            try:
+                found[name] = (folder / name).read_bytes()
+            except OSError:
+                continue
+        return found
+
     def write_whole(self, where: Path, data: bytes) -> None:
         where.parent.mkdir(parents=True, exist_ok=True)
         with replacing(where) as temp:
@@ -164,6 +177,14 @@ class ObjectFiles:
                 raise OSError(f"cannot read {where}: {exc}") from None
             return None
 
+    def read_many(self, folder: str, names: list[str]) -> dict[str, bytes]:
+        """The objects of a prefix by name, fetched concurrently (a resume of 1,000 shards reads 1,000 markers)."""
+        if not names:
+            return {}
+        fs = self._fs(folder)
+        fetched = storage.as_os_error(lambda: fs.cat([f"{folder}/{name}" for name in names], on_error="omit"))
+        return {storage.name_of(key): data for key, data in fetched.items() if isinstance(data, bytes)}
+
     def write_whole(self, where: str, data: bytes) -> None:
         storage.as_os_error(lambda: self._fs(where).pipe_file(where, data))
 
@@ -176,9 +197,17 @@ class ObjectFiles:
             storage.as_os_error(lambda: fs.rm(where, recursive=True))
 
     def local_temp(self, final: str) -> Path:
-        handle, name = tempfile.mkstemp(prefix=f"mv2batch-{os.getpid()}-", suffix=f"-{storage.name_of(final)}")
+        PART_TEMPS.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=PART_TEMPS, prefix=f"{os.getpid()}-", suffix=f"-{storage.name_of(final)}")
         os.close(handle)
         return Path(name)
+
+    def remove_leftovers(self) -> None:
+        """Local parts a killed run (kill -9: no cleanup ran) was making for an object store."""
+        for leftover in PART_TEMPS.glob("*-*") if PART_TEMPS.is_dir() else ():
+            pid = leftover.name.split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                leftover.unlink(missing_ok=True)
 
     def commit(self, temp: Path, final: str) -> None:
         try:
@@ -188,6 +217,16 @@ class ObjectFiles:
 
     def open_read(self, where: str) -> Any:
         return storage.as_os_error(lambda: self._fs(where).open(where, "rb"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def files_for(root: Path | str, options: dict | None = None) -> LocalFiles | ObjectFiles:

@@ -151,6 +151,7 @@ class RunDir:
         """Delete parts a crashed run left half-written on a file system; their shards have no marker and run
         again. (On an object store nothing is half-written: a part without a marker is written over.)"""
         if self.files.on_object_store:
+            self.files.remove_leftovers()
             return
         for temp in Path(self.predictions).glob(f".part-*{TEMP_SUFFIX}"):
             number = temp.name.removeprefix(".part-").split(".")[0]
@@ -162,11 +163,12 @@ class RunDir:
         with output_errors(str(self.root)):
             parts = set(self.files.names(self.predictions))
             markers = [name for name in self.files.names(self.shards) if name.endswith(".json")]
+            contents = self.files.read_many(self.shards, markers)
         done = {}
         for name in markers:
             try:
-                data = json.loads(self.files.read_bytes(storage.join(self.shards, name)) or b"")
-            except (OSError, ValueError):
+                data = json.loads(contents.get(name) or b"")
+            except ValueError:
                 continue
             shard = data.get("shard")
             if data.get("fingerprint") == fingerprint and isinstance(shard, int) and part_name(shard) in parts:

@@ -7,8 +7,8 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .loader import PREFETCH, DecodeGate, ImageDataset, fitted_to_shared_memory, reporting_shared_memory_errors
-from .shared_batches import Batch, BufferPool, collate, giving_buffers_back
+from .loader import DecodeGate, ImageDataset, loader_batches, plan_workers
+from .shared_batches import Batch, BufferPool, collate
 
 
 class ShardStream(IterableDataset):
@@ -51,12 +51,8 @@ def make_shard_loader(source: Any, shards: list[int], images: ImageDataset, batc
                       pin_memory: bool, batch_bytes: int | None = None,
                       gate: DecodeGate | None = None) -> Iterator[Batch]:
     """Batches of the given shards, read by up to one worker per shard (more would have nothing to read)."""
-    workers, prefetch = min(workers, len(shards)), PREFETCH
-    if workers > 0 and batch_bytes:
-        workers, prefetch = fitted_to_shared_memory(workers, batch_bytes)
-    buffers = BufferPool(workers, keep=prefetch + 1) if workers > 0 else None
-    stream = ShardStream(source, shards, images, batch_size, buffers, gate)
-    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if workers > 0 else {}
-    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        pin_memory=pin_memory, **extra)
-    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), buffers))
+    plan = plan_workers(min(workers, len(shards)), batch_bytes)
+    stream = ShardStream(source, shards, images, batch_size, plan.buffers, gate)
+    loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, collate_fn=_as_is,
+                        pin_memory=pin_memory, **plan.options)
+    return loader_batches(loader, plan)

@@ -17,7 +17,10 @@ import pytest
 
 from conftest import classify, read_rows, segment
 from mv2batch.engines.local import LocalParts
+from mv2batch.errors import OutputError
+from mv2batch.out_files import PART_TEMPS
 from mv2batch.placement import place
+from mv2batch.report import load_report
 from mv2batch.testing import write_tar
 
 KEY, SECRET = "testing-key", "testing-secret"
@@ -117,6 +120,12 @@ def test_classify_folder_s3_to_s3_gives_the_local_rows(s3, photos, tiny_model, t
                            *(f"runs/one/shards/0000{i}.json" for i in range(3)), "runs/one/report/summary.parquet"])
     again = classify(source, out, tiny_model, shard_size=5, storage_options=s3.options)
     assert again.ran_now == 0 and again.complete, "a second run finds every shard committed"
+    assert load_report(out, s3.options).n_images == 12
+    with pytest.raises(OutputError, match=r"holds a different run \(shard_size: 5 -> 6\)"):
+        classify(source, out, tiny_model, shard_size=6, storage_options=s3.options)
+    replaced = classify(source, out, tiny_model, shard_size=6, overwrite=True, storage_options=s3.options)
+    assert replaced.ran_now == 12 and len([k for k in s3.keys(out) if "/predictions/" in k]) == 2
+    assert len([k for k in s3.keys(out) if "/shards/" in k]) == 2, "--overwrite removed the old run's objects"
 
 
 def _cli(*args: str) -> list[str]:
@@ -211,13 +220,16 @@ def test_sigkill_during_an_s3_run_then_rerun_gives_the_uninterrupted_output(s3, 
                 "--batch-size", "1", "--workers", "0")
     process = subprocess.Popen(args, env=s3.env)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and _markers(s3, out) < 2:
+    while time.monotonic() < deadline and process.poll() is None and (
+            _markers(s3, out) < 2 or not list(PART_TEMPS.glob(f"{process.pid}-*"))):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert 2 <= _markers(s3, out) < 7, "the kill must land mid-run"
+    assert list(PART_TEMPS.glob(f"{process.pid}-*")), "the kill must land while a part is being made"
     subprocess.run(args, check=True, timeout=300, env=s3.env)
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
+    assert not list(PART_TEMPS.glob(f"{process.pid}-*")), "the killed run's local part was left behind"
 
 
 def _free_port() -> int:
@@ -441,4 +453,18 @@ def test_a_part_without_its_marker_is_written_over_by_the_next_run(s3, reference
     s3.fs.pipe(out + "/predictions/part-00004.parquet", b"half a part")
     s3.fs.rm(out + "/report", recursive=True)
     subprocess.run(args, check=True, timeout=300, env=s3.env)
+    _assert_committed_output(s3, out, expected, tmp_path / "fetched")
+
+
+def test_ray_tasks_read_and_write_s3_with_the_runs_storage_options(s3, reference, tiny_model, tmp_path):
+    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
+    source, expected = reference
+    out = s3.bucket() + "/out"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        report = classify(source, out, tiny_model, shard_size=3, batch_size=1, engine="ray",
+                          storage_options=s3.options)
+    finally:
+        ray.shutdown()
+    assert report.complete and report.ran_now == 20
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
