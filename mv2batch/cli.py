@@ -10,7 +10,7 @@ import typer
 
 from . import cli_options as o
 from .cli_options import STRICT_EXIT
-from .config import Dtype, Engine
+from .config import Decode, Dtype, Engine
 from .errors import Mv2batchError
 
 app = typer.Typer(
@@ -62,7 +62,7 @@ def _fail(message: str, code: int) -> None:
 @classify_app.command("folder", epilog="Example: mv2batch classify folder photos/ -o out/ --top-k 5")
 def classify_folder(
     input: o.FolderArg, *,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
@@ -81,7 +81,7 @@ def classify_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
@@ -98,7 +98,7 @@ def classify_dataset(
                       epilog="Example: mv2batch classify webdataset 'shards/data-{00000..00099}.tar' -o out/")
 def classify_webdataset(
     input: o.ShardsArg, *,
-    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None,
+    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
@@ -114,7 +114,7 @@ def classify_webdataset(
 @segment_app.command("folder", epilog="Example: mv2batch segment folder photos/ -o out/ --masks-dir masks/")
 def segment_folder(
     input: o.FolderArg, *,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
@@ -134,7 +134,7 @@ def segment_dataset(
     input: o.DatasetArg, *,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
@@ -150,7 +150,7 @@ def segment_dataset(
 @segment_app.command("webdataset", epilog="Example: mv2batch segment webdataset shards/ -o out/ --masks-dir masks/")
 def segment_webdataset(
     input: o.ShardsArg, *,
-    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None,
+    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
@@ -170,7 +170,7 @@ def eval_imagenet(
     labels_file: o.LabelsFile = None, real_labels: o.RealLabels = None, image_ext: o.ImageExt = None,
     split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
@@ -187,7 +187,7 @@ def eval_imagenet(
 def eval_voc(
     input: o.VocArg, *,
     split: o.EvalSplit = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
@@ -205,7 +205,7 @@ def eval_voc(
 def eval_ade20k(
     input: o.AdeArg, *,
     split: o.EvalSplit = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None,
+    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,

@@ -6,7 +6,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .config import Dtype, Engine, Protocol
+from .config import Decode, Dtype, Engine, Protocol
 
 INPUT = "Input"
 MODEL = "Model and precision"
@@ -55,6 +55,10 @@ LabelsFile = Annotated[Optional[str], typer.Option(
 RealLabels = Annotated[Optional[str], typer.Option(
     "--real-labels", help="ImageNet-ReaL real.json: adds ReaL top-1.", rich_help_panel=INPUT)]
 Limit = Annotated[Optional[int], typer.Option(help="Only the first N images.", rich_help_panel=INPUT)]
+DecodeOption = Annotated[Decode, typer.Option(
+    "--decode", help="exact (as transformers decodes: the parity contract) or fast (JPEG decoded by libjpeg at the "
+    "smallest 1/2, 1/4 or 1/8 scale that still covers the resize target; width, height and masks stay at the "
+    "original size).", rich_help_panel=INPUT)]
 MaxPixels = Annotated[Optional[int], typer.Option(
     help="Refuse images larger than this many pixels (default: Pillow's limit).", rich_help_panel=INPUT)]
 

@@ -38,6 +38,11 @@ class Dtype(str, Enum):
     fp16 = "fp16"
 
 
+class Decode(str, Enum):
+    exact = "exact"  # transformers' decode: the parity contract
+    fast = "fast"  # JPEG decoded at a reduced DCT scale that still covers the resize target
+
+
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
@@ -81,6 +86,7 @@ class RunConfig:
     overwrite: bool = False
     retry_errors: bool = False
     max_pixels: int = _outputs(DEFAULT_MAX_PIXELS)  # larger images become error rows
+    decode: Decode = _outputs(Decode.exact)
     split: str | None = _outputs()
     streaming: bool = _outputs(False)
     image_column: str | None = _outputs()
@@ -100,6 +106,7 @@ class RunConfig:
         object.__setattr__(self, "source", SourceKind(self.source))
         object.__setattr__(self, "dtype", Dtype(self.dtype))
         object.__setattr__(self, "engine", Engine(self.engine))
+        object.__setattr__(self, "decode", Decode(self.decode))
         if self.preprocess is not None:
             object.__setattr__(self, "preprocess", Protocol(self.preprocess))
         for name in ("out", "masks_dir", "overlays_dir", "labels_file", "real_labels"):

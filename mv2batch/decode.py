@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
 from .storage import RemoteFile, StoreReadError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def register_plugins() -> None:
+    """HEIC / HEIF through pillow-heif (AVIF is Pillow's own). Run when this module is imported: in the main
+    process before a folder is listed, and in every loader worker (forked, or spawned and importing it)."""
+    global _PLUGINS_REGISTERED
+    if _PLUGINS_REGISTERED:
+        return
+    _PLUGINS_REGISTERED = True
+    try:
+        import pillow_heif
+    except ImportError:  # listing.image_extensions then leaves .heic / .heif out, and says so
+        return
+    pillow_heif.register_heif_opener()
+
+
+_PLUGINS_REGISTERED = False
+
+
+register_plugins()
 
 
 class DecodeError(Exception):
@@ -92,19 +114,31 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
         )
 
 
-def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Open, EXIF-transpose and convert to RGB; any failure becomes a DecodeError with a short message."""
+def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 fast: Any = None) -> Decoded:
+    """Open, EXIF-transpose and convert to RGB; any failure becomes a DecodeError with a short message.
+
+    fast (`--decode fast`: the protocol's preprocess.ResizeCrop): a JPEG is decoded by libjpeg at the smallest
+    DCT scale (1/2, 1/4, 1/8) whose image still covers the resize target, then resized to the size the exact
+    path resizes to, with the protocol's filter; width and height stay the original's. Other formats: exact.
+    """
     data = _read(raw)
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    _check_boxes(data)
     try:
         image = _open(data, max_pixels)
         _check_pixels(image, max_pixels)
+        size = _upright_size(image)
+        if fast is not None:
+            _draft(image, fast)
         # The same two steps, in the same order, as transformers.image_utils.load_image, without the copies
         # of the whole image those calls make when there is nothing to rotate or convert (same pixels).
         ImageOps.exif_transpose(image, in_place=True)
         if image.mode != "RGB":
             image = image.convert("RGB")
+        if image.size != size:  # drafted: to the exact path's resized size, so shapes and crops are the same
+            image = image.resize(fast.output_size(*size), resample=fast.resample)
     except DecodeError:
         raise
     except Image.UnidentifiedImageError:  # Pillow's message names a memory address: not reproducible
@@ -113,7 +147,42 @@ def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT
         raise DecodeError(f"over Pillow's decompression-bomb limit: {exc}") from None
     except Exception as exc:  # Pillow raises many types for corrupt data; each becomes an error row.
         raise DecodeError(f"{type(exc).__name__}: {exc}") from None
-    return Decoded(image=image, width=image.width, height=image.height)
+    return Decoded(image=image, width=size[0], height=size[1])
+
+
+def _check_boxes(data: bytes) -> None:
+    """A HEIF / AVIF file (ISO base media boxes) shorter than its boxes say: libheif decodes what is there and
+    paints the missing tiles black, without a word, so the cut is found here."""
+    if data[4:8] != b"ftyp":
+        return
+    offset = 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        if size == 1 and offset + 16 <= len(data):  # a 64-bit size follows the type
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        elif size == 0:  # the last box runs to the end of the file
+            return
+        if size < 8:
+            raise DecodeError(f"corrupt HEIF / AVIF file: a box of {size} bytes at byte {offset}")
+        offset += size
+    if offset > len(data):
+        raise DecodeError(f"HEIF / AVIF file cut short: its boxes need {offset} bytes, it has {len(data)}")
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def _draft(image: Image.Image, resize: Any) -> None:
+    """Ask libjpeg for a reduced decode that still covers the resize target on the short side."""
+    if image.format != "JPEG" or not resize.shortest_edge:
+        return
+    width, height = image.size
+    scale = resize.shortest_edge / min(width, height)
+    if scale <= 0.5:  # libjpeg scales by 1/2, 1/4 or 1/8: any of them keeps the short side >= the target
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})

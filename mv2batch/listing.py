@@ -32,6 +32,10 @@ def _decodable(extension: str) -> bool:
     """Whether Pillow (with its plugins registered, e.g. pillow-heif) opens files of this extension."""
     from PIL import Image
 
+    from .decode import register_plugins
+
+    register_plugins()
+
     return extension in Image.registered_extensions()
 
 

@@ -77,9 +77,10 @@ class ImageDataset:
     """Map-style dataset over a record reader; __getitem__ runs in a worker and never raises for bad images."""
 
     def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 reduce_labels: bool = False, gate: DecodeGate | None = None):
+                 reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None):
         self.read = read
         self.transform = transform
+        self.fast = fast  # --decode fast: the protocol's ResizeCrop, which reduced JPEG decoding must cover
         self.max_pixels = max_pixels
         self.reduce_labels = reduce_labels
         self.gate = gate
@@ -94,7 +95,7 @@ class ImageDataset:
         if record.error is not None:
             return Sample(index, None, None, None, record.path, record.label, record.error, id=record.id)
         try:
-            decoded = decode_image(record.raw, self.max_pixels)
+            decoded = decode_image(record.raw, self.max_pixels, self.fast)
         except DecodeError as exc:
             return Sample(index, None, None, None, record.path, record.label, str(exc), id=record.id)
         sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None, id=record.id)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import policy, runinfo
 from .batchloop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
-from .config import SourceKind
+from .config import Decode, SourceKind
 from .errors import ConfigError
 from .job import Job
 from .loader import ImageDataset, make_loader
@@ -74,8 +74,9 @@ def shard_loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read
 
 
 def _images(job: Job, placement: Any, read: Callable | None, gate: Any) -> ImageDataset:
+    fast = placement.host_pixels.resize_crop if job.config.decode is Decode.fast else None
     return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
-                        reduce_labels=job.config.source is SourceKind.ade20k, gate=gate)
+                        reduce_labels=job.config.source is SourceKind.ade20k, gate=gate, fast=fast)
 
 
 def _index_batches(job: Job, placement: Any, shards: Shards, read: Callable) -> Iterator[list[int]]:

@@ -12,6 +12,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET_PHOTOS = Path(os.environ.get("MV2BATCH_PHOTOS", REPO.parent / "shared" / "data" / "imagenet-photos"))
+CAMERA_PHOTOS = REPO.parent / "shared" / "data" / "camera-photos"  # 8 phone and camera photos, two HEIF
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 

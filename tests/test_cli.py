@@ -123,11 +123,11 @@ def test_help_has_an_example(path):
 
 COMMON = ("--out -o --model --revision --device --dtype --batch-size --workers --compile --no-compile --speedups "
           "--no-speedups --limit --shard-size --preprocess --resume --overwrite --retry-errors --max-pixels --engine "
-          "--quiet -q --strict --storage-options")
+          "--quiet -q --strict --storage-options --decode")
 DATASET = "--split --streaming --image-column --label-column --id-column"
 TARS = " ".join(option for option in COMMON.split() if option not in ("--limit", "--shard-size"))
 # Every run command's options: as they were before the CLI was rewritten in Typer's Annotated style (e4371ad),
-# and those added since (--id-column, --image-ext, the webdataset commands, --storage-options).
+# and those added since (--id-column, --image-ext, the webdataset commands, --storage-options, --decode).
 OPTIONS_BEFORE = {
     ("classify", "folder"): f"INPUT --top-k {COMMON}",
     ("classify", "dataset"): f"INPUT {DATASET} --top-k {COMMON}",
