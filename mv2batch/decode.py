@@ -129,15 +129,17 @@ def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT
     try:
         image = _open(data, max_pixels)
         _check_pixels(image, max_pixels)
-        size = _upright_size(image)
         if fast is not None:
+            size = _upright_size(image)  # before the draft shrinks the image
             _draft(image, fast)
         # The same two steps, in the same order, as transformers.image_utils.load_image, without the copies
         # of the whole image those calls make when there is nothing to rotate or convert (same pixels).
         ImageOps.exif_transpose(image, in_place=True)
         if image.mode != "RGB":
             image = image.convert("RGB")
-        if image.size != size:  # drafted: to the exact path's resized size, so shapes and crops are the same
+        if fast is None:
+            size = image.size
+        elif image.size != size:  # drafted: to the exact path's resized size, so shapes and crops are the same
             image = image.resize(fast.output_size(*size), resample=fast.resample)
     except DecodeError:
         raise

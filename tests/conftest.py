@@ -148,6 +148,16 @@ def classify(input_path: Path, out: Path, model: Path, parts=None, progress=None
     return local.run(config, progress, parts) if parts is not None else mv2batch.run(config, progress)
 
 
+def classify_on_ray(input_path: Path, out: Path, model: Path, **options):
+    """classify with the Ray engine, on a local Ray of 2 CPUs started for it and shut down after."""
+    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        return classify(input_path, out, model, engine="ray", **options)
+    finally:
+        ray.shutdown()
+
+
 def placed_with(change):
     """LocalParts whose placement is the real one passed through change(placement) -> placement."""
     from mv2batch.engines.local import LocalParts

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import classify, read_rows, segment
+from conftest import classify, classify_on_ray, read_rows, segment
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import OutputError
 from mv2batch.out_files import PART_TEMPS
@@ -457,14 +457,8 @@ def test_a_part_without_its_marker_is_written_over_by_the_next_run(s3, reference
 
 
 def test_ray_tasks_read_and_write_s3_with_the_runs_storage_options(s3, reference, tiny_model, tmp_path):
-    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
     source, expected = reference
     out = s3.bucket() + "/out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        report = classify(source, out, tiny_model, shard_size=3, batch_size=1, engine="ray",
-                          storage_options=s3.options)
-    finally:
-        ray.shutdown()
+    report = classify_on_ray(source, out, tiny_model, shard_size=3, batch_size=1, storage_options=s3.options)
     assert report.complete and report.ran_now == 20
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import classify, read_rows, skimage_photos
+from conftest import classify, classify_on_ray, read_rows, skimage_photos
 from mv2batch.errors import OutputError
 from mv2batch.plan import Rank, rank_from_env
 from mv2batch.report import load_report, write_report
@@ -249,16 +249,10 @@ def test_two_processes_started_at_once_on_one_out_one_refused_the_other_complete
 
 
 def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, tmp_path):
-    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
     folder, expected = reference
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     updates = []
-    try:
-        report = classify(folder, out, tiny_model, shard_size=3, batch_size=1, engine="ray",
-                          progress=updates.append)
-    finally:
-        ray.shutdown()
+    report = classify_on_ray(folder, out, tiny_model, shard_size=3, batch_size=1, progress=updates.append)
     assert report.complete and report.ran_now == 20
     _assert_same_output(out, expected)
     # Progress once before any shard, then once per finished shard (6 of 3 images, 1 of 2).
