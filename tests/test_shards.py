@@ -162,10 +162,10 @@ def test_retry_errors_reruns_only_failed_rows(reference, tiny_model, tmp_path, m
     out = tmp_path / "out"
     real_decode = loader.decode_image
 
-    def flaky(raw, max_pixels):
+    def flaky(raw, max_pixels, fast=None):
         if str(raw).endswith(("img_004.jpg", "img_011.jpg")):
             raise loader.DecodeError("transient read error")
-        return real_decode(raw, max_pixels)
+        return real_decode(raw, max_pixels, fast)
 
     monkeypatch.setattr(loader, "decode_image", flaky)
     first = classify(folder, out, tiny_model, shard_size=3, batch_size=1)
