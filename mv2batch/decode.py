@@ -17,8 +17,9 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def register_plugins() -> None:
-    """HEIC / HEIF through pillow-heif (AVIF is Pillow's own). Run when this module is imported: in the main
-    process before a folder is listed, and in every loader worker (forked, or spawned and importing it)."""
+    """HEIC / HEIF through pillow-heif (AVIF is Pillow's own), once per process: before a folder is listed and
+    before the first image is opened (so in every loader worker). Not at import: it costs ~75 ms, and --help
+    imports this module."""
     global _PLUGINS_REGISTERED
     if _PLUGINS_REGISTERED:
         return
@@ -31,9 +32,6 @@ def register_plugins() -> None:
 
 
 _PLUGINS_REGISTERED = False
-
-
-register_plugins()
 
 
 class DecodeError(Exception):
@@ -85,6 +83,7 @@ def _fetch(url: str) -> bytes:
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     # Pillow warns above its limit and refuses above twice it; _check_pixels applies ours instead, so a
     # --max-pixels above Pillow's default is honoured. Decoding runs in one thread per process.
+    register_plugins()
     default = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max(max_pixels, default or 0) if default else None
     try:
@@ -193,6 +192,7 @@ TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 def probe_size(raw: str | Path | bytes | RemoteFile) -> tuple[int, int] | None:
     """(width, height) after EXIF orientation from the header alone (an object: its first ranges); None when
     the header is unreadable."""
+    register_plugins()
     try:
         source = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw.open() if isinstance(
             raw, RemoteFile) else raw
