@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,51 +62,6 @@ def _config(spec: dict):
                      overwrite=True, **extra)
 
 
-class TreeRss:
-    """Peak resident memory of this process and its descendants (loader workers), sampled in a thread."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.peak_kb, self.interval_s, self.running = 0, interval_s, True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        import os
-
-        me = os.getpid()
-        while self.running:
-            self.peak_kb = max(self.peak_kb, sum(_rss_kb(pid) for pid in _tree(me)))
-            time.sleep(self.interval_s)
-
-    def stop(self) -> float:
-        self.running = False
-        self.thread.join()
-        return self.peak_kb / 1024
-
-
-def _tree(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
-            try:
-                pending += [int(c) for c in task.read_text().split()]
-            except OSError:
-                pass
-    return found
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _cache_mb() -> float:
     import datasets
 
@@ -123,7 +76,7 @@ def end_to_end(spec: dict, clock: common.Clock) -> dict:
     """mv2batch.run over one input kind, as a user would call it."""
     import mv2batch
 
-    cache_before, rss = _cache_mb(), TreeRss()
+    cache_before, rss = _cache_mb(), common.TreeRss()
 
     def progress(update) -> None:
         if update.done == 0 and clock.ready_s is None:
@@ -146,7 +99,7 @@ def input_alone(spec: dict, clock: common.Clock) -> dict:
     job = describe_job(_config(spec))
     placed = _Placed(job)
     plan = LoaderPlan(workers=spec["workers"], gate=False, batch_bytes=None, pin_memory=False)
-    rss = TreeRss()
+    rss = common.TreeRss()
     clock.ready()
     if is_sharded(job.source):
         shards = [(n, None) for n in range(len(job.source.shards))]

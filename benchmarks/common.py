@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,52 @@ def checkpoint(model: str | None, task: str, photos: Path, width: float = 1.0) -
         make_checkpoint(folder, calibration, size=size, num_labels=labels, task=task, width=width)
     return str(folder), (f"random calibrated full-size checkpoint (mv2batch.testing.make_checkpoint, "
                          f"task={task}, num_labels={labels}, width {width:g}): no --model given")
+
+
+class TreeRss:
+    """Peak resident memory of this process and its descendants (loader workers), sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.peak_kb, self.interval_s, self.running = 0, interval_s, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import os
+
+        me = os.getpid()
+        while self.running:
+            self.peak_kb = max(self.peak_kb, sum(_rss_kb(pid) for pid in _tree(me)))
+            time.sleep(self.interval_s)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak_kb / 1024
+
+
+def _tree(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                pending += [int(c) for c in task.read_text().split()]
+            except OSError:
+                pass
+    return found
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
 
 
 # ---- the child side ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from PIL import Image
 import mv2batch.models as models
 from conftest import imagenet_photo_paths, read_rows, segment, skimage_photos
 from mv2batch.masks import decode_png
-from mv2batch.postprocess import UPSAMPLE_CHUNK_VALUES, upsample_argmax
+from mv2batch.postprocess import upsample_argmax
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -155,31 +155,37 @@ def test_masks_and_overlays_dirs(tiny_segmenter, tmp_path):
     assert Image.open(tmp_path / "ov" / "sub" / "coffee.jpg").size == (600, 400)
 
 
-def test_upsampling_is_chunked_for_large_photos(monkeypatch):
-    sizes = []
-    real = F.interpolate
-
-    def recording(tensor, **kwargs):
-        out = real(tensor, **kwargs)
-        sizes.append(out.numel())
-        return out
-
-    monkeypatch.setattr(F, "interpolate", recording)
-    logits = torch.randn(21, 250, 375)
-    mask = upsample_argmax(logits, 4000, 6000)
-    assert mask.shape == (4000, 6000)
-    assert max(sizes) <= UPSAMPLE_CHUNK_VALUES < 21 * 4000 * 6000
-
-
-def test_chunked_upsample_argmax_equals_full_interpolate_then_argmax():
+def test_class_by_class_upsample_argmax_equals_full_interpolate_then_argmax():
+    """Small chunk_values send every case down the class-by-class path (one byte per class id up to 256
+    classes, int16 above); 10**9 takes the single call. The memory it saves: test_6000x4000_photo_peak_memory."""
     torch.manual_seed(0)
-    for classes, height, width, out_h, out_w in [(21, 17, 23, 300, 451), (5, 4, 4, 37, 1000), (150, 8, 9, 64, 71)]:
+    cases = [(21, 17, 23, 300, 451), (5, 4, 4, 37, 1000), (150, 8, 9, 64, 71), (300, 5, 6, 40, 33)]
+    for classes, height, width, out_h, out_w in cases:
         logits = torch.randn(classes, height, width)
         logits[3] = logits[1]  # exact ties: the lower class wins, as with argmax
         expected = F.interpolate(logits[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
         for chunk_values in (1, out_h * out_w * 2, 10**9):
             mask = upsample_argmax(logits, out_h, out_w, chunk_values)
+            assert mask.dtype == torch.int16
             assert torch.equal(mask.long(), expected.argmax(0)), (classes, chunk_values)
+
+
+def test_classes_that_cannot_win_anywhere_are_skipped_and_the_mask_is_unchanged():
+    """A trained-like photo: three classes own regions, 147 others far below; a fourth class wins only between
+    input pixels (the maximum of none of them), and a fifth sits 1e-6 under a winner: both must be kept."""
+    from mv2batch.postprocess import candidate_classes
+
+    torch.manual_seed(0)
+    logits = torch.randn(150, 12, 16) - 20
+    logits[7, :, :5], logits[42, :, 5:11], logits[99, :, 11:] = 10, 10, 10
+    logits[120, 0, 0], logits[121, 0, 1], logits[130, 0, :2] = 30, 30, 16  # 130: 15 < 16 between the two
+    logits[64] = torch.where(logits[99] == 10, logits[99] - 1e-6, logits[64])
+    kept = candidate_classes(logits[None])
+    assert {7, 42, 99, 120, 121, 130, 64} <= set(kept) and len(kept) <= 10
+    for out_h, out_w in [(300, 400), (37, 1001)]:
+        expected = F.interpolate(logits[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+        assert 130 in expected.argmax(0).unique().tolist()
+        assert torch.equal(upsample_argmax(logits, out_h, out_w, chunk_values=1).long(), expected.argmax(0))
 
 
 def _peak_rss_mb(folder: Path, out: Path, model: Path) -> int:
