@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
+from .gate_trial import GateTrial
 from .loader import DecodeGate
 from .rundir import part_name
 from .streams import one_ahead, start_in_streams
@@ -70,9 +71,10 @@ class BatchLoop:
     item_id: Callable[[int], str]
     shard_size: int | None  # item index -> shard, where batches do not say (sharded sources: they do)
     marker_fields: dict  # written into every shard marker (fingerprint, rank)
-    gate: bool = False  # workers decode only between passes
+    gate: bool = False  # workers may decode only between passes: a trial decides whether they do
     progress: ProgressCallback | None = None
     counters: Counters = field(default_factory=Counters)
+    gate_trial: GateTrial = field(default_factory=GateTrial)
 
     def process(self, shards: Shards, read: Callable, photo: PhotoReader | None = None) -> None:
         """Run the shards through one loader, committing each shard when its last row is written.
@@ -124,18 +126,28 @@ class BatchLoop:
                          gate: DecodeGate | None) -> Iterator[tuple]:
         """(shard state, batch, results) for each batch of the loader, the model started on it (and, with a
         gate, done: the workers wait while it runs)."""
+        previous = None  # the batch before: (gated, its arrival, its pass's seconds, its samples)
         while True:
             waited = time.perf_counter()
             batch = next(loader, None)
+            arrived = time.perf_counter()
+            if gate and previous:
+                self._record_trial(*previous, rest_s=waited - previous[1] - previous[2])
             if batch is None:
                 return
             shard = batch.shard if batch.shard is not None else batch.samples[0].index // self.shard_size
             state = states[shard]
             state.started = state.started or waited
-            state.wait_s += time.perf_counter() - waited
-            with gate.paused() if gate else contextlib.nullcontext():
+            state.wait_s += arrived - waited
+            gated = self.gate_trial.gated()
+            with gate.paused(gated) if gate else contextlib.nullcontext():
                 results = self._start_batch(state, batch)
+            previous = (gated, arrived, time.perf_counter() - arrived, batch.samples)
             yield state, batch, results
+
+    def _record_trial(self, gated: bool, arrived: float, pass_s: float, samples: list, rest_s: float) -> None:
+        decode_s = sum(sample.decode_s for sample in samples)
+        self.gate_trial.record(gated, len(samples), pass_s, decode_s, rest_s)
 
     def _start_batch(self, state: ShardState, batch: Any) -> Callable[[], list[tuple[list[int], list]]]:
         """Start the model on a batch; the result gives (positions, outputs) per part once they are ready.
@@ -199,5 +211,5 @@ class BatchLoop:
             "shard": state.number, **self.marker_fields, "part": part_name(state.number),
             "rows": state.rows, "errors": state.errors, "metrics": state.counts.to_json(),
             "timings": {"seconds": time.perf_counter() - state.started, "compute_s": state.compute_s,
-                        "wait_input_s": state.wait_s},
+                        "wait_input_s": state.wait_s, **(self.gate_trial.describe() if self.gate else {})},
         }

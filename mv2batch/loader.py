@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,7 @@ class Sample:
     error: str | None
     target: np.ndarray | None = None  # ground-truth class ids at the original size (segmentation eval)
     id: str | None = None  # the row's id where the record names it (tar keys, an id column)
+    decode_s: float = 0.0  # the worker stage's wall time for it (gate_trial weighs decoding by it)
 
 
 class DecodeGate:
@@ -60,7 +62,11 @@ class DecodeGate:
         self._owner = os.getpid()
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, closing: bool = True) -> Iterator[None]:
+        """The gate closed for a pass; closing False: left open (gate_trial: workers decode beside it)."""
+        if not closing:
+            yield
+            return
         self._open.clear()
         try:
             yield
@@ -92,6 +98,12 @@ class ImageDataset:
 
     def sample_of(self, index: int, record: Record) -> Sample:
         """The worker stage of one record: decode, EXIF, ground truth, resize / crop; failures as the error."""
+        started = time.perf_counter()
+        sample = self._sample_of(index, record)
+        sample.decode_s = time.perf_counter() - started
+        return sample
+
+    def _sample_of(self, index: int, record: Record) -> Sample:
         if record.error is not None:
             return Sample(index, None, None, None, record.path, record.label, record.error, id=record.id)
         try:

@@ -116,9 +116,11 @@ class LoaderPlan:
     """How the loader runs: its workers, whether they decode only between passes, a typical batch's bytes."""
 
     workers: int
-    gate: bool  # workers start an image only while no forward pass runs (loader.DecodeGate)
+    gate: bool  # workers may start an image only while no forward pass runs (loader.DecodeGate)
     batch_bytes: int  # a batch's uint8 pixels: what the workers share
     pin_memory: bool
+    # With a gate: what decides whether passes close it (None: a new gate_trial.GateTrial, which measures it).
+    gate_trial: Any = None
 
 
 def plan_loader(workers: int | None, placement: Any, resize_crop: Any, threads: int | None = None,

@@ -11,6 +11,7 @@ from . import policy, runinfo
 from .batchloop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
 from .config import Decode, SourceKind
 from .errors import ConfigError
+from .gate_trial import GateTrial
 from .job import Job
 from .loader import ImageDataset, make_loader
 from .report import Report, build_report, write_report
@@ -54,7 +55,8 @@ def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress
         task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, plan),
         make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows),
         item_id=job.source.item_id, shard_size=job.shard_size,
-        marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=plan.gate, progress=progress)
+        marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=plan.gate, progress=progress,
+        gate_trial=plan.gate_trial or GateTrial(workers=plan.workers))
 
 
 def loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,

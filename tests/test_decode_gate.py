@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 from conftest import classify, read_rows, real_photos
 from mv2batch import loader
 from mv2batch.engines.local import LocalParts
+from mv2batch.gate_trial import GateTrial
 from mv2batch.loader import DecodeGate
 from mv2batch.placement import place
 from mv2batch.policy import decode_between_passes, default_workers, plan_loader
@@ -109,7 +109,8 @@ def timed_run(tmp_path, monkeypatch):
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(loader, "decode_image", logged_decode)
-    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), plan_loader=TWO_CORE_TEAM)
+    always = lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=GateTrial(chosen=True))  # no trial: every pass gated
+    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), plan_loader=always)
     free = replace(gated, plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
 
     def run(folder: Path, out: Path, model: Path, gate: bool = True) -> tuple[list, list[float]]:
@@ -156,3 +157,58 @@ def test_too_few_workers_for_the_team_decode_beside_it(tmp_path, tiny_model):
     classify(folder, tmp_path / "two", tiny_model, batch_size=2, workers=2, parts=recorded)
     assert [(plan.workers, plan.gate) for plan in plans] == [(1, False), (2, True)]
     assert read_rows(tmp_path / "one") == read_rows(tmp_path / "two")
+
+
+def test_the_trial_alternates_blocks_after_the_warm_up_and_keeps_the_faster_mode():
+    trial = GateTrial(workers=2, warmup=2, block=3, rounds=2)
+    modes = []
+    for _ in range(14):
+        gated = trial.gated()
+        modes.append(gated)
+        # 10 images: passes of 1.0 s undisturbed, 1.2 s with workers beside; decoding 0.1 s per image.
+        trial.record(gated, 10, 1.0 if gated else 1.2, 1.0, 0.1)
+    assert modes == [True, True] + ([True] * 3 + [False] * 3) * 2
+    # gated: 0.1 + 0.01 + 0.05 s per image; beside: max(0.12 + 0.01, 0.05)
+    assert trial.chosen is False and trial.rates == pytest.approx({True: 1 / 0.16, False: 1 / 0.13})
+    assert all(trial.gated() is False for _ in range(3))
+    assert trial.describe()["decode_between_passes"] is False
+
+
+def test_decoding_slower_than_the_passes_is_hidden_beside_them_and_added_between_them():
+    trial = GateTrial(workers=2, warmup=0, block=1, rounds=1)
+    for _ in range(2):  # passes 0.02 s per image either way; decoding 0.3 s per image, 2 workers
+        trial.record(trial.gated(), 10, 0.2, 3.0, 0.0)
+    assert trial.rates == pytest.approx({True: 1 / 0.17, False: 1 / 0.15}) and trial.chosen is False
+
+
+def test_the_warm_up_does_not_count_and_a_tie_keeps_the_gate():
+    trial = GateTrial(workers=2, warmup=1, block=1, rounds=1)
+    for pass_s in (100.0, 1.0, 1.0):  # a slow first (gated) batch must not count against the gate
+        trial.record(trial.gated(), 4, pass_s, 0.0, 0.0)
+    assert trial.chosen is True
+
+
+def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_the_cores_idle(tmp_path,
+                                                                                                tiny_model):
+    """Each pass sleeps (no CPU used) while the photos are slow to decode: decoding beside the pass hides the
+    decoding, between passes adds it. The trial, run on the real loop, must see that and choose 'beside'."""
+    import json
+
+    from PIL import Image
+
+    from conftest import real_photos
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    real_photos(1)[0].resize((2400, 1800)).save(folder / "0.png", compress_level=9)
+    for i in range(1, 40):
+        (folder / f"{i}.png").hardlink_to(folder / "0.png")
+    passes: list = []
+    trial = GateTrial(workers=2, warmup=1, block=2, rounds=2)
+    parts = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes),
+                       plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=trial))
+    classify(folder, tmp_path / "out", tiny_model, batch_size=BATCH, workers=2, parts=parts)
+    assert trial.chosen is False and trial.rates[False] > 1.2 * trial.rates[True], trial.rates
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shards").glob("*.json")]
+    assert markers and all(m["timings"]["decode_between_passes"] is False for m in markers)
+    assert Image.open(folder / "0.png").size == (2400, 1800)
