@@ -26,7 +26,10 @@ eval_app = typer.Typer(help="Accuracy and mIoU against ground truth, exact and p
                        epilog="Example: mv2batch eval imagenet-val /data/imagenet/val -o out/")
 app.add_typer(classify_app, name="classify")
 app.add_typer(segment_app, name="segment")
+export_app = typer.Typer(help="A finished run's outputs in other tools' formats.", no_args_is_help=True,
+                         epilog="Example: mv2batch export coco out/ -o results.json")
 app.add_typer(eval_app, name="eval")
+app.add_typer(export_app, name="export")
 
 INTERRUPTED_EXIT = 130
 __all__ = ["app", "main", "STRICT_EXIT", "INTERRUPTED_EXIT"]
@@ -230,6 +233,24 @@ def report_command(out: Annotated[str, typer.Argument(help="A run's output direc
         print_report(load_report(out, parse_options(storage_options)))
     except Mv2batchError as exc:
         _fail(str(exc), exc.exit_code)
+
+
+@export_app.command("coco", epilog="Example: mv2batch export coco out/ -o results.json")
+def export_coco_command(out: Annotated[str, typer.Argument(help="A segment run's output directory (or URL).")],
+                        results: Annotated[str, typer.Option("--output", "-o", help="The results file to write.")],
+                        storage_options: o.StorageOptions = None) -> None:
+    """Masks as COCO results (RLE per class present per image), with the images and categories beside them."""
+    from pathlib import Path
+
+    from .coco_export import export_coco
+    from .storage import parse_options
+
+    try:
+        done = export_coco(out, Path(results), parse_options(storage_options))
+    except Mv2batchError as exc:
+        _fail(str(exc), exc.exit_code)
+    typer.echo(f"{done.annotations} masks of {done.images} images -> {done.results} (images and categories: "
+               f"{done.images_file}); {done.skipped_errors} error rows left out")
 
 
 @app.command("models", epilog="Example: mv2batch models")

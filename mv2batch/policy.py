@@ -38,9 +38,11 @@ def model_threads() -> int:
 
 def decode_between_passes(device_type: str, streams: Any, threads: int | None = None,
                           available: int | None = None) -> bool:
-    """Whether loader workers should decode only between forward passes (loader.DecodeGate).
+    """Whether loader workers may decode only between forward passes (loader.DecodeGate); whether they do is
+    measured in the run's first batches (gate_trial.GateTrial: on 2 cores of an Intel Xeon the gate cost what
+    it saved on an AMD EPYC).
 
-    So on a CPU of at most DECODE_GAPS_MAX_CORES cores when one OpenMP team of several threads runs each pass
+    A candidate on a CPU of at most DECODE_GAPS_MAX_CORES cores when one OpenMP team of several threads runs each pass
     (the exact set, --no-speedups, --compile: no pool of parallel streams). Measured on 2 cores: the exact set at
     90 % of the model alone this way against 86 % with a worker beside the team. On a 16-core machine it did not
     pay (69-82 images/s against 81-106 with workers beside a 16-thread team: its threads wait for each other on
