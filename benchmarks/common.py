@@ -302,14 +302,18 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
         elif update.done:
             clock.mark(update.done)
 
-    report = local.run(config, progress, _observing_parts(applied))
+    report = local.run(config, progress, _observing_parts(applied, spec.get("gate")))
     return {"images": report.ran_now, "errors": report.n_errors, "out": str(out), **applied}
 
 
-def _observing_parts(seen: dict) -> Any:
+def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
     """The local engine's real steps, each recording into seen what it chose: the speed-ups applied (None:
-    none), the pixels' layout, the loader's workers and whether they decode between passes."""
+    none), the pixels' layout, the loader's workers and whether they may decode between passes. gate True /
+    False: where they may, they always / never do (no trial: gate_trial's two modes measured on their own)."""
+    from dataclasses import replace
+
     from mv2batch.engines.local import LocalParts
+    from mv2batch.gate_trial import GateTrial
     from mv2batch.placement import place
     from mv2batch.policy import plan_loader
 
@@ -322,6 +326,8 @@ def _observing_parts(seen: dict) -> Any:
 
     def planned(*args: Any) -> Any:
         plan = plan_loader(*args)
+        if gate is not None:
+            plan = replace(plan, gate_trial=GateTrial(chosen=gate))
         seen.update(workers=plan.workers, decode_between_passes=plan.gate)
         return plan
 
