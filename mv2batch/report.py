@@ -77,6 +77,32 @@ def write_report(report: Report, rundir: RunDir) -> None:
         rundir.write_report_file("per_class.parquet", _table_bytes(report.per_class))
     if report.confusion:
         rundir.write_report_file("confusion.parquet", _table_bytes(report.confusion))
+    write_html(report, rundir)
+
+
+def write_html(report: Report, rundir: RunDir) -> None:
+    """OUT/report/index.html (html_report). A page that fails to build is a warning, never a failed run: the
+    predictions and the tables above are what the run is for."""
+    import logging
+
+    from . import storage
+    from .html_report import ROW_COLUMNS, build_page
+
+    try:
+        run_info = rundir.read_run()
+        rows = []
+        for shard in sorted(rundir.committed(run_info["fingerprint"])):
+            part = rundir.read_part(shard).select(ROW_COLUMNS[report.task]).to_pylist()
+            rows += [{**row, "_shard": shard, "_row": position} for position, row in enumerate(part)]
+
+        def read_mask(row: dict) -> bytes:
+            return rundir.read_part(row["_shard"]).column("mask_png")[row["_row"]].as_py()
+
+        page = build_page(report, run_info, rows,
+                          lambda path: storage.read_bytes(storage.location(path), rundir.options), read_mask)
+        rundir.write_report_file("index.html", page.encode("utf-8"))
+    except Exception as exc:  # noqa: BLE001  (see the docstring)
+        logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
 
 
 def load_report(out: Path | str, storage_options: dict | None = None) -> Report:

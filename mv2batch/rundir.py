@@ -41,6 +41,7 @@ class RunDir:
 
     def __init__(self, root: Path | str, options: dict | None = None):
         self.root = storage.location(root)
+        self.options = options  # the store's, for what is read beside OUT (the report's photos)
         self.files = files_for(self.root, options)
         self.run_json = storage.join(self.root, "run.json")
         self.predictions = storage.join(self.root, "predictions")
