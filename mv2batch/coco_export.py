@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, OutputError
-from .rundir import RunDir, output_errors
+from .errors import ConfigError
+from .report import open_run
+from .rundir import output_errors
 
 COLUMNS = ["id", "path", "status", "width", "height", "mask_png", "classes", "class_pixels"]
 
@@ -38,12 +39,7 @@ def images_file_for(results: Path) -> Path:
 def export_coco(out: Path | str, results: Path, storage_options: dict | None = None) -> CocoExport:
     """Write the committed masks of the segment run in OUT as COCO results (image ids in the run's row order)."""
     mask_utils = _pycocotools_mask()
-    rundir = RunDir(out, storage_options)
-    if not rundir.exists():
-        raise OutputError(f"no such output directory: {out}")
-    run_info = rundir.read_run()
-    if run_info is None:
-        raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    rundir, run_info = open_run(out, storage_options)
     if run_info["task"] != "segment":
         raise ConfigError(f"{out} is a {run_info['task']} run: export coco needs a segment run's masks")
     labels = run_info["model"]["labels"]

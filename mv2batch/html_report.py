@@ -36,6 +36,7 @@ def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, r
             "metrics": {name: value for name, value in report.metrics.items() if isinstance(value, (int, float))},
             "task": report.task, "charts": [], "galleries": []}
     ok = [row for row in rows if row["status"] == "ok"]
+    read_photo = Thumbnails(read_photo)
     if report.task == "classify":
         _classify_views(page, ok, read_photo)
     else:
@@ -84,7 +85,7 @@ def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, 
 
 
 def _thumb(row: dict, read_photo: Any, lines: list[str]) -> dict:
-    image = _photo(row, read_photo)
+    image = read_photo(row)
     return {"id": row["id"], "lines": lines, "src": _data_uri(image) if image is not None else None}
 
 
@@ -94,7 +95,7 @@ def _overlay_thumb(row: dict, read_photo: Any, mask_png: bytes, labels: list[str
     from .masks import decode_png, voc_palette
 
     mask = decode_png(mask_png)
-    photo = _photo(row, read_photo, size=(mask.shape[1], mask.shape[0]))
+    photo = read_photo(row, size=(mask.shape[1], mask.shape[0]))
     small = Image.fromarray(mask.astype(np.int32)).resize(_thumb_size(mask.shape[1], mask.shape[0]), Image.NEAREST)
     ids = np.asarray(small).astype(np.int64)
     palette = voc_palette(max(256, int(ids.max(initial=0)) + 1))
@@ -106,18 +107,35 @@ def _overlay_thumb(row: dict, read_photo: Any, mask_png: bytes, labels: list[str
     return {"id": row["id"], "lines": [], "legend": legend, "src": _data_uri(blended)}
 
 
-def _photo(row: dict, read_photo: Any, size: tuple[int, int] | None = None) -> Any:
-    """The row's photo, decoded as the run decoded it and shrunk to a thumbnail; None if it cannot be read."""
-    from .decode import DecodeError, decode_image
+class Thumbnails:
+    """Each row's photo read once (a photo in two galleries is one read), decoded as the run decoded it and
+    shrunk; None where it cannot be had: a thumbnail is decoration, never a reason to fail the page."""
 
-    try:
-        image = decode_image(read_photo(row["path"])).image
-    except (DecodeError, OSError, TypeError, ValueError):
-        return None
-    if size is not None and image.size != size:
-        return None
-    image.thumbnail((THUMB_EDGE, THUMB_EDGE))
-    return image
+    def __init__(self, read_photo: Any):
+        self.read_photo = read_photo
+        self.made: dict[str, tuple | None] = {}
+
+    def __call__(self, row: dict, size: tuple[int, int] | None = None) -> Any:
+        path = row.get("path")
+        if path not in self.made:
+            self.made[path] = self._make(path)
+        made = self.made[path]
+        if made is None or (size is not None and made[0] != size):
+            return None
+        return made[1]
+
+    def _make(self, path: str | None) -> tuple | None:
+        from .decode import decode_image
+
+        if not path:
+            return None
+        try:
+            image = decode_image(self.read_photo(path)).image
+        except Exception:  # noqa: BLE001  (see the class docstring)
+            return None
+        size = image.size
+        image.thumbnail((THUMB_EDGE, THUMB_EDGE))
+        return size, image
 
 
 def _thumb_size(width: int, height: int) -> tuple[int, int]:

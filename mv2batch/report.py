@@ -98,21 +98,32 @@ def write_html(report: Report, rundir: RunDir) -> None:
         def read_mask(row: dict) -> bytes:
             return rundir.read_part(row["_shard"]).column("mask_png")[row["_row"]].as_py()
 
-        page = build_page(report, run_info, rows,
-                          lambda path: storage.read_bytes(storage.location(path), rundir.options), read_mask)
+        def read_photo(path: str) -> bytes:  # one attempt: a thumbnail is not worth the retries' waits
+            where = storage.location(path)
+            if isinstance(where, Path):
+                return where.read_bytes()
+            return storage.filesystem(where, rundir.options).cat_file(where)
+
+        page = build_page(report, run_info, rows, read_photo, read_mask)
         rundir.write_report_file("index.html", page.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
 
 
-def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
-    """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
+def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:
+    """An existing OUT and its run.json, for commands that read a run (report, export); else one line."""
     rundir = RunDir(out, storage_options)
     if not rundir.exists():
         raise OutputError(f"no such output directory: {out}")
     run_info = rundir.read_run()
     if run_info is None:
         raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    return rundir, run_info
+
+
+def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
+    """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
+    rundir, run_info = open_run(out, storage_options)
     from .tasks import TASKS
 
     markers = rundir.committed(run_info["fingerprint"])

@@ -117,7 +117,8 @@ def test_classify_folder_s3_to_s3_gives_the_local_rows(s3, photos, tiny_model, t
     _same_rows(_rows_at(s3, out, tmp_path / "fetched"), read_rows(tmp_path / "local"))
     keys = s3.keys(out)
     assert keys == sorted(["runs/one/run.json", *(f"runs/one/predictions/part-0000{i}.parquet" for i in range(3)),
-                           *(f"runs/one/shards/0000{i}.json" for i in range(3)), "runs/one/report/summary.parquet"])
+                           *(f"runs/one/shards/0000{i}.json" for i in range(3)), "runs/one/report/summary.parquet",
+                           "runs/one/report/index.html"])
     again = classify(source, out, tiny_model, shard_size=5, storage_options=s3.options)
     assert again.ran_now == 0 and again.complete, "a second run finds every shard committed"
     assert load_report(out, s3.options).n_images == 12
@@ -200,7 +201,7 @@ def _assert_committed_output(s3: S3, out: str, reference: Path, scratch: Path) -
     _same_rows(got, read_rows(reference))
     prefix = out.split("/", 3)[3]
     names = sorted(k[len(prefix) + 1:] for k in s3.keys(out))
-    expected = ["report/summary.parquet", "run.json", *(f"predictions/part-{i:05d}.parquet" for i in range(7)),
+    expected = ["report/summary.parquet", "report/index.html", "run.json", *(f"predictions/part-{i:05d}.parquet" for i in range(7)),
                 *(f"shards/{i:05d}.json" for i in range(7))]
     assert names == sorted(expected)
 
@@ -389,7 +390,8 @@ def test_a_transient_read_failure_is_retried_and_a_lasting_one_is_an_error_row(s
     assert report.n_images == 12 and report.n_errors == 1
     assert rows["b/photo_04.jpg"]["error"].endswith("Connection reset by peer (failed 4 times)")
     read_once_more = [key for key, n in FlakyS3.attempts.items() if key not in FlakyS3.forever]
-    assert len(read_once_more) == 11 and all(FlakyS3.attempts[key] == 2 for key in read_once_more)
+    # Twice by the run (a failure, then the retry), once more by the HTML report for its thumbnails.
+    assert len(read_once_more) == 11 and all(FlakyS3.attempts[key] == 3 for key in read_once_more)
     local = classify(photos, tmp_path / "local", tiny_model)
     _same_rows([r for r in read_rows(tmp_path / "out") if r["id"] != "b/photo_04.jpg"],
                [r for r in read_rows(tmp_path / "local") if r["id"] != "b/photo_04.jpg"])
