@@ -80,7 +80,8 @@ def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, 
     order = [int(i) for i in order if pixels[i] > 0]
     shares = [100 * pixels[i] / max(1, pixels.sum()) for i in order]
     page["charts"].append(("Class pixel shares (%)", _bar_chart([labels[i] for i in order], shares, "% of pixels")))
-    chosen = random.Random(0).sample(ok, min(GALLERY, len(ok)))
+    # In the rows' own order: the masks are read part by part, each part once.
+    chosen = [ok[i] for i in sorted(random.Random(0).sample(range(len(ok)), min(GALLERY, len(ok))))]
     page["galleries"].append(("Overlays", [_overlay_thumb(row, read_photo, read_mask(row), labels) for row in chosen]))
 
 

@@ -83,6 +83,7 @@ def write_report(report: Report, rundir: RunDir) -> None:
 def write_html(report: Report, rundir: RunDir) -> None:
     """OUT/report/index.html (html_report). A page that fails to build is a warning, never a failed run: the
     predictions and the tables above are what the run is for."""
+    import functools
     import logging
 
     from . import storage
@@ -95,8 +96,12 @@ def write_html(report: Report, rundir: RunDir) -> None:
             part = rundir.read_part(shard).select(ROW_COLUMNS[report.task]).to_pylist()
             rows += [{**row, "_shard": shard, "_row": position} for position, row in enumerate(part)]
 
+        @functools.lru_cache(maxsize=2)  # gallery rows come shard by shard often enough; a part is not small
+        def masks_of(shard: int) -> Any:
+            return rundir.read_part(shard).column("mask_png")
+
         def read_mask(row: dict) -> bytes:
-            return rundir.read_part(row["_shard"]).column("mask_png")[row["_row"]].as_py()
+            return masks_of(row["_shard"])[row["_row"]].as_py()
 
         def read_photo(path: str) -> bytes:  # one attempt: a thumbnail is not worth the retries' waits
             where = storage.location(path)
