@@ -53,12 +53,22 @@ def palette_png(mask: np.ndarray, num_classes: int) -> bytes:
     return buffer.getvalue()
 
 
+def mask_palette(mask: np.ndarray) -> np.ndarray:
+    """The VOC colours, enough of them for every class id in the mask (ADE20k's 150, 255 = void)."""
+    return voc_palette(max(256, int(mask.max(initial=0)) + 1))
+
+
+def blend(photo: Image.Image | None, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The photo (of the mask's size) blended with the coloured mask; the colours alone without a photo."""
+    colours = mask_palette(mask)[mask.astype(np.int64)]
+    base = np.asarray(photo.convert("RGB") if photo is not None else colours, dtype=np.float32)
+    return Image.fromarray((base * (1 - alpha) + colours * alpha).astype(np.uint8))
+
+
 def overlay_jpeg(photo: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> bytes:
     """The photo blended with the coloured mask."""
-    colours = voc_palette(max(256, int(mask.max(initial=0)) + 1))[mask]
-    blended = (np.asarray(photo.convert("RGB"), dtype=np.float32) * (1 - alpha) + colours * alpha).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(blended).save(buffer, format="JPEG", quality=90)
+    blend(photo, mask, alpha).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
