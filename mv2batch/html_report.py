@@ -2,45 +2,54 @@
 
 Nothing on the page is fetched when it is viewed: no scripts, fonts or styles from a CDN, so it opens from disk
 or from a bucket's download with no network. It stays small whatever the run's size: at most GALLERY
-thumbnails per gallery, the first ERRORS_SHOWN error rows, charts of at most TOP_LABELS bars.
+thumbnails per gallery, the first ERRORS_SHOWN error rows, charts of at most TOP_LABELS bars. The evaluation
+views (gold labels, ground truth) are html_eval's; the charts and thumbnails html_parts'.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .html_eval import GALLERY, classify_eval_views, is_classify_eval, is_segment_eval, segment_eval_views
+from .html_parts import THUMB_EDGE, bar_chart, chart, gallery, histogram, overlay_thumb, thumb
+
 ERRORS_SHOWN = 100
-GALLERY = 24  # thumbnails per gallery
 TOP_LABELS = 30
-THUMB_EDGE = 200  # longest side of a thumbnail, in pixels
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.j2"
-ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "topk_scores"],
-               "segment": ["id", "path", "status", "error", "classes", "class_pixels"]}
+# What the page reads of each row (a column a part lacks, such as an older run's miou, is left out).
+ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "topk_scores", "topk_ids", "label"],
+               "segment": ["id", "path", "status", "error", "classes", "class_pixels", "miou"]}
 
 
-def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, read_mask: Any = None) -> str:
-    """The page for a report, its run.json, its prediction rows (ROW_COLUMNS), a reader of their photos
-    (path -> encoded bytes; a failure leaves that thumbnail out) and, for segmentation, of a row's mask_png
-    (row -> bytes: only the gallery's masks are read, not a whole run's)."""
+def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, read_mask: Any = None,
+               read_target: Any = None) -> str:
+    """The page for a report, its run.json, its prediction rows (ROW_COLUMNS, each with its `_shard` and
+    `_row`), a reader of their photos (path -> encoded bytes; a failure leaves that thumbnail out) and, for
+    segmentation, of a row's mask_png (row -> bytes: only the galleries' masks are read, not a whole run's) and
+    of its ground truth (row -> class ids, or None; eval voc / ade20k)."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), autoescape=True)
     errors = [row for row in rows if row["status"] != "ok"]
     page = {"header": _header(report, run_info), "errors": errors[:ERRORS_SHOWN], "n_errors": len(errors),
             "metrics": {name: value for name, value in report.metrics.items() if isinstance(value, (int, float))},
-            "task": report.task, "charts": [], "galleries": []}
+            "task": report.task, "sections": []}
     ok = [row for row in rows if row["status"] == "ok"]
     read_photo = Thumbnails(read_photo)
+    labels = run_info["model"]["labels"]
+    # An evaluation's own views first: its accuracy is what the page is opened for.
     if report.task == "classify":
+        if is_classify_eval(report):
+            classify_eval_views(page, report, ok, read_photo, labels)
         _classify_views(page, ok, read_photo)
     else:
-        _segment_views(page, ok, read_photo, read_mask, run_info["model"]["labels"])
+        if is_segment_eval(report):
+            segment_eval_views(page, report, ok, read_photo, read_mask, read_target or (lambda row: None), labels)
+        _segment_views(page, ok, read_photo, read_mask, labels)
     return environment.get_template(TEMPLATE.name).render(**page)
 
 
@@ -61,13 +70,13 @@ def _classify_views(page: dict, ok: list[dict], read_photo: Any) -> None:
 
     top1 = Counter(row["topk_labels"][0] for row in ok)
     common = top1.most_common(TOP_LABELS)
-    page["charts"].append(("Top-1 labels (the 30 most frequent)",
-                           _bar_chart([label for label, _ in common], [count for _, count in common], "images")))
-    page["charts"].append(("Top-1 confidence", _histogram([row["topk_scores"][0] for row in ok])))
+    page["sections"].append(chart("Top-1 labels (the 30 most frequent)",
+                                  bar_chart([label for label, _ in common], [count for _, count in common], "images")))
+    page["sections"].append(chart("Top-1 confidence", histogram([row["topk_scores"][0] for row in ok])))
     least = sorted(ok, key=lambda row: row["topk_scores"][0])[:GALLERY]
     sample = random.Random(0).sample(ok, min(GALLERY, len(ok)))
     for title, chosen in (("Least confident", least), ("A random sample", sample)):
-        page["galleries"].append((title, [_thumb(row, read_photo, [
+        page["sections"].append(gallery(title, [thumb(row, read_photo, [
             f"{label} {score:.2f}" for label, score in zip(row["topk_labels"][:3], row["topk_scores"][:3])])
             for row in chosen]))
 
@@ -79,33 +88,12 @@ def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, 
     order = np.argsort(-pixels, kind="stable")[:TOP_LABELS]
     order = [int(i) for i in order if pixels[i] > 0]
     shares = [100 * pixels[i] / max(1, pixels.sum()) for i in order]
-    page["charts"].append(("Class pixel shares (%)", _bar_chart([labels[i] for i in order], shares, "% of pixels")))
+    page["sections"].append(chart("Class pixel shares (%)",
+                                  bar_chart([labels[i] for i in order], shares, "% of pixels")))
     # In the rows' own order: the masks are read part by part, each part once.
     chosen = [ok[i] for i in sorted(random.Random(0).sample(range(len(ok)), min(GALLERY, len(ok))))]
-    page["galleries"].append(("Overlays", [_overlay_thumb(row, read_photo, read_mask(row), labels) for row in chosen]))
-
-
-def _thumb(row: dict, read_photo: Any, lines: list[str]) -> dict:
-    image = read_photo(row)
-    return {"id": row["id"], "lines": lines, "src": _data_uri(image) if image is not None else None}
-
-
-def _overlay_thumb(row: dict, read_photo: Any, mask_png: bytes, labels: list[str]) -> dict:
-    from PIL import Image
-
-    from .masks import decode_png, voc_palette
-
-    mask = decode_png(mask_png)
-    photo = read_photo(row, size=(mask.shape[1], mask.shape[0]))
-    small = Image.fromarray(mask.astype(np.int32)).resize(_thumb_size(mask.shape[1], mask.shape[0]), Image.NEAREST)
-    ids = np.asarray(small).astype(np.int64)
-    palette = voc_palette(max(256, int(ids.max(initial=0)) + 1))
-    colours = palette[ids].astype(np.float32)
-    base = np.asarray(photo.resize(small.size), dtype=np.float32) if photo is not None else colours
-    blended = Image.fromarray((0.5 * base + 0.5 * colours).astype(np.uint8))
-    legend = [{"name": labels[c] if c < len(labels) else str(c), "colour": "#%02x%02x%02x" % tuple(palette[c])}
-              for c in row["classes"]]
-    return {"id": row["id"], "lines": [], "legend": legend, "src": _data_uri(blended)}
+    page["sections"].append(gallery("Overlays", [overlay_thumb(row, read_photo, read_mask(row), labels)
+                                                 for row in chosen]))
 
 
 class Thumbnails:
@@ -137,50 +125,3 @@ class Thumbnails:
         size = image.size
         image.thumbnail((THUMB_EDGE, THUMB_EDGE))
         return size, image
-
-
-def _thumb_size(width: int, height: int) -> tuple[int, int]:
-    scale = min(1.0, THUMB_EDGE / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _data_uri(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _svg(figure: Any) -> str:
-    import matplotlib
-
-    buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.fonttype": "path"}):  # text drawn as paths: no font to fetch or to lack
-        figure.savefig(buffer, format="svg", bbox_inches="tight")
-    text = buffer.getvalue()
-    return text[text.index("<svg"):]  # inline: no XML prolog or DOCTYPE inside the HTML
-
-
-def _bar_chart(names: list[str], values: list[float], unit: str) -> str:
-    figure, axes = _figure(height=0.25 * max(4, len(names)) + 0.6)
-    positions = np.arange(len(names))
-    axes.barh(positions, values, color="#4c72b0")
-    axes.set_yticks(positions, names)
-    axes.invert_yaxis()
-    axes.set_xlabel(unit)
-    return _svg(figure)
-
-
-def _histogram(values: list[float]) -> str:
-    figure, axes = _figure(height=2.6)
-    axes.hist(values, bins=20, range=(0, 1), color="#4c72b0")
-    axes.set_xlabel("top-1 probability")
-    axes.set_ylabel("images")
-    return _svg(figure)
-
-
-def _figure(height: float) -> tuple[Any, Any]:
-    # A Figure of its own, not pyplot: no backend is chosen or changed in the caller's process.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, height))
-    return figure, figure.subplots()

@@ -29,6 +29,7 @@ class Report:
     per_class: list[dict] = field(default_factory=list)
     confusion: list[dict] = field(default_factory=list)  # segmentation eval: non-zero (gt, pred) cells
     shards_done: int = 0
+    shards: list[int] = field(default_factory=list)  # the committed shards merged: the page reads their parts
     shards_total: int = 0
     ran_now: int = 0  # rows processed by this invocation
     elapsed_s: float = 0.0  # wall time of this invocation, start-up included
@@ -58,7 +59,7 @@ def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task:
         model=run_info["model"]["id"], n_images=rows, n_errors=errors,
         images_per_s=(rows - errors) / seconds if seconds > 0 else None,
         complete=n_shards is not None and len(markers) == n_shards, metrics=metrics,
-        per_class=per_class, shards_done=len(markers), shards_total=n_shards or 0,
+        per_class=per_class, shards_done=len(markers), shards=sorted(markers), shards_total=n_shards or 0,
         confusion=[{"gt_class": cell // classes, "pred_class": cell % classes, "pixels": pixels}
                    for cell, pixels in sorted(confusion.items())],
     )
@@ -86,33 +87,77 @@ def write_html(report: Report, rundir: RunDir) -> None:
     import functools
     import logging
 
-    from . import storage
     from .html_report import ROW_COLUMNS, build_page
 
     try:
         run_info = rundir.read_run()
         rows = []
-        for shard in sorted(rundir.committed(run_info["fingerprint"])):
-            part = rundir.read_part(shard).select(ROW_COLUMNS[report.task]).to_pylist()
+        for shard in report.shards:  # the shards the report merged: no second listing of the markers
+            part = _read_columns(rundir, shard, ROW_COLUMNS[report.task]).to_pylist()
             rows += [{**row, "_shard": shard, "_row": position} for position, row in enumerate(part)]
 
         @functools.lru_cache(maxsize=2)  # gallery rows come shard by shard often enough; a part is not small
         def masks_of(shard: int) -> Any:
-            return rundir.read_part(shard).column("mask_png")
+            return _read_columns(rundir, shard, ["mask_png"]).column("mask_png")
 
         def read_mask(row: dict) -> bytes:
             return masks_of(row["_shard"])[row["_row"]].as_py()
 
-        def read_photo(path: str) -> bytes:  # one attempt: a thumbnail is not worth the retries' waits
-            where = storage.location(path)
-            if isinstance(where, Path):
-                return where.read_bytes()
-            return storage.filesystem(where, rundir.options).cat_file(where)
-
-        page = build_page(report, run_info, rows, read_photo, read_mask)
+        page = build_page(report, run_info, rows, functools.partial(_read_photo, options=rundir.options),
+                          read_mask, _target_reader(run_info, rundir.options))
         rundir.write_report_file("index.html", page.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
+
+
+def _read_columns(rundir: RunDir, shard: int, columns: list[str]) -> pa.Table:
+    """Those of a part's columns it has (an older run's part may lack one): the masks are read only for the
+    galleries, not with every row."""
+    with rundir.files.open_read(rundir.part_path(shard)) as handle:
+        present = set(pq.read_schema(handle).names)
+        handle.seek(0)
+        return pq.read_table(handle, columns=[name for name in columns if name in present])
+
+
+def _read_photo(path: str, options: dict | None) -> bytes:
+    """One attempt: a thumbnail is not worth the retries' waits."""
+    from . import storage
+
+    where = storage.location(path)
+    if isinstance(where, Path):
+        return where.read_bytes()
+    return storage.filesystem(where, options).cat_file(where)
+
+
+def _target_reader(run_info: dict, options: dict | None) -> Any:
+    """eval voc / ade20k: row -> its ground-truth class ids (None where unreadable), else None.
+
+    The rows carry no target path (the loader turns it into the array the confusion counts), so the layout is
+    opened again from run.json's input and split: eval_sources keeps the one rule of where a target lies, and a
+    run's parts need no extra column. A layout that cannot be opened now (moved, or a relative path from another
+    folder) leaves the ground-truth thumbnails out, as an unreadable photo leaves its own.
+    """
+    from . import eval_sources, storage
+    from .loader import read_target
+
+    openers = {"voc": eval_sources.open_voc, "ade20k": eval_sources.open_ade20k}
+    kind = run_info["input"]["kind"]
+    if kind not in openers:
+        return None
+    split = run_info.get("fingerprint_fields", {}).get("split")
+    try:
+        source = openers[kind](storage.location(run_info["input"]["name"]), split, options)
+    except Exception:  # noqa: BLE001  (see the docstring)
+        return lambda row: None
+    targets = dict(zip(source.ids, source.targets))
+
+    def read(row: dict) -> Any:
+        try:
+            return read_target(source.remote(targets[row["id"]]), reduce_labels=kind == "ade20k")
+        except Exception:  # noqa: BLE001  (see the docstring)
+            return None
+
+    return read
 
 
 def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:

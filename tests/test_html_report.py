@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import classify, real_photos, segment
+from conftest import classify, read_rows, real_photos, segment
+from mv2batch.eval_sources import imagenet_wnids
+from mv2batch.masks import decode_png, voc_palette
 
 # Runs before anything else on the page: records script errors and resources that fail to load.
 WATCH = """<script>window.__errors = [];
@@ -22,10 +24,12 @@ window.addEventListener('load', () => {
   const images = [...document.images];
   const figures = {};
   document.querySelectorAll('[data-figure]').forEach(cell => figures[cell.dataset.figure] = cell.textContent);
+  const metrics = {};
+  document.querySelectorAll('[data-metric]').forEach(cell => metrics[cell.dataset.metric] = cell.textContent);
   const pre = document.createElement('pre');
   pre.id = 'checks';
   pre.textContent = JSON.stringify({images: images.length, broken: images.filter(i => !(i.naturalWidth > 0)).length,
-    errors: window.__errors, figures: figures, svgs: document.querySelectorAll('svg').length});
+    errors: window.__errors, figures: figures, metrics: metrics, svgs: document.querySelectorAll('svg').length});
   document.body.appendChild(pre);
 });</script>"""
 
@@ -59,7 +63,7 @@ def _photos(folder: Path, count: int) -> None:
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
 
 
-def _check_page(out: Path, checks: dict, galleries_at_least: int) -> None:
+def _check_page(out: Path, checks: dict, galleries_at_least: int, metrics: tuple[str, ...] = ()) -> str:
     page = (out / "report" / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", page), "the page fetches something"
     assert len(page.encode()) < 3 * 2**20
@@ -70,6 +74,8 @@ def _check_page(out: Path, checks: dict, galleries_at_least: int) -> None:
     assert int(checks["figures"]["errors"]) == summary["n_errors"] == 1
     assert checks["screenshot_std"] > 10  # not a blank page
     assert "broken.jpg" in page  # the error row, with its message
+    for name in metrics:
+        assert summary[name] is not None and float(checks["metrics"][name]) == pytest.approx(summary[name], abs=1e-6)
     return page
 
 
@@ -87,3 +93,74 @@ def test_a_segment_report_shows_overlays_with_their_legends(tmp_path, tiny_segme
     checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
     page = _check_page(tmp_path / "out", checks, galleries_at_least=6)
     assert page.count('class="swatch"') >= 6 and "Class pixel shares" in page
+
+
+def _imagenet_class_folders(root: Path, per_class: int) -> None:
+    """Real photos in a few ImageNet-1k class folders (gold label = the folder's index), one unreadable file."""
+    photos = real_photos(4 * per_class)
+    for i, photo in enumerate(photos):
+        folder = root / imagenet_wnids()[(i % 4) * 250]
+        folder.mkdir(parents=True, exist_ok=True)
+        photo.save(folder / f"{i:02d}.jpg")
+    (root / imagenet_wnids()[0] / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+
+def test_an_imagenet_eval_report_shows_accuracy_confusions_and_mistakes(tmp_path, imagenet_model, chromium):
+    _imagenet_class_folders(tmp_path / "val", per_class=4)
+    classify(tmp_path / "val", tmp_path / "out", imagenet_model, source="imagenet", batch_size=8)
+    checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
+    page = _check_page(tmp_path / "out", checks, galleries_at_least=2 * 16, metrics=("top1", "top5"))
+    rows = [row for row in read_rows(tmp_path / "out") if row["status"] == "ok"]
+    wrong = [row for row in rows if row["topk_ids"][0] != row["label"]]
+    assert wrong, "the random model gets some wrong: the gallery has something to show"
+    assert f"Misclassified ({len(wrong)} images; the {min(24, len(wrong))} most confident)" in page
+    assert page.count("<br>gold: ") == min(24, len(wrong))
+    assert "Per-class top-1 accuracy (all 4 classes, worst first)" in page and "Most frequent confusions" in page
+    most = max({(r["label"], r["topk_ids"][0]) for r in wrong}, key=lambda p: sum(
+        (r["label"], r["topk_ids"][0]) == p for r in wrong))
+    count = sum((r["label"], r["topk_ids"][0]) == most for r in wrong)
+    assert f'<td class="number">{count}</td>' in page  # the top confusion's count in the table
+
+
+def _voc(root: Path, count: int) -> list[str]:
+    """A VOC2012 layout of real photos with blocky ground truth (255 = void border), one unreadable photo."""
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"2007_{i:06d}" for i in range(count)]
+    for name, photo in zip(names, real_photos(count)):
+        photo = photo.resize((160, 120))
+        photo.save(base / "JPEGImages" / f"{name}.jpg", quality=92)
+        mask = np.kron(rng.choice([0, 0, 8, 12, 15], size=(6, 8)), np.ones((20, 20), dtype=np.uint8))
+        mask[:3], mask[:, :3] = 255, 255
+        png = Image.fromarray(mask.astype(np.uint8), mode="P")
+        png.putpalette(voc_palette().reshape(-1).tolist())
+        png.save(base / "SegmentationClass" / f"{name}.png")
+    (base / "JPEGImages" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join([*names, "broken"]) + "\n")
+    return names
+
+
+def _brute_image_miou(pred: np.ndarray, gt: np.ndarray) -> float:
+    valid = gt != 255
+    present = set(np.unique(pred[valid])) | set(np.unique(gt[valid]))
+    return float(np.mean([np.sum((pred == c) & (gt == c) & valid) / np.sum(((pred == c) | (gt == c)) & valid)
+                          for c in present]))
+
+
+def test_a_voc_eval_report_shows_iou_the_heat_map_and_the_worst_images(tmp_path, tiny_segmenter, chromium):
+    names = _voc(tmp_path, 6)
+    segment(tmp_path / "VOCdevkit", tmp_path / "out", tiny_segmenter, source="voc", batch_size=2)
+    rows = {row["id"]: row for row in read_rows(tmp_path / "out") if row["status"] == "ok"}
+    for name in names:  # each row's own mIoU, against numpy on its mask and its ground truth
+        gt = np.asarray(Image.open(tmp_path / "VOCdevkit" / "VOC2012" / "SegmentationClass" / f"{name}.png"))
+        row = rows[f"JPEGImages/{name}.jpg"]
+        assert row["miou"] == pytest.approx(_brute_image_miou(decode_png(row["mask_png"]), gt), rel=1e-6)
+    checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
+    page = _check_page(tmp_path / "out", checks, galleries_at_least=6 + 2 * 6, metrics=("miou", "pixel_acc"))
+    assert "Per-class IoU" in page and "Confusion matrix (share of each ground-truth class" in page
+    worst = sorted(rows.values(), key=lambda row: row["miou"])
+    assert page.count(": ground truth\"") == page.count(": prediction\"") == len(worst)
+    shown = re.findall(r"image mIoU (\d\.\d+)", page)
+    assert shown == [f"{row['miou']:.3f}" for row in worst]  # worst first
