@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .html_parts import bar_chart, chart, gallery, heat_map, legend, overlay_src, table, thumb
+from .html_parts import bar_chart, bar_chart_pair, chart, gallery, heat_map, legend, overlay_src, table, thumb
 
 GALLERY = 24  # thumbnails per gallery (the worst-IoU gallery: GALLERY // 2 pairs)
 TOP_CLASSES = 30  # the worst and the best classes of a per-class chart
@@ -69,9 +69,11 @@ def per_class_charts(per_class: list[dict], key: str, what: str) -> list[dict]:
 
     if len(scored) <= 2 * TOP_CLASSES:
         return [chart(f"Per-class {what} (all {len(scored)} classes, worst first)", bars(scored))]
-    best = scored[::-1][:TOP_CLASSES]
-    return [chart(f"Per-class {what}: the {TOP_CLASSES} worst of {len(scored)} classes", bars(scored[:TOP_CLASSES])),
-            chart(f"Per-class {what}: the {TOP_CLASSES} best of {len(scored)} classes", bars(best))]
+    worst, best = scored[:TOP_CLASSES], scored[::-1][:TOP_CLASSES]
+    panels = [(f"the {TOP_CLASSES} {which}", [_short(row["class_name"]) for row in rows], [row[key] for row in rows])
+              for which, rows in (("worst", worst), ("best", best))]
+    return [chart(f"Per-class {what}: the {TOP_CLASSES} worst and the {TOP_CLASSES} best of {len(scored)} classes",
+                  bar_chart_pair(*panels, what, limit=1))]
 
 
 def confusion_heat_map(cells: list[dict], labels: list[str]) -> dict:

@@ -98,6 +98,24 @@ def bar_chart(names: list[str], values: list[float], unit: str, limit: float | N
     return svg(figure)
 
 
+def bar_chart_pair(left: tuple[str, list[str], list[float]], right: tuple[str, list[str], list[float]], unit: str,
+                   limit: float | None = None) -> str:
+    """Two bar charts side by side in one figure, each (title, names, values): the worst and the best."""
+    rows = max(len(left[1]), len(right[1]))
+    figure, (first, second) = new_figure(height=0.25 * max(4, rows) + 0.9, width=11, columns=2)
+    for axes, (title, names, values) in ((first, left), (second, right)):
+        positions = np.arange(len(names))
+        axes.barh(positions, values, color=BAR_COLOUR)
+        axes.set_yticks(positions, names)
+        axes.set_ylim(rows - 0.5, -0.5)  # the first name on top, both panels on one scale of rows
+        axes.set_xlabel(unit)
+        axes.set_title(title, fontsize=10)
+        if limit is not None:
+            axes.set_xlim(0, limit)
+    figure.subplots_adjust(wspace=0.6)
+    return svg(figure)
+
+
 def histogram(values: list[float]) -> str:
     figure, axes = new_figure(height=2.6)
     axes.hist(values, bins=20, range=(0, 1), color=BAR_COLOUR)
@@ -120,9 +138,9 @@ def heat_map(matrix: np.ndarray, names: list[str], xlabel: str, ylabel: str) -> 
     return svg(figure)
 
 
-def new_figure(height: float, width: float = 7) -> tuple[Any, Any]:
+def new_figure(height: float, width: float = 7, columns: int = 1) -> tuple[Any, Any]:
     # A Figure of its own, not pyplot: no backend is chosen or changed in the caller's process.
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
+    return figure, figure.subplots(1, columns)

@@ -164,3 +164,15 @@ def test_a_voc_eval_report_shows_iou_the_heat_map_and_the_worst_images(tmp_path,
     assert page.count(": ground truth\"") == page.count(": prediction\"") == len(worst)
     shown = re.findall(r"image mIoU (\d\.\d+)", page)
     assert shown == [f"{row['miou']:.3f}" for row in worst]  # worst first
+
+
+def test_eval_charts_of_many_classes_stay_bounded():
+    from mv2batch.html_eval import HEAT_MAP_CLASSES, TOP_CLASSES, confusion_heat_map, per_class_charts
+
+    per_class = [{"class_id": c, "class_name": f"class {c}", "top1_acc": (c % 7) / 7} for c in range(100)]
+    (only,) = per_class_charts(per_class, "top1_acc", "top-1 accuracy")
+    assert only["title"] == f"Per-class top-1 accuracy: the {TOP_CLASSES} worst and the {TOP_CLASSES} best of 100 classes"
+    cells = [{"gt_class": c, "pred_class": (c * 7) % 150, "pixels": 1000 - c} for c in range(150)]
+    heat = confusion_heat_map(cells, [f"class {c}" for c in range(150)])
+    assert heat["title"].endswith(f"the {HEAT_MAP_CLASSES} of 150 classes with the most ground-truth pixels")
+    assert len(heat["svg"]) < 150_000  # 30 named rows and columns (all 150 would be about 380 KB of SVG)
