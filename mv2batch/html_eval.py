@@ -54,10 +54,12 @@ def segment_eval_views(page: dict, report: Any, ok: list[dict], read_photo: Any,
     scored = [row for row in ok if row.get("miou") is not None]
     worst = sorted(scored, key=lambda row: (row["miou"], row["id"]))[:GALLERY // 2]
     # Read in the rows' own order (the masks part by part, each part once), shown worst first.
-    items = {row["id"]: _pair(row, read_photo, read_mask, read_target, labels)
-             for row in sorted(worst, key=lambda row: (row["_shard"], row["_row"]))}
+    def place(row: dict) -> tuple[int, int]:
+        return row["_shard"], row["_row"]
+
+    items = {place(row): _pair(row, read_photo, read_mask, read_target, labels) for row in sorted(worst, key=place)}
     page["sections"].append(gallery(f"Worst images by image mIoU (the {len(worst)} worst of {len(scored)})",
-                                    [items[row["id"]] for row in worst]))
+                                    [items[place(row)] for row in worst]))
 
 
 def per_class_charts(per_class: list[dict], key: str, what: str) -> list[dict]:
