@@ -202,7 +202,7 @@ class BatchLoop:
         common = {
             "id": sample.id if sample.id is not None else self.item_id(sample.index), "path": sample.path, "shard": state.number,
             "width": sample.width, "height": sample.height, "status": "ok" if output is not None else "error",
-            "error": sample.error, POSITION: sample.index,
+            "error": sample.error, "sha256": sample.sha256, POSITION: sample.index,
         }
         return {**common, **self.task.row(sample, output)}
 

@@ -4,13 +4,17 @@ errors into exit codes. The options are defined once, in cli_options."""
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from . import cli_options as o
+from .cli_embed import dedup_command, embed_app
 from .cli_options import STRICT_EXIT
-from .config import Decode, Dtype, Engine
+from .cli_run import INTERRUPTED_EXIT
+from .cli_run import fail as _fail
+from .cli_run import run_command as _run
+from .config import Decode, Dtype, EmbeddingDtype, Engine
 from .errors import Mv2batchError
 
 app = typer.Typer(
@@ -31,35 +35,9 @@ export_app = typer.Typer(help="A finished run's outputs in other tools' formats.
 app.add_typer(eval_app, name="eval")
 app.add_typer(export_app, name="export")
 
-INTERRUPTED_EXIT = 130
+app.add_typer(embed_app, name="embed")
+app.command("dedup", epilog="Example: mv2batch dedup out/ --threshold 0.95")(dedup_command)
 __all__ = ["app", "main", "STRICT_EXIT", "INTERRUPTED_EXIT"]
-
-
-def _run(task: str, source: str, values: dict[str, Any]) -> None:
-    """Build the RunConfig from a command's values (None: the library's default) and run it."""
-    from .config import RunConfig
-    from .progress import run_with_progress
-    from .storage import parse_options
-
-    quiet, strict = values.pop("quiet"), values.pop("strict")
-    options = {k: v for k, v in values.items() if v is not None}
-    try:
-        options["storage_options"] = parse_options(values.get("storage_options"))
-        given = values["input"]
-        names = [str(name) for name in given] if isinstance(given, (list, tuple)) else str(given)
-        config = RunConfig(task=task, source=source, **{**options, "input": names})
-        report = run_with_progress(config, quiet)
-    except Mv2batchError as exc:
-        _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted: committed shards are kept; run the same command again to continue", INTERRUPTED_EXIT)
-    if strict and report.n_errors:
-        _fail(f"{report.n_errors} image(s) failed (--strict): see rows with status = 'error'", STRICT_EXIT)
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"mv2batch: error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @classify_app.command("folder", epilog="Example: mv2batch classify folder photos/ -o out/ --top-k 5")
@@ -69,6 +47,8 @@ def classify_folder(
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
+    embeddings: o.Embeddings = False, embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32,
+    normalize: o.Normalize = False,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
     out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
@@ -88,6 +68,8 @@ def classify_dataset(
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
+    embeddings: o.Embeddings = False, embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32,
+    normalize: o.Normalize = False,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
     out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
@@ -105,6 +87,8 @@ def classify_webdataset(
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
     top_k: o.TopK = 5,
+    embeddings: o.Embeddings = False, embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32,
+    normalize: o.Normalize = False,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
     out: o.Out, storage_options: o.StorageOptions = None, resume: o.Resume = False, overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
@@ -176,6 +160,8 @@ def eval_imagenet(
     limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
     model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
     preprocess: o.Preprocess = None,
+    embeddings: o.Embeddings = False, embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32,
+    normalize: o.Normalize = False,
     device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
     compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
     out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
@@ -265,10 +251,11 @@ def main() -> None:
     """Console-script entry point."""
     import logging
 
-    handler = logging.StreamHandler()  # stderr, beside the progress bar and the error lines
-    handler.setFormatter(logging.Formatter("mv2batch: warning: %(message)s"))
+    from .progress import log_handler
+
     logger = logging.getLogger("mv2batch")
-    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # notes too (embed's dropped head); --quiet: warnings only
+    logger.addHandler(log_handler())
     logger.propagate = False
     app(prog_name="mv2batch")
 

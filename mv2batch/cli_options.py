@@ -6,7 +6,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .config import Decode, Dtype, Engine, Protocol
+from .config import Decode, Dtype, EmbeddingDtype, Engine, Protocol
 
 INPUT = "Input"
 MODEL = "Model and precision"
@@ -109,6 +109,12 @@ MasksDir = Annotated[Optional[str], typer.Option(
     help="Also save each mask as a palette PNG here, named after its id.", rich_help_panel=OUTPUT)]
 OverlaysDir = Annotated[Optional[str], typer.Option(help="Also save each photo blended with its mask here.",
                                                     rich_help_panel=OUTPUT)]
+Embeddings = Annotated[bool, typer.Option(
+    "--embeddings", help="Also write the embedding column (the vector the head reads), from the same pass.",
+    rich_help_panel=OUTPUT)]
+EmbeddingDtypeOption = Annotated[EmbeddingDtype, typer.Option(
+    "--embedding-dtype", help="fp16: half the bytes (the fp32 value rounded once).", rich_help_panel=OUTPUT)]
+Normalize = Annotated[bool, typer.Option("--normalize", help="L2-normalise the embeddings.", rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, progress lines or summary.",
                                      rich_help_panel=OUTPUT)]
 Strict = Annotated[bool, typer.Option("--strict", help=f"Exit with {STRICT_EXIT} when any image failed.",

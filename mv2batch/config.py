@@ -15,6 +15,7 @@ from .errors import ConfigError
 class Task(str, Enum):
     classify = "classify"
     segment = "segment"
+    embed = "embed"
 
 
 class SourceKind(str, Enum):
@@ -36,6 +37,11 @@ class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class EmbeddingDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"  # half the bytes; the fp32 value rounded once
 
 
 class Decode(str, Enum):
@@ -81,6 +87,9 @@ class RunConfig:
     limit: int | None = _outputs()
     shard_size: int | None = _outputs()  # None: the task's default
     top_k: int = _outputs(5)
+    embeddings: bool = _outputs(False)  # classify --embeddings: the embedding column from the same pass
+    embedding_dtype: EmbeddingDtype = _outputs(EmbeddingDtype.fp32)
+    normalize: bool = _outputs(False)  # embeddings L2-normalised
     preprocess: Protocol | None = _outputs()  # None: the task's default (classify: hf, segment: paper)
     resume: bool = False
     overwrite: bool = False
@@ -107,6 +116,7 @@ class RunConfig:
         object.__setattr__(self, "dtype", Dtype(self.dtype))
         object.__setattr__(self, "engine", Engine(self.engine))
         object.__setattr__(self, "decode", Decode(self.decode))
+        object.__setattr__(self, "embedding_dtype", EmbeddingDtype(self.embedding_dtype))
         if self.preprocess is not None:
             object.__setattr__(self, "preprocess", Protocol(self.preprocess))
         for name in ("out", "masks_dir", "overlays_dir", "labels_file", "real_labels"):
@@ -131,14 +141,22 @@ class RunConfig:
             raise ConfigError("--engine ray needs a folder or a non-streaming dataset (shards are planned up front)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: choose one")
-        if self.task is Task.classify and (self.masks_dir or self.overlays_dir):
+        if self.task is not Task.segment and (self.masks_dir or self.overlays_dir):
             raise ConfigError("--masks-dir and --overlays-dir apply to segmentation")
+        self._validate_embeddings()
         if (self.labels_file or self.real_labels) and self.source is not SourceKind.imagenet:
             raise ConfigError("--labels and --real-labels apply to `mv2batch eval imagenet-val`")
         if self.source is SourceKind.folder and self.streaming:
             raise ConfigError("--streaming applies to datasets, not folders")
         if not DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+    def _validate_embeddings(self) -> None:
+        if self.embeddings and self.task is not Task.classify:
+            raise ConfigError("--embeddings applies to classify (embed writes them by itself)")
+        embedding_options = self.normalize or self.embedding_dtype is not EmbeddingDtype.fp32
+        if embedding_options and not (self.task is Task.embed or self.embeddings):
+            raise ConfigError("--normalize and --embedding-dtype apply to embed and classify --embeddings")
 
     def _validate_inputs(self) -> None:
         if not isinstance(self.input, str) and self.source is not SourceKind.webdataset:

@@ -58,7 +58,7 @@ def describe_job(config: RunConfig) -> Job:
     models.check_head(model_config, name, model_name)
     labels = models.label_names(model_config)
     inputs.check_classes(config, labels, model_name)
-    task = make_task(config, labels)
+    task = make_task(config, labels, model_config)
     protocol = config.preprocess.value if config.preprocess else task.default_protocol
     preprocessing = task.preprocessing(protocol, lambda: models.load_processor(resolved.folder, model_name),
                                        model_name)

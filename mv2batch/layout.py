@@ -115,17 +115,26 @@ def _to_nchw(module: Any, args: tuple) -> tuple:
 
 
 def _prefix_keeps_bits(module: Any, switch: PrefixSwitch, device: Any, dtype: Any) -> bool:
-    """Whether the model's logits on a probe are bit-identical with and without the prefix."""
+    """Whether the model's outputs on a probe are bit-identical with and without the prefix."""
     import torch
 
     probe = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(0)) * 4 - 2
     probe = probe.to(device=device, dtype=dtype)
-    logits = {}
+    outputs = {}
     with torch.inference_mode():
         for prefix in (False, True):
             switch.on = prefix
-            logits[prefix] = module(pixel_values=probe).logits
-    return torch.equal(logits[False], logits[True])
+            outputs[prefix] = module(pixel_values=probe)
+    return same_outputs(outputs[False], outputs[True])
+
+
+def same_outputs(first: Any, second: Any) -> bool:
+    """Whether two model outputs hold the same bits in every tensor a task reads: logits, and the pooled vector
+    of embeddings.pooled_model (embed has no logits)."""
+    import torch
+
+    names = [name for name in ("logits", "pooler_output") if getattr(first, name, None) is not None]
+    return bool(names) and all(torch.equal(getattr(first, name), getattr(second, name)) for name in names)
 
 
 def apply_channels_last_prefix(module: Any, device: Any, dtype: Any, stem_hook: "StemHook | None" = None) -> bool:

@@ -43,6 +43,7 @@ class Sample:
     target: np.ndarray | None = None  # ground-truth class ids at the original size (segmentation eval)
     id: str | None = None  # the row's id where the record names it (tar keys, an id column)
     decode_s: float = 0.0  # the worker stage's wall time for it (gate_trial weighs decoding by it)
+    sha256: str | None = None  # of the encoded bytes (None where they could not be read and decoded)
 
 
 class DecodeGate:
@@ -110,7 +111,8 @@ class ImageDataset:
             decoded = decode_image(record.raw, self.max_pixels, self.fast)
         except DecodeError as exc:
             return Sample(index, None, None, None, record.path, record.label, str(exc), id=record.id)
-        sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None, id=record.id)
+        sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None, id=record.id,
+                        sha256=decoded.sha256)
         try:
             sample.target = self._target(record.target, decoded) if record.target else None
             sample.pixels = self.transform(decoded.image)  # a crop's view: collate copies it into the batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,14 @@ from .errors import ModelError
 DEFAULT_MODELS = {
     "classify": "apple/mobilevitv2-1.0-imagenet1k-256",
     "segment": "apple/mobilevitv2-1.0-voc-deeplabv3",
+    "embed": "apple/mobilevitv2-1.0-imagenet1k-256",  # its backbone
 }
 HEAD_CLASSES = {
     "classify": "MobileViTV2ForImageClassification",
     "segment": "MobileViTV2ForSemanticSegmentation",
 }
 HEAD_NAMES = {"classify": "image-classification", "segment": "semantic-segmentation"}
+BACKBONE_CLASS = "MobileViTV2Model"  # embed: any MobileViTV2 checkpoint's backbone, its head left out
 WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors"]
 LEGACY_WEIGHT_PATTERNS = ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -135,7 +138,7 @@ def check_head(config: dict[str, Any], task: str, model: str) -> None:
             f"{model} is a {model_type or 'unknown'} checkpoint, not MobileViTV2: mv2batch runs MobileViTV2 models only"
         )
     architectures = config.get("architectures") or []
-    if HEAD_CLASSES[task] in architectures:
+    if task not in HEAD_CLASSES or HEAD_CLASSES[task] in architectures:
         return
     for other, head in HEAD_CLASSES.items():
         if other != task and head in architectures:
@@ -153,27 +156,54 @@ def label_names(config: dict[str, Any]) -> list[str]:
     return [id2label.get(i, str(i)) for i in range(count)]
 
 
-def load_weights(folder: Path, task: str, model: str) -> Any:
-    """The checkpoint in float32 eval mode; refused when any weight of the head is missing."""
+def load_weights(folder: Path, task: str, model: str, embeddings: bool = False) -> Any:
+    """The checkpoint in float32 eval mode; refused when any weight of the head is missing. embed: the backbone
+    of any MobileViTV2 checkpoint; embed and classify --embeddings: a module whose output also has the pooled
+    vector (embeddings.pooled_model)."""
     import transformers
 
+    from .embeddings import pooled_model
+
     transformers.utils.logging.disable_progress_bar()
-    cls = getattr(transformers, HEAD_CLASSES[task])
-    safetensors = bool(sorted(folder.glob("*.safetensors")))
     if not _weight_files(folder):
         raise ModelError(f"{model} has no weights (model.safetensors or pytorch_model.bin) in {folder}")
+    if task == "embed":
+        backbone, info = _from_pretrained(transformers.MobileViTV2Model, folder, model)
+        _say_dropped_head(model, info)
+        _refuse_missing(model, info, "MobileViTV2 backbone")
+        return pooled_model(backbone=backbone.eval()).eval()
+    module, info = _from_pretrained(getattr(transformers, HEAD_CLASSES[task]), folder, model)
+    _refuse_missing(model, info, f"{HEAD_NAMES[task]} head")
+    return pooled_model(classification=module.eval()).eval() if embeddings else module.eval()
+
+
+def _from_pretrained(cls: Any, folder: Path, model: str) -> tuple[Any, dict]:
+    import transformers
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its table of unused weights: said in one line instead
     try:
-        module, info = cls.from_pretrained(
-            str(folder), use_safetensors=safetensors, output_loading_info=True, trust_remote_code=False
-        )
+        return cls.from_pretrained(str(folder), use_safetensors=bool(sorted(folder.glob("*.safetensors"))),
+                                   output_loading_info=True, trust_remote_code=False)
     except Exception as exc:  # corrupt or mismatched weight files
         raise ModelError(f"cannot load {model}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    missing = list(info.get("missing_keys") or [])
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+def _refuse_missing(model: str, info: dict, what: str) -> None:
+    missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ModelError(
-            f"{model} has no {HEAD_NAMES[task]} head: {len(missing)} weights missing (e.g. {missing[0]})"
-        )
-    return module.eval()
+        raise ModelError(f"{model} has no {what}: {len(missing)} weights missing (e.g. {missing[0]})")
+
+
+def _say_dropped_head(model: str, info: dict) -> None:
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:
+        heads = sorted({key.split(".")[0] for key in unused})
+        logging.getLogger("mv2batch").info(
+            f"embed: {model}'s head ({', '.join(heads)}: {len(unused)} weights) is left out; the embeddings are its "
+            "backbone's pooled output")
 
 
 def load_processor(folder: Path, model: str) -> Any:

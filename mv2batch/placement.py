@@ -40,7 +40,7 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
     height, width = policy.typical_size(job.preprocessing.resize_crop)
     batch_size = config.batch_size or policy.default_batch_size(
         job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0), height * width)
-    module = models.load_weights(job.resolved.folder, job.task.name, job.model_name)
+    module = models.load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
     model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
                                           (height, width))
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-DEFAULT_SHARD_SIZE = {"classify": 10_000, "segment": 1_000}
+DEFAULT_SHARD_SIZE = {"classify": 10_000, "segment": 1_000, "embed": 10_000}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def default_batch_size(task: str, device: Any, dtype: Any, width: float, pixels:
     """
     import torch
 
-    if device.type != "cuda" or task != "classify":
+    if device.type != "cuda" or task not in ("classify", "embed"):  # fixed-size inputs
         return DEFAULT_BATCH_SIZE
     free, _ = torch.cuda.mem_get_info(device)
     per_image = GPU_BYTES_PER_IMAGE * width * pixels / 256**2 * dtype.itemsize / 4

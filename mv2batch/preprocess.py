@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 # Above this many pixels, the full resize that transformers does before cropping would cost gigabytes
 # (a 1x10000 strip becomes 288x2,880,000); we then resize only the crop window, which can differ from
@@ -149,6 +149,17 @@ def hf_preprocessing(processor: Any) -> Preprocessing:
             flip_bgr=bool(getattr(processor, "do_flip_channel_order", False)),
         ),
     )
+
+
+def fixed_size_preprocessing(protocol: str, processor: Any, model: str) -> Preprocessing:
+    """Classification and embeddings: the paper's protocol, or the checkpoint's processor (called only then),
+    which must centre-crop: images are batched at one size."""
+    if protocol == "paper":
+        return paper_preprocessing()
+    chosen = hf_preprocessing(processor())
+    if chosen.resize_crop.crop_height is None:
+        raise ConfigError(f"{model}'s preprocessor does no centre crop: classification needs fixed-size inputs")
+    return chosen
 
 
 def _field(size: Any, key: str) -> Any:

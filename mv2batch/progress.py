@@ -42,6 +42,20 @@ def run_with_progress(config: Any, quiet: bool, console: Console | None = None) 
 QUIET_ENVIRONMENT = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+def log_handler() -> Any:
+    """The CLI's handler of mv2batch's log: one line each on stderr, beside the bar and the error lines."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            kind = "warning" if record.levelno >= logging.WARNING else "note"
+            return f"mv2batch: {kind}: {record.getMessage()}"
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLine())
+    return handler
+
+
 def silence_libraries() -> None:
     """--quiet: no progress bars or info lines from datasets or huggingface_hub either (their own switches; the
     environment for what is imported later, the functions for what is loaded already), warnings only."""
@@ -58,6 +72,7 @@ def silence_libraries() -> None:
         disable_progress_bars()
     for name in ("datasets", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("mv2batch").setLevel(logging.WARNING)
 
 
 class _Bar:

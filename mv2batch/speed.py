@@ -16,7 +16,7 @@ import functools
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
-from .layout import apply_channels_last_prefix, use_channels_last
+from .layout import apply_channels_last_prefix, same_outputs, use_channels_last
 from .rewrites import (fold_batchnorm, fold_patches, fuse_convolutions, fusion_available, unfold_patches,
                        use_inplace_activations, use_reshape_patches)
 from .streams import start_in_streams, stream_pool
@@ -178,11 +178,11 @@ def _micro_batches_keep_bits(module: Any, batching: "MicroBatches", size: tuple[
     probe = torch.rand(2 * per_call, 3, *size, generator=torch.Generator().manual_seed(1)) * 4 - 2
     probe = probe.to(device=device, dtype=dtype)
     with torch.inference_mode():
-        micro = module(pixel_values=probe).logits
+        micro = module(pixel_values=probe)
         pixels, batching.pixels = batching.pixels, None
-        whole = module(pixel_values=probe).logits
+        whole = module(pixel_values=probe)
         batching.pixels = pixels
-    return torch.equal(micro, whole)
+    return same_outputs(micro, whole)
 
 
 def _can_fuse(device: Any, dtype: Any) -> bool:

@@ -11,11 +11,11 @@ import pyarrow as pa
 
 from .decode import decode_image, probe_size
 from .device import to_host_later
-from .errors import ConfigError
+from .embeddings import EmbeddingColumn, EmbedTask, embedding_size
 from .loader import consecutive_batches, grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
 from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
-from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing, paper_preprocessing
+from .preprocess import Preprocessing, ResizeCrop, fixed_size_preprocessing, hf_preprocessing
 from .storage import RemoteFile
 
 REMOTE_PROBES = 16  # image headers on an object store read at once, for segmentation's shape grouping
@@ -34,16 +34,15 @@ class ClassifyTask:
     ]
     reorder_rows = False
 
-    def __init__(self, labels: list[str], top_k: int = 5, real: dict[str, frozenset[int]] | None = None):
+    def __init__(self, labels: list[str], top_k: int = 5, real: dict[str, frozenset[int]] | None = None,
+                 embedding: EmbeddingColumn | None = None):
         self.labels, self.top_k, self.real = labels, top_k, real
+        self.embedding = embedding  # classify --embeddings: the pooled vector the head reads, same pass
+        if embedding is not None:
+            self.fields = [*ClassifyTask.fields, embedding.field()]
 
     def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
-        if protocol == "paper":
-            return paper_preprocessing()
-        chosen = hf_preprocessing(processor())
-        if chosen.resize_crop.crop_height is None:
-            raise ConfigError(f"{model}'s preprocessor does no centre crop: classification needs fixed-size inputs")
-        return chosen
+        return fixed_size_preprocessing(protocol, processor, model)
 
     def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
         return consecutive_batches(indices, size)
@@ -53,12 +52,17 @@ class ClassifyTask:
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
-        ready = to_host_later(list(topk_on_device(model(pixel_values=pixels).logits, self.top_k)))
+        output = model(pixel_values=pixels)
+        embedded = [self.embedding.on_device(output.pooler_output)] if self.embedding is not None else []
+        ready = to_host_later([*topk_on_device(output.logits, self.top_k), *embedded])
 
         def outputs() -> list[dict]:
-            ids, scores = ready()
-            return [{"topk_ids": i, "topk_scores": s, "topk_labels": [self._label(c) for c in i]}
+            ids, scores, *vectors = ready()
+            rows = [{"topk_ids": i, "topk_scores": s, "topk_labels": [self._label(c) for c in i]}
                     for i, s in zip(ids.tolist(), scores.tolist())]
+            for row, vector in zip(rows, vectors[0].numpy() if vectors else []):
+                row["embedding"] = vector
+            return rows
 
         return outputs
 
@@ -66,8 +70,11 @@ class ClassifyTask:
         return self.labels[class_id] if class_id < len(self.labels) else str(class_id)
 
     def row(self, sample: Any, output: dict | None) -> dict:
-        values = output or {"topk_ids": None, "topk_scores": None, "topk_labels": None}
-        return {**values, "label": sample.label}
+        values = output or {"topk_ids": None, "topk_scores": None, "topk_labels": None, "embedding": None}
+        row = {**values, "label": sample.label}
+        if self.embedding is None:
+            row.pop("embedding", None)
+        return row
 
     def new_counts(self) -> ClassifyCounts:
         return ClassifyCounts()
@@ -81,7 +88,9 @@ class ClassifyTask:
     counts_from_json = staticmethod(ClassifyCounts.from_json)
 
     def prepare_columns(self, columns: dict[str, list]) -> None:
-        """Nothing to encode for classification."""
+        """In the writer thread: the embeddings as one Arrow array (no Python floats)."""
+        if self.embedding is not None:
+            columns["embedding"] = self.embedding.to_arrow(columns["embedding"])
 
     def summarize(self, counts: ClassifyCounts) -> tuple[dict, list[dict]]:
         """Summary metrics and per-class rows (top-1 / top-5, where gold labels were known)."""
@@ -123,9 +132,12 @@ class SegmentTask:
     ]
     reorder_rows = True  # batches group images by shape, so rows arrive out of order
 
-    def __init__(self, labels: list[str], files: MaskFiles | None = None):
+    def __init__(self, labels: list[str], files: MaskFiles | None = None, ground_truth: bool = False):
         self.labels = labels
         self.files = files or MaskFiles()
+        self.ground_truth = ground_truth  # eval voc / ade20k: each row's own mIoU (the report's worst images)
+        if ground_truth:
+            self.fields = [*SegmentTask.fields, pa.field("miou", pa.float32())]
 
     def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
         chosen = hf_preprocessing(processor())
@@ -178,15 +190,21 @@ class SegmentTask:
                 # The host copy of a GPU mask is pinned memory, too scarce to wait in the writer's queue.
                 array = mask.numpy().copy() if mask.is_pinned() else mask.numpy()
                 results.append({"mask": array, "classes": present, "class_pixels": present_pixels,
-                                "confusion": confusion})
+                                "confusion": confusion,
+                                "miou": image_miou(confusion, classes) if confusion is not None else None})
             return results
 
         return outputs
 
     def row(self, sample: Any, output: dict | None) -> dict:
         if output is None:
-            return {"mask_png": None, "classes": None, "class_pixels": None}
-        return {"mask_png": output["mask"], "classes": output["classes"], "class_pixels": output["class_pixels"]}
+            row = {"mask_png": None, "classes": None, "class_pixels": None, "miou": None}
+        else:
+            row = {"mask_png": output["mask"], "classes": output["classes"], "class_pixels": output["class_pixels"],
+                   "miou": output["miou"]}
+        if not self.ground_truth:
+            row.pop("miou")
+        return row
 
     def new_counts(self) -> SegmentCounts:
         return SegmentCounts()
@@ -236,22 +254,42 @@ class SegmentTask:
                 storage.write_bytes(path, overlay_jpeg(photo, mask), self.files.storage_options)
 
 
+def image_miou(confusion: dict[int, int], num_classes: int) -> float | None:
+    """One image's mIoU from its confusion cells (gt * num_classes + pred -> pixels, void left out), over the
+    classes in its ground truth or its mask: the run's mIoU rule on one image."""
+    hits, gt, pred = {}, {}, {}
+    for cell, pixels in confusion.items():
+        truth, predicted = divmod(int(cell), num_classes)
+        gt[truth] = gt.get(truth, 0) + pixels
+        pred[predicted] = pred.get(predicted, 0) + pixels
+        if truth == predicted:
+            hits[truth] = pixels
+    present = set(gt) | set(pred)
+    if not present:
+        return None
+    return sum(hits.get(c, 0) / (gt.get(c, 0) + pred.get(c, 0) - hits.get(c, 0)) for c in present) / len(present)
+
+
 def _resized_shape(resize_crop: ResizeCrop, size: tuple[int, int]) -> tuple[int, int]:
     if resize_crop.crop_height is not None:
         return resize_crop.crop_width, resize_crop.crop_height
     return resize_crop.output_size(*size)
 
 
-TASKS = {"classify": ClassifyTask, "segment": SegmentTask}
+TASKS = {"classify": ClassifyTask, "segment": SegmentTask, "embed": EmbedTask}
 
 
-def make_task(config: Any, labels: list[str]) -> ClassifyTask | SegmentTask:
-    """The task object for a run's configuration."""
+def make_task(config: Any, labels: list[str], model_config: dict | None = None) -> Any:
+    """The task object (ClassifyTask, SegmentTask or EmbedTask) for a run's configuration and its checkpoint's
+    config.json (the embedding's length)."""
+    column = EmbeddingColumn(embedding_size(model_config or {}), config.embedding_dtype.value, config.normalize)
+    if config.task.value == "embed":
+        return EmbedTask(labels, column)
     if config.task.value == "classify":
         from .eval_sources import read_real_labels
 
         real = read_real_labels(config.real_labels, config.storage_options) if config.real_labels else None
-        return ClassifyTask(labels, top_k=config.top_k, real=real)
+        return ClassifyTask(labels, top_k=config.top_k, real=real, embedding=column if config.embeddings else None)
     files = MaskFiles(masks_dir=config.masks_dir, overlays_dir=config.overlays_dir, num_classes=len(labels),
                       max_pixels=config.max_pixels, storage_options=config.storage_options)
-    return SegmentTask(labels, files)
+    return SegmentTask(labels, files, ground_truth=config.source.value in ("voc", "ade20k"))

@@ -21,6 +21,7 @@ COMMON_FIELDS = [
     pa.field("height", pa.int32()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
+    pa.field("sha256", pa.string()),  # of the encoded image bytes: exact duplicates (dedup)
 ]
 ROW_GROUP_ROWS = 4096
 POSITION = "_index"  # the item index that travels with each row, used for ordering, never written

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +212,30 @@ def full_segmenter(tmp_path_factory, calibration_photos) -> Path:
 def segment(input_path: Path, out: Path, model: Path, **options):
     """mv2batch.run segmentation for a folder, on the CPU, workers in-process unless told otherwise."""
     return classify(input_path, out, model, task="segment", **options)
+
+
+def noisy_photos(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> Path:
+    """count noisy copies of the skimage photos, as JPEGs of one size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = list(skimage_photos().values())
+    rng = np.random.default_rng(3)
+    for i in range(count):
+        photo = base[i % len(base)].resize(size)
+        noise = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(np.asarray(photo) // 2 + noise).save(folder / f"img_{i:03d}.jpg", quality=90)
+    return folder
+
+
+def kill_during_a_shard(process: subprocess.Popen, out: Path, after_markers: int) -> bool:
+    """SIGKILL the run once enough shards are committed and the next one's temporary part exists."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        markers = len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
+        temps = list((out / "predictions").glob(".part-*.tmp")) if (out / "predictions").is_dir() else []
+        if markers >= after_markers and temps:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.002)
+    process.kill()
+    return False

@@ -24,7 +24,7 @@ from mv2batch.errors import ConfigError, OutputError
 DEFAULT_MODEL = "apple/mobilevitv2-1.0-imagenet1k-256"
 PREDICTION_TYPES = {
     "id": pa.string(), "path": pa.string(), "shard": pa.int32(), "width": pa.int32(), "height": pa.int32(),
-    "status": pa.string(), "error": pa.string(), "topk_ids": pa.list_(pa.int32()),
+    "status": pa.string(), "error": pa.string(), "sha256": pa.string(), "topk_ids": pa.list_(pa.int32()),
     "topk_labels": pa.list_(pa.string()), "topk_scores": pa.list_(pa.float32()), "label": pa.int32(),
 }
 SUMMARY_COLUMNS = {"task", "dataset", "model", "n_images", "n_errors", "images_per_s"}
@@ -127,14 +127,19 @@ COMMON = ("--out -o --model --revision --device --dtype --batch-size --workers -
 DATASET = "--split --streaming --image-column --label-column --id-column"
 TARS = " ".join(option for option in COMMON.split() if option not in ("--limit", "--shard-size"))
 # Every run command's options: as they were before the CLI was rewritten in Typer's Annotated style (e4371ad),
-# and those added since (--id-column, --image-ext, the webdataset commands, --storage-options, --decode).
+# and those added since (--id-column, --image-ext, the webdataset commands, --storage-options, --decode, the
+# embedding options and the embed commands).
+EMBEDDING = "--embedding-dtype --normalize"
 OPTIONS_BEFORE = {
-    ("classify", "folder"): f"INPUT --top-k {COMMON}",
-    ("classify", "dataset"): f"INPUT {DATASET} --top-k {COMMON}",
+    ("classify", "folder"): f"INPUT --top-k --embeddings {EMBEDDING} {COMMON}",
+    ("classify", "dataset"): f"INPUT {DATASET} --top-k --embeddings {EMBEDDING} {COMMON}",
     ("segment", "folder"): f"INPUT --masks-dir --overlays-dir {COMMON}",
     ("segment", "dataset"): f"INPUT {DATASET} --masks-dir --overlays-dir {COMMON}",
-    ("eval", "imagenet-val"): f"INPUT --labels --real-labels --image-ext {DATASET} {COMMON}",
-    ("classify", "webdataset"): f"INPUT --image-ext --top-k {TARS}",
+    ("eval", "imagenet-val"): f"INPUT --labels --real-labels --image-ext --embeddings {EMBEDDING} {DATASET} {COMMON}",
+    ("classify", "webdataset"): f"INPUT --image-ext --top-k --embeddings {EMBEDDING} {TARS}",
+    ("embed", "folder"): f"INPUT {EMBEDDING} {COMMON}",
+    ("embed", "dataset"): f"INPUT {DATASET} {EMBEDDING} {COMMON}",
+    ("embed", "webdataset"): f"INPUT --image-ext {EMBEDDING} {TARS}",
     ("segment", "webdataset"): f"INPUT --image-ext --masks-dir --overlays-dir {TARS}",
     ("eval", "voc"): f"INPUT --split {COMMON}",
     ("eval", "ade20k"): f"INPUT --split {COMMON}",

@@ -40,7 +40,7 @@ def _two_colour_image(path: Path, width: int, height: int, split: int) -> None:
 
 @pytest.fixture
 def colour_model(monkeypatch):
-    monkeypatch.setattr(models, "load_weights", lambda folder, task, model: ColourModel())
+    monkeypatch.setattr(models, "load_weights", lambda folder, task, model, embeddings=False: ColourModel())
 
 
 def _mask(out: Path, item_id: str) -> np.ndarray:

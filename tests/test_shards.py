@@ -6,11 +6,9 @@ import errno
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Barrier
@@ -18,26 +16,14 @@ from threading import Barrier
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import classify, classify_on_ray, read_rows, skimage_photos
+from conftest import classify, classify_on_ray, kill_during_a_shard, noisy_photos, read_rows
 from mv2batch.errors import OutputError
 from mv2batch.plan import Rank, rank_from_env
 from mv2batch.report import load_report, write_report
 from mv2batch.rundir import RunDir
 
 STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
-
-
-def _photos(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    base = list(skimage_photos().values())
-    rng = np.random.default_rng(3)
-    for i in range(count):
-        photo = base[i % len(base)].resize(size)
-        noise = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(np.asarray(photo) // 2 + noise).save(folder / f"img_{i:03d}.jpg", quality=90)
-    return folder
 
 
 def _cli(folder: Path, out: Path, model: Path, *extra: str) -> list[str]:
@@ -66,7 +52,7 @@ def _assert_same_output(out: Path, reference: Path) -> None:
 def reference(tmp_path_factory, tiny_model):
     """Twenty photos and the output of one uninterrupted run over them, in shards of 3."""
     root = tmp_path_factory.mktemp("shards")
-    folder = _photos(root / "images", 20)
+    folder = noisy_photos(root / "images", 20)
     classify(folder, root / "reference", tiny_model, shard_size=3, batch_size=1)
     return folder, root / "reference"
 
@@ -76,27 +62,12 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(reference, ti
     out = tmp_path / "out"
     args = _cli(folder, out, tiny_model, "--shard-size", "3", "--batch-size", "1")
     process = subprocess.Popen([sys.executable, *args])
-    killed_with_temp = _kill_during_a_shard(process, out, after_markers=2)
+    killed_with_temp = kill_during_a_shard(process, out, after_markers=2)
     markers = list((out / "shards").glob("*.json"))
     assert 2 <= len(markers) < 7, "the kill must land mid-run"
     assert killed_with_temp, "the kill must land while a shard's part was being written"
     subprocess.run([sys.executable, *args], check=True, timeout=120)
     _assert_same_output(out, expected)
-
-
-def _kill_during_a_shard(process: subprocess.Popen, out: Path, after_markers: int) -> bool:
-    """SIGKILL the run once enough shards are committed and the next one's temporary part exists."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        markers = len(list((out / "shards").glob("*.json"))) if (out / "shards").is_dir() else 0
-        temps = list((out / "predictions").glob(".part-*.tmp")) if (out / "predictions").is_dir() else []
-        if markers >= after_markers and temps:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return True
-        time.sleep(0.002)
-    process.kill()
-    return False
 
 
 def _free_port() -> int:
@@ -108,7 +79,7 @@ def _free_port() -> int:
 def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(tiny_model, tmp_path):
     """Batch size and workers change how fast, not what: a crashed run resumed with others continues, and every
     row is the uninterrupted run's to the bit (batches of 4 or more: oneDNN sums calls of 1 or 2 images apart)."""
-    folder = _photos(tmp_path / "images", 24)
+    folder = noisy_photos(tmp_path / "images", 24)
     expected, out = tmp_path / "reference", tmp_path / "out"
     classify(folder, expected, tiny_model, shard_size=8, batch_size=8)
     shutil.copytree(expected, out)
@@ -236,7 +207,7 @@ def test_the_lock_of_a_dead_process_is_taken_over(reference, tiny_model, tmp_pat
 
 @pytest.mark.slow
 def test_two_processes_started_at_once_on_one_out_one_refused_the_other_complete(tiny_model, tmp_path):
-    folder = _photos(tmp_path / "images", 400, size=(64, 48))
+    folder = noisy_photos(tmp_path / "images", 400, size=(64, 48))
     reference = tmp_path / "reference"
     classify(folder, reference, tiny_model, batch_size=1, speedups=False)
     command = [sys.executable, *_cli(folder, tmp_path / "out", tiny_model, "--batch-size", "1", "--no-speedups")]

@@ -1,0 +1,187 @@
+"""mv2batch embed and classify --embeddings: transformers' MobileViTV2Model pooler_output, sha256, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import (CAMERA_PHOTOS, classify, imagenet_photo_paths, kill_during_a_shard, noisy_photos, read_rows,
+                      skimage_photos, write_odd_images)
+from mv2batch.config import RunConfig
+from mv2batch.errors import ConfigError, OutputError
+
+
+def embed(input_path: Path, out: Path, model: Path, **options):
+    return classify(input_path, out, model, task="embed", **options)
+
+
+def _transformers_embeddings(model: Path, paths: list[Path], batch_size: int) -> np.ndarray:
+    """transformers' own: load_image, the checkpoint's processor, MobileViTV2Model(...).pooler_output, in the
+    same batches."""
+    import torch
+    from transformers import MobileViTImageProcessorPil, MobileViTV2Model
+    from transformers.image_utils import load_image
+
+    from mv2batch.decode import register_plugins
+
+    register_plugins()  # HEIF opens in Pillow as it does for mv2batch
+    processor = MobileViTImageProcessorPil.from_pretrained(str(model))
+    backbone = MobileViTV2Model.from_pretrained(str(model)).eval()
+    found = []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image(str(path)) for path in paths[start : start + batch_size]]
+        with torch.inference_mode():
+            found.append(backbone(processor(images, return_tensors="pt")["pixel_values"]).pooler_output.numpy())
+    return np.concatenate(found)
+
+
+def _embeddings(rows: list[dict]) -> np.ndarray:
+    return np.stack([np.asarray(row["embedding"], dtype=np.float32) for row in rows])
+
+
+def _real_and_odd_folder(folder: Path, imagenet: int = 6, camera: bool = True) -> list[str]:
+    names = write_odd_images(folder)
+    for name, photo in skimage_photos().items():
+        photo.save(folder / f"skimage_{name}.png")
+        names.append(f"skimage_{name}.png")
+    for path in imagenet_photo_paths(imagenet) + (sorted(p for p in CAMERA_PHOTOS.iterdir()
+                                                         if p.suffix.lower() != ".md") if camera else []):
+        shutil.copy(path, folder / path.name)
+        names.append(path.name)
+    return sorted(names)
+
+
+def test_embeddings_equal_transformers_pooler_output_on_real_odd_and_camera_photos(tiny_model, tmp_path):
+    folder = tmp_path / "images"
+    names = _real_and_odd_folder(folder)
+    embed(folder, tmp_path / "out", tiny_model, batch_size=4)
+    rows = read_rows(tmp_path / "out")
+    assert [row["id"] for row in rows] == names
+    assert all(row["status"] == "ok" for row in rows), [row["error"] for row in rows if row["error"]]
+    found = _embeddings(rows)
+    expected = _transformers_embeddings(tiny_model, [folder / name for name in names], batch_size=4)
+    assert found.shape == expected.shape
+    # The tiny checkpoint's pooled values are small (about 1e-2): the absolute bound is checked relative too.
+    scale = np.abs(expected).max()
+    assert scale > 1e-3 and np.std(expected, axis=0).mean() > scale / 100  # input-dependent, not vacuous
+    np.testing.assert_allclose(found, expected, atol=1e-5, rtol=0)
+    assert np.abs(found - expected).max() <= 1e-5 * scale
+
+
+@pytest.mark.slow
+def test_a_width_1_0_checkpoint_gives_512_floats_equal_to_transformers(full_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = imagenet_photo_paths(8)
+    for path in paths:
+        shutil.copy(path, folder / path.name)
+    embed(folder, tmp_path / "out", full_model, batch_size=8)
+    field = pq.read_schema(next((tmp_path / "out" / "predictions").glob("*.parquet"))).field("embedding")
+    assert field.type == pa.list_(pa.float32(), 512)
+    expected = _transformers_embeddings(full_model, sorted(folder.iterdir()), batch_size=8)
+    np.testing.assert_allclose(_embeddings(read_rows(tmp_path / "out")), expected, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for path in imagenet_photo_paths(10):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_classify_embeddings_are_embeds_and_its_topk_is_classifys(tiny_model, photos, tmp_path):
+    embed(photos, tmp_path / "embed", tiny_model, batch_size=4)
+    classify(photos, tmp_path / "classify", tiny_model, batch_size=4)
+    classify(photos, tmp_path / "both", tiny_model, batch_size=4, embeddings=True)
+    embedded, plain, both = (read_rows(tmp_path / name) for name in ("embed", "classify", "both"))
+    np.testing.assert_array_equal(_embeddings(both), _embeddings(embedded))
+    assert [row["topk_ids"] for row in both] == [row["topk_ids"] for row in plain]
+    assert [row["topk_scores"] for row in both] == [row["topk_scores"] for row in plain]
+    assert "embedding" not in plain[0]
+
+
+def test_fp16_is_fp32_rounded_once_and_normalize_gives_unit_vectors(tiny_model, photos, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embed(photos, tmp_path / "fp32", tiny_model, batch_size=4)
+    embed(photos, tmp_path / "fp16", tiny_model, batch_size=4, embedding_dtype="fp16")
+    embed(photos, tmp_path / "unit", tiny_model, batch_size=4, normalize=True)
+    fp32 = _embeddings(read_rows(tmp_path / "fp32"))
+    table = pq.read_table(tmp_path / "fp16" / "predictions")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), fp32.shape[1])
+    fp16 = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(fp32.shape)
+    np.testing.assert_array_equal(fp16, fp32.astype(np.float16))
+    unit = _embeddings(read_rows(tmp_path / "unit"))
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(unit, fp32 / np.linalg.norm(fp32, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_sha256_of_the_file_bytes_and_error_rows_without_embeddings(tiny_model, photos, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(photos, folder)
+    first = sorted(folder.iterdir())[0]
+    shutil.copy(first, folder / "zz_same_bytes.jpg")
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    embed(folder, tmp_path / "out", tiny_model, batch_size=4)
+    rows = {row["id"]: row for row in read_rows(tmp_path / "out")}
+    for name, row in rows.items():
+        if name != "zz_broken.jpg":
+            assert row["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    assert rows["zz_same_bytes.jpg"]["sha256"] == rows[first.name]["sha256"]
+    assert rows["zz_broken.jpg"]["status"] == "error"
+    assert rows["zz_broken.jpg"]["embedding"] is None and rows["zz_broken.jpg"]["sha256"] is None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mv2batch", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_segmentation_checkpoints_backbone_with_its_head_said_in_one_line(tiny_segmenter, photos, tmp_path):
+    done = _cli("embed", "folder", str(photos), "-o", str(tmp_path / "out"), "--model", str(tiny_segmenter),
+                "--device", "cpu", "--workers", "0", "--batch-size", "5")
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "left out" in line]
+    assert len(notes) == 1 and "segmentation_head" in notes[0], done.stderr
+    assert "UNEXPECTED" not in done.stderr and "LOAD REPORT" not in done.stderr
+    expected = _transformers_embeddings(tiny_segmenter, sorted(photos.iterdir()), batch_size=5)
+    np.testing.assert_allclose(_embeddings(read_rows(tmp_path / "out")), expected, atol=1e-5, rtol=0)
+
+
+def test_embedding_options_elsewhere_are_one_line(tiny_model, photos, tmp_path):
+    with pytest.raises(ConfigError, match="--embeddings applies to classify"):
+        RunConfig(task="segment", source="folder", input=str(photos), out=tmp_path / "o", embeddings=True)
+    done = _cli("classify", "folder", str(photos), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                "--normalize")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "mv2batch: error: --normalize and --embedding-dtype apply to embed and classify --embeddings"]
+
+
+def test_adding_embeddings_to_a_classify_run_is_refused_naming_the_field(tiny_model, photos, tmp_path):
+    classify(photos, tmp_path / "out", tiny_model, batch_size=4)
+    with pytest.raises(OutputError, match="embeddings"):
+        classify(photos, tmp_path / "out", tiny_model, batch_size=4, embeddings=True, resume=True)
+
+
+def test_sigkill_mid_embed_then_rerun_gives_the_uninterrupted_embeddings(tiny_model, tmp_path):
+    folder = noisy_photos(tmp_path / "images", 20)
+    embed(folder, tmp_path / "reference", tiny_model, shard_size=3, batch_size=1)
+    args = ["-m", "mv2batch", "embed", "folder", str(folder), "-o", str(tmp_path / "out"), "--model",
+            str(tiny_model), "--device", "cpu", "--workers", "0", "--quiet", "--shard-size", "3", "--batch-size", "1"]
+    process = subprocess.Popen([sys.executable, *args])
+    assert kill_during_a_shard(process, tmp_path / "out", after_markers=2), "the kill must land mid-shard"
+    assert 2 <= len(list((tmp_path / "out" / "shards").glob("*.json"))) < 7
+    subprocess.run([sys.executable, *args], check=True, timeout=120)
+    rows, expected = read_rows(tmp_path / "out"), read_rows(tmp_path / "reference")
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    np.testing.assert_array_equal(_embeddings(rows), _embeddings(expected))
