@@ -293,7 +293,8 @@ def mv2batch_run(spec: dict, clock: Clock) -> dict:
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
                        device=spec.get("device", "cpu"), dtype=spec["dtype"], batch_size=spec["batch_size"],
                        workers=spec["workers"], preprocess=spec.get("preprocess"), overwrite=True,
-                       speedups=spec.get("speedups"), compile=spec.get("compile", False))
+                       speedups=spec.get("speedups"), compile=spec.get("compile", False),
+                       embeddings=spec.get("embeddings", False))
     applied: dict = {}
 
     def progress(update: ProgressUpdate) -> None:

@@ -22,7 +22,8 @@ TOP_LABELS = 30
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.j2"
 # What the page reads of each row (a column a part lacks, such as an older run's miou, is left out).
 ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "topk_scores", "topk_ids", "label"],
-               "segment": ["id", "path", "status", "error", "classes", "class_pixels", "miou"]}
+               "segment": ["id", "path", "status", "error", "classes", "class_pixels", "miou"],
+               "embed": ["id", "path", "status", "error"]}  # embed: the header and the errors (dedup has its own)
 
 
 def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, read_mask: Any = None,
@@ -42,7 +43,9 @@ def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, r
     read_photo = Thumbnails(read_photo)
     labels = run_info["model"]["labels"]
     # An evaluation's own views first: its accuracy is what the page is opened for.
-    if report.task == "classify":
+    if report.task == "embed":
+        pass  # vectors have nothing to chart here; `mv2batch dedup` summarises their neighbours
+    elif report.task == "classify":
         if is_classify_eval(report):
             classify_eval_views(page, report, ok, read_photo, labels)
         _classify_views(page, ok, read_photo)

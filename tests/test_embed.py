@@ -141,6 +141,8 @@ def test_sha256_of_the_file_bytes_and_error_rows_without_embeddings(tiny_model, 
     assert rows["zz_same_bytes.jpg"]["sha256"] == rows[first.name]["sha256"]
     assert rows["zz_broken.jpg"]["status"] == "error"
     assert rows["zz_broken.jpg"]["embedding"] is None and rows["zz_broken.jpg"]["sha256"] is None
+    page = (tmp_path / "out" / "report" / "index.html").read_text()  # the header and the error rows
+    assert "zz_broken.jpg" in page and "mv2batch embed report" in page
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
