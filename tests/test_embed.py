@@ -187,3 +187,36 @@ def test_sigkill_mid_embed_then_rerun_gives_the_uninterrupted_embeddings(tiny_mo
     rows, expected = read_rows(tmp_path / "out"), read_rows(tmp_path / "reference")
     assert [row["id"] for row in rows] == [row["id"] for row in expected]
     np.testing.assert_array_equal(_embeddings(rows), _embeddings(expected))
+
+
+def test_dedup_groups_byte_and_pixel_identical_copies_of_real_photos_and_nothing_else(tiny_model, photos, tmp_path):
+    """Identical bytes (sha256) and identical pixels (a JPEG decoded and saved as PNG: the same embedding) group
+    with their originals; distinct photos do not. Random weights give no invariance to anything else, so no
+    resized or re-encoded copy is tried here."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    shutil.copytree(photos, folder)
+    first, second = sorted(folder.iterdir())[:2]
+    shutil.copy(first, folder / "copy_of_first.jpg")
+    Image.open(second).convert("RGB").save(folder / "second_as.png")
+    embed(folder, tmp_path / "out", tiny_model, batch_size=4)
+    done = _cli("dedup", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert "groups: 2 " in done.stdout and "largest 2" in done.stdout, done.stdout
+    assert "nearest-neighbour cosine similarity" in done.stdout
+    rows = pq.read_table(tmp_path / "out" / "report" / "duplicates.parquet").to_pylist()
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["group"], set()).add(row["id"])
+    assert sorted(map(sorted, groups.values())) == sorted([sorted([first.name, "copy_of_first.jpg"]),
+                                                           sorted([second.name, "second_as.png"])])
+    assert all(row["similarity"] is None or row["similarity"] > 0.9999 for row in rows)
+
+
+def test_dedup_of_a_run_without_embeddings_is_one_line(tiny_model, photos, tmp_path):
+    classify(photos, tmp_path / "out", tiny_model, batch_size=4)
+    done = _cli("dedup", str(tmp_path / "out"))
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "embed" in done.stderr
