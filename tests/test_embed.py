@@ -220,3 +220,29 @@ def test_dedup_of_a_run_without_embeddings_is_one_line(tiny_model, photos, tmp_p
     done = _cli("dedup", str(tmp_path / "out"))
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "embed" in done.stderr
+
+
+def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(tiny_model, photos, tmp_path):
+    """The same photos as tar members and as a Parquet column of bytes: the same vectors and digests as files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mv2batch.testing import write_tar
+
+    files = sorted(photos.iterdir())
+    samples = [(path.stem, {"jpg": path.read_bytes()}) for path in files]
+    write_tar(tmp_path / "data-000.tar", samples[:5])
+    write_tar(tmp_path / "data-001.tar", samples[5:])
+    pq.write_table(pa.table({"key": [key for key, _ in samples], "jpg": [m["jpg"] for _, m in samples]}),
+                   tmp_path / "images.parquet")
+    embed(photos, tmp_path / "folder", tiny_model, batch_size=1)
+    embed(str(tmp_path / "data-{000..001}.tar"), tmp_path / "tars", tiny_model, batch_size=1, source="webdataset")
+    embed(tmp_path / "images.parquet", tmp_path / "table", tiny_model, batch_size=1, source="dataset",
+          id_column="key")
+    expected = {Path(row["id"]).stem: row for row in read_rows(tmp_path / "folder")}
+    for name in ("tars", "table"):
+        rows = {Path(row["id"]).name.split(".")[0]: row for row in read_rows(tmp_path / name)}
+        assert rows.keys() == expected.keys(), name
+        for key, row in rows.items():
+            assert row["sha256"] == expected[key]["sha256"], (name, key)
+            np.testing.assert_allclose(row["embedding"], expected[key]["embedding"], atol=1e-6, rtol=0)
