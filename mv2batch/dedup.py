@@ -83,11 +83,10 @@ def available_memory() -> int | None:
 
 
 def memory_needed(n_rows: int, n_embedded: int, d: int, k: int = DEFAULT_K) -> int:
-    """Bytes dedup holds at its peak: the matrix, the IVF index's own copy of it when the search is not exact,
-    the ids and hashes, and the pairs kept (at most k per item, 20 bytes each)."""
+    """Bytes dedup holds at its peak: the matrix, the ids and hashes, the pairs kept (up to 2k per item while
+    searching, 20 bytes each) and the search's own (vector_search.search_memory)."""
     matrix = n_embedded * d * 4
-    index_copy = 0 if vector_search.uses_exact(n_embedded, d) else n_embedded * (d * 4 + 8)
-    return matrix + index_copy + n_rows * ROW_OVERHEAD + n_embedded * k * 20
+    return matrix + n_rows * ROW_OVERHEAD + n_embedded * 2 * k * 20 + vector_search.search_memory(n_embedded, d)
 
 
 def memory_message(n_embedded: int, d: int, needed: int, available: int | None) -> str:
