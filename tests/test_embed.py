@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (CAMERA_PHOTOS, classify, imagenet_photo_paths, kill_during_a_shard, noisy_photos, read_rows,
+from conftest import (CAMERA_PHOTOS, classify, classify_on_ray, imagenet_photo_paths, kill_during_a_shard, noisy_photos, read_rows,
                       skimage_photos, write_odd_images)
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, OutputError
@@ -246,3 +246,14 @@ def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(
         for key, row in rows.items():
             assert row["sha256"] == expected[key]["sha256"], (name, key)
             np.testing.assert_allclose(row["embedding"], expected[key]["embedding"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, tmp_path):
+    embed(photos, tmp_path / "local", tiny_model, shard_size=4, batch_size=2)
+    report = classify_on_ray(photos, tmp_path / "ray", tiny_model, task="embed", shard_size=4, batch_size=2)
+    assert report.complete and report.n_images == len(list(photos.iterdir()))
+    rows, expected = read_rows(tmp_path / "ray"), read_rows(tmp_path / "local")
+    assert [row["id"] for row in rows] == [row["id"] for row in expected]
+    # A Ray task runs with its own thread count: fp32 convolutions round a little differently (3e-8 seen).
+    np.testing.assert_allclose(_embeddings(rows), _embeddings(expected), atol=1e-6, rtol=0)
