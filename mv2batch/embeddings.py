@@ -96,17 +96,11 @@ def _pooled_class() -> type:
     return PooledModel
 
 
-class EmbedTask:
-    """One embedding per image, in input order; the classification protocols and batching."""
+class FixedSizeImages:
+    """What classification and embeddings share: images cropped to one size, batched in input order, nothing
+    re-read after the pass."""
 
-    name = "embed"
-    default_protocol = "hf"
     reorder_rows = False
-
-    def __init__(self, labels: list[str], column: EmbeddingColumn | None = None):
-        self.labels = labels
-        self.column = column or EmbeddingColumn(512)
-        self.fields = [pa.field("label", pa.int32()), self.column.field()]
 
     def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
         return fixed_size_preprocessing(protocol, processor, model)
@@ -115,7 +109,19 @@ class EmbedTask:
         return consecutive_batches(indices, size)
 
     def reading(self, photo: Callable) -> None:
-        """Nothing to re-read for embeddings."""
+        """Nothing to re-read."""
+
+
+class EmbedTask(FixedSizeImages):
+    """One embedding per image, in input order; the classification protocols and batching."""
+
+    name = "embed"
+    default_protocol = "hf"
+
+    def __init__(self, labels: list[str], column: EmbeddingColumn | None = None):
+        self.labels = labels
+        self.column = column or EmbeddingColumn(512)
+        self.fields = [pa.field("label", pa.int32()), self.column.field()]
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         ready = to_host_later([self.column.on_device(model(pixel_values=pixels).pooler_output)])

@@ -11,17 +11,17 @@ import pyarrow as pa
 
 from .decode import decode_image, probe_size
 from .device import to_host_later
-from .embeddings import EmbeddingColumn, EmbedTask, embedding_size
-from .loader import consecutive_batches, grouped_batches
+from .embeddings import EmbeddingColumn, EmbedTask, FixedSizeImages, embedding_size
+from .loader import grouped_batches
 from .metrics import ClassifyCounts, SegmentCounts, segmentation_metrics
 from .postprocess import class_counts, confusion_counts, present_counts, topk_on_device, upsample_argmax
-from .preprocess import Preprocessing, ResizeCrop, fixed_size_preprocessing, hf_preprocessing
+from .preprocess import Preprocessing, ResizeCrop, hf_preprocessing
 from .storage import RemoteFile
 
 REMOTE_PROBES = 16  # image headers on an object store read at once, for segmentation's shape grouping
 
 
-class ClassifyTask:
+class ClassifyTask(FixedSizeImages):
     """Softmax top-k per image; rows in input order; top-1 / top-5 where gold labels are known."""
 
     name = "classify"
@@ -32,7 +32,6 @@ class ClassifyTask:
         pa.field("topk_scores", pa.list_(pa.float32())),
         pa.field("label", pa.int32()),
     ]
-    reorder_rows = False
 
     def __init__(self, labels: list[str], top_k: int = 5, real: dict[str, frozenset[int]] | None = None,
                  embedding: EmbeddingColumn | None = None):
@@ -40,15 +39,6 @@ class ClassifyTask:
         self.embedding = embedding  # classify --embeddings: the pooled vector the head reads, same pass
         if embedding is not None:
             self.fields = [*ClassifyTask.fields, embedding.field()]
-
-    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
-        return fixed_size_preprocessing(protocol, processor, model)
-
-    def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
-        return consecutive_batches(indices, size)
-
-    def reading(self, photo: Callable) -> None:
-        """Nothing to re-read for classification."""
 
     def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
         """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
