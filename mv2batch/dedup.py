@@ -61,6 +61,7 @@ class DedupResult:
     shards: int
     shards_total: int | None
     seconds: float
+    timings: dict  # seconds by step: read, search, groups (grouping and writing)
     where: str  # duplicates.parquet's location
 
 
@@ -247,7 +248,9 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
         raise OutputError(f"{out} has no finished shards yet: run (or resume) it, then dedup")
     available = available_memory() if memory_available is None else memory_available
     vectors = read_vectors(rundir, shards, available, k, say)
+    read_at = time.perf_counter()
     found = vector_search.find_neighbours(vectors.matrix, threshold, k, exact=exact)
+    searched_at = time.perf_counter()
     same_first, same_second = same_bytes_pairs(vectors.sha256)
     labels = vector_search.connected_groups(
         len(vectors.ids), np.concatenate([vectors.rows[found.first], same_first]),
@@ -257,14 +260,16 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
     pq.write_table(table, sink)
     rundir.write_report_file("duplicates.parquet", sink.getvalue().to_pybytes())
     sizes = np.bincount(labels, minlength=len(labels))
+    sizes = sizes[sizes >= 2]
     nearest = found.nearest[np.isfinite(found.nearest)]
     return DedupResult(
         table=table, threshold=threshold, k=k, method=found.method, n_items=len(vectors.ids),
-        n_embedded=len(vectors.rows), n_groups=int((sizes >= 2).sum()), largest=int(sizes.max(initial=0)),
+        n_embedded=len(vectors.rows), n_groups=len(sizes), largest=int(sizes.max(initial=0)),
         in_groups=table.num_rows, byte_identical=len(np.unique(np.concatenate([same_first, same_second]))),
         histogram=np.histogram(np.clip(nearest, -1.0, 1.0), HISTOGRAM_EDGES)[0], shards=len(shards),
         shards_total=run_info.get("plan", {}).get("n_shards"), seconds=time.perf_counter() - started,
-        where=str(join(rundir.report, "duplicates.parquet")))
+        timings={"read": read_at - started, "search": searched_at - read_at,
+                 "groups": time.perf_counter() - searched_at}, where=str(join(rundir.report, "duplicates.parquet")))
 
 
 def format_summary(result: DedupResult) -> list[str]:
@@ -272,8 +277,9 @@ def format_summary(result: DedupResult) -> list[str]:
     incomplete = (f" (run incomplete: {result.shards} of {result.shards_total} shards)"
                   if result.shards_total and result.shards < result.shards_total else "")
     lines = [f"dedup: {result.n_items:,} items, {result.n_embedded:,} with embeddings{incomplete}; "
-             f"{result.method} search, k {result.k}, threshold {result.threshold:g}, {result.seconds:.1f} s",
-             f"groups: {result.n_groups:,} ({result.in_groups:,} items, largest {result.largest if result.n_groups else 0}"
+             f"{result.method} search, k {result.k}, threshold {result.threshold:g}, {result.seconds:.1f} s "
+             f"(reading {result.timings['read']:.1f} s, search {result.timings['search']:.1f} s)",
+             f"groups: {result.n_groups:,} ({result.in_groups:,} items, largest {result.largest}"
              f"; {result.byte_identical:,} byte-identical) -> {result.where}"]
     if result.histogram.sum():
         lines.append("nearest-neighbour cosine similarity of each item (pick --threshold from it):")

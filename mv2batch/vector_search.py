@@ -4,10 +4,10 @@ Vectors are L2-normalised here (whatever the run did), so an inner product is a 
 size where it is still quick (N * N * D multiply-adds under EXACT_WORK) the search is exact: faiss.knn over
 the matrix itself, a block of queries at a time, so no copy of the matrix is made and only a block's results
 are held. Above that, a clustered self-join (IVF's idea, _clustered_join): similarities are still exact, only
-which pairs are compared is approximate. Measured against faiss's own indexes on 2 cores (docs/benchmarks.md):
-IndexIVFFlat scanned ~5x slower than the join's matrix products; HNSW (M 16) took 44 s to build 100k x 512
-alone and found fewer planted pairs. faiss and BLAS use the threads they are given (OMP_NUM_THREADS, else
-every core).
+which pairs are compared is approximate. Measured against faiss's own indexes on 2 shared cores: IndexIVFFlat
+at the same lists and nprobe took about twice as long at 1M x 64 (100 s against 55 s) and missed a planted
+pair; HNSW (M 16) took 44 s to build 100k x 512 alone. faiss and BLAS use the threads they are given
+(OMP_NUM_THREADS, else every core).
 """
 
 from __future__ import annotations
