@@ -61,8 +61,9 @@ def export_coco(out: Path | str, results: Path, storage_options: dict | None = N
 
 
 def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
-    """One result per class present: its pixels as COCO's compressed RLE (column-major, as pycocotools wants).
-    No bbox: loadRes takes results that have one for box detections and replaces their area with the box's."""
+    """One result per class present: its pixels as COCO's compressed RLE (column-major, as pycocotools wants),
+    `area` its pixels, and its bounding box: FiftyOne's COCO reader makes no label of a result without one
+    (detectron2's segmentation results carry one too). pycocotools' loadRes then sets `area` to the box's."""
     from .masks import decode_png
 
     mask = decode_png(row["mask_png"])
@@ -70,6 +71,7 @@ def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
     for class_id, pixels in zip(row["classes"], row["class_pixels"]):
         rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
         found.append({"image_id": image_id, "category_id": int(class_id), "score": 1.0, "area": int(pixels),
+                      "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                       "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
     return found
 

@@ -36,6 +36,7 @@ def test_every_rle_decodes_to_the_parquet_mask_and_loadres_accepts_the_file(tmp_
     labels = json.loads((out / "run.json").read_text())["model"]["labels"]
     assert [c["name"] for c in gt.loadCats(gt.getCatIds())] == labels
     assert sorted(image["file_name"] for image in gt.dataset["images"]) == sorted(rows)
+    in_file = {(a["image_id"], a["category_id"]): a for a in json.loads(results.read_text())}
     checked = 0
     for image in gt.dataset["images"]:
         row = rows[image["file_name"]]
@@ -46,7 +47,11 @@ def test_every_rle_decodes_to_the_parquet_mask_and_loadres_accepts_the_file(tmp_
         for ann in anns:
             decoded = mask_utils.decode(ann["segmentation"])
             assert np.array_equal(decoded.astype(bool), mask == ann["category_id"])
-            assert ann["area"] == int(decoded.sum()) == loaded.anns[ann["id"]]["area"]
+            written = in_file[(image["id"], ann["category_id"])]
+            assert written["area"] == int(decoded.sum())  # loadRes replaces it with the box's, its rule for boxes
+            ys, xs = np.nonzero(decoded)
+            box = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert written["bbox"] == [float(v) for v in box]  # FiftyOne's reader needs it
             checked += 1
         # Together the classes cover every pixel once.
         assert sum(mask_utils.decode(a["segmentation"]).astype(int) for a in anns).max() == 1
