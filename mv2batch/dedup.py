@@ -92,13 +92,13 @@ def memory_needed(n_rows: int, n_embedded: int, d: int, k: int = DEFAULT_K) -> i
 
 def memory_message(n_embedded: int, d: int, needed: int, available: int | None) -> str:
     """The one line said before reading: what N x D takes, and against what."""
-    have = f", {_gb(available)} available" if available is not None else ""
-    return (f"dedup: {n_embedded:,} embeddings x {d} floats: {_gb(n_embedded * d * 4)} as float32, about "
+    have = f" ({_gb(available)} available)" if available is not None else ""
+    return (f"reading {n_embedded:,} embeddings x {d} floats: {_gb(n_embedded * d * 4)} as float32, about "
             f"{_gb(needed)} in memory with the search{have}")
 
 
 def _gb(count: int) -> str:
-    return f"{count / 1e9:.2f} GB"
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 
 def _part_shapes(rundir: Any, shards: list[int]) -> tuple[int, int, str]:

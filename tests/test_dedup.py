@@ -68,6 +68,18 @@ def test_the_clustered_search_finds_every_planted_group_and_no_other_among_a_mil
     assert groups == {tuple(sorted(group)) for group in planted}
 
 
+def test_the_clustered_search_keeps_identical_copies_and_at_most_k_per_vector():
+    matrix, planted = planted_vectors(4000, 32, pairs=10, triples=0, seed=5)
+    matrix[planted[0][1]] = matrix[planted[0][0]]  # identical: found by row number, not dropped as "itself"
+    groups, found = found_groups(matrix, dedup.DEFAULT_THRESHOLD, exact=False)
+    assert found.method.startswith("clustered")
+    assert groups == {tuple(sorted(group)) for group in planted}
+    everything = vector_search.find_neighbours(matrix, -1.0, k=3, exact=False)  # every pair passes
+    assert np.bincount(everything.first).max() == 3 and not np.any(everything.first == everything.second)
+    exact = vector_search.find_neighbours(matrix, -1.0, k=3, exact=True)
+    np.testing.assert_allclose(np.sort(everything.nearest), np.sort(exact.nearest), atol=0.05)
+
+
 def test_connected_groups_join_chains_by_their_smallest_member():
     labels = vector_search.connected_groups(7, np.array([5, 3, 6]), np.array([3, 1, 5]))
     assert labels.tolist() == [0, 1, 2, 1, 4, 1, 1]
@@ -132,7 +144,7 @@ def test_a_run_s_duplicates_parquet_names_groups_representatives_and_similaritie
     write_run(tmp_path, embeddings)
     lines = []
     result = dedup.find_duplicates(tmp_path, say=lines.append)
-    assert len(lines) == 1 and "10 embeddings x 32" in lines[0] and "GB" in lines[0]
+    assert len(lines) == 1 and "10 embeddings x 32" in lines[0] and "available" in lines[0]
     rows = read_duplicates(tmp_path)
     assert [(row["id"], row["group"], row["duplicate_of"]) for row in rows] == [
         ("img0002.jpg", 0, None), ("img0007.jpg", 0, "img0002.jpg")]
