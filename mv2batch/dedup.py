@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import vector_search
-from .errors import Mv2batchError, OutputError
+from .errors import ConfigError, Mv2batchError, OutputError
 
 # Not calibrated (no trained model here; random weights give no invariance to crops or re-encoding): a
 # conservative start, high enough that unrelated images should not pass it. The printed distribution of
@@ -241,7 +241,7 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
 
     started = time.perf_counter()
     if not -1.0 <= threshold <= 1.0 or k < 1:
-        raise Mv2batchError(f"dedup needs a threshold in [-1, 1] and k >= 1 (got {threshold}, {k})")
+        raise ConfigError(f"dedup needs a threshold in [-1, 1] and k >= 1 (got {threshold}, {k})")
     rundir, run_info = open_run(out, storage_options)
     shards = sorted(rundir.committed(run_info["fingerprint"]))
     if not shards:
