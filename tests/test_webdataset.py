@@ -149,7 +149,7 @@ def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tm
 
 
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(photos, tiny_model, tmp_path):
-    from test_shards import _kill_during_a_shard
+    from conftest import kill_during_a_shard
 
     tars = _as_tars(photos + photos[:6], tmp_path / "tars", pattern="t-{:02d}.tar")  # 18 photos, 5 tars
     expected = tmp_path / "expected"
@@ -157,7 +157,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(photos, tiny_mod
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mv2batch", "classify", "webdataset", *map(str, tars), "-o", str(out),
             "--model", str(tiny_model), "--device", "cpu", "--workers", "0", "--batch-size", "1", "--quiet"]
-    killed = _kill_during_a_shard(subprocess.Popen(args), out, after_markers=1)
+    killed = kill_during_a_shard(subprocess.Popen(args), out, after_markers=1)
     assert killed, "the kill must land while a tar's part is being written"
     assert 1 <= len(list((out / "shards").glob("*.json"))) < 5
     subprocess.run(args, check=True, timeout=120)
