@@ -4,7 +4,8 @@ A run's committed parts are read column by column, part by part, into one preall
 fp16 run converted a block at a time), after saying how much memory that takes and refusing when it cannot
 fit. vector_search finds every item's neighbours at cosine >= threshold; those pairs, and items with the same
 sha256 (similarity 1.0, with or without embeddings: error rows included), are joined into groups.
-OUT/report/duplicates.parquet has one row per item of a group of 2 or more: `id`, `group` (numbered in input
+OUT/report/duplicates.parquet has one row per item of a group of 2 or more: `id`, `path` (where the item was
+read: a file, an object URL, a tar member or a table row, as the run's rows say), `group` (numbered in input
 order of the groups' first items), `duplicate_of` (the group's representative: its first item in input order;
 null on the representative itself) and `similarity` (cosine to the representative: 1.0 for identical bytes;
 null on the representative, and where one of the two has no embedding and their bytes differ).
@@ -29,8 +30,8 @@ DEFAULT_THRESHOLD = 0.95
 DEFAULT_K = 10
 HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 41)  # 0.05 wide: fine enough near 1, where thresholds lie
 READ_BATCH_ROWS = 8192
-ROW_OVERHEAD = 128  # bytes per row for ids and sha256 kept as Arrow strings (64 hex + id + offsets)
-COLUMNS = ["id", "status", "sha256", "embedding"]
+ROW_OVERHEAD = 256  # bytes per row for ids, paths and sha256 kept as Arrow strings (64 hex, id, path, offsets)
+COLUMNS = ["id", "path", "status", "sha256", "embedding"]
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RunVectors:
     """A run's items in input order (shard, then row), and the matrix of those with an embedding."""
 
     ids: Any  # pyarrow string array, every row
+    paths: Any  # pyarrow string array, every row: what a user deletes or keeps
     sha256: Any  # pyarrow string array, every row (null where unreadable)
     rows: np.ndarray  # int64: matrix row -> item number
     matrix: np.ndarray  # float32 (len(rows), D), L2-normalised here
@@ -138,11 +140,12 @@ def read_vectors(rundir: Any, shards: list[int], memory_available: int | None, k
         raise Mv2batchError(f"dedup needs about {_gb(needed)} for {embedded:,} embeddings x {d} but "
                             f"{_gb(memory_available)} is available: run it on a machine with more memory")
     matrix = np.empty((embedded, d), np.float32)
-    ids, hashes, positions = [], [], []
+    ids, paths, hashes, positions = [], [], [], []
     filled = item = 0
     for shard in shards:
         for batch in _batches(rundir, shard):
             ids.append(batch.column("id"))
+            paths.append(batch.column("path"))
             hashes.append(batch.column("sha256"))
             block, where = _embedded_block(batch, d)
             matrix[filled:filled + len(block)] = block  # fp16 becomes float32 here, one block at a time
@@ -150,8 +153,8 @@ def read_vectors(rundir: Any, shards: list[int], memory_available: int | None, k
             filled, item = filled + len(block), item + batch.num_rows
     matrix = matrix[:filled]
     vector_search.normalize_rows(matrix)
-    return RunVectors(_joined(ids), _joined(hashes), np.concatenate(positions or [np.zeros(0, np.int64)]),
-                      matrix, stored, len(shards))
+    rows_with_vectors = np.concatenate(positions or [np.zeros(0, np.int64)])
+    return RunVectors(_joined(ids), _joined(paths), _joined(hashes), rows_with_vectors, matrix, stored, len(shards))
 
 
 def _batches(rundir: Any, shard: int):
@@ -200,6 +203,7 @@ def duplicates_table(vectors: RunVectors, labels: np.ndarray) -> Any:
     similarity = _similarity_to(vectors, members, representatives)
     return pa.table({
         "id": vectors.ids.take(pa.array(members)),
+        "path": vectors.paths.take(pa.array(members)),
         "group": pa.array(group, pa.int32()),
         "duplicate_of": vectors.ids.take(pa.array(representatives, mask=is_representative)),
         "similarity": pa.array(similarity, pa.float32(), mask=~np.isfinite(similarity) | is_representative),
