@@ -45,7 +45,7 @@ def export_coco(out: Path | str, results: Path, storage_options: dict | None = N
     labels = run_info["model"]["labels"]
     images, annotations, errors = [], [], 0
     for shard in sorted(rundir.committed(run_info["fingerprint"])):
-        for row in rundir.read_part(shard).select(COLUMNS).to_pylist():
+        for row in rundir.read_part(shard, COLUMNS).to_pylist():
             if row["status"] != "ok":
                 errors += 1
                 continue

@@ -93,12 +93,12 @@ def write_html(report: Report, rundir: RunDir) -> None:
         run_info = rundir.read_run()
         rows = []
         for shard in report.shards:  # the shards the report merged: no second listing of the markers
-            part = _read_columns(rundir, shard, ROW_COLUMNS[report.task]).to_pylist()
+            part = rundir.read_part(shard, ROW_COLUMNS[report.task]).to_pylist()
             rows += [{**row, "_shard": shard, "_row": position} for position, row in enumerate(part)]
 
         @functools.lru_cache(maxsize=2)  # gallery rows come shard by shard often enough; a part is not small
         def masks_of(shard: int) -> Any:
-            return _read_columns(rundir, shard, ["mask_png"]).column("mask_png")
+            return rundir.read_part(shard, ["mask_png"]).column("mask_png")
 
         def read_mask(row: dict) -> bytes:
             return masks_of(row["_shard"])[row["_row"]].as_py()
@@ -108,15 +108,6 @@ def write_html(report: Report, rundir: RunDir) -> None:
         rundir.write_report_file("index.html", page.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
-
-
-def _read_columns(rundir: RunDir, shard: int, columns: list[str]) -> pa.Table:
-    """Those of a part's columns it has (an older run's part may lack one): the masks are read only for the
-    galleries, not with every row."""
-    with rundir.files.open_read(rundir.part_path(shard)) as handle:
-        present = set(pq.read_schema(handle).names)
-        handle.seek(0)
-        return pq.read_table(handle, columns=[name for name in columns if name in present])
 
 
 def _read_photo(path: str, options: dict | None) -> bytes:

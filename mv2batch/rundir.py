@@ -62,11 +62,17 @@ class RunDir:
         """The finished part under its final name: renamed into place, or uploaded whole."""
         self.files.commit(temp, self.part_path(shard))
 
-    def read_part(self, shard: int) -> Any:
+    def read_part(self, shard: int, columns: list[str] | None = None) -> Any:
+        """A committed part as a table; columns: only those of them it has (an older run's part may lack one),
+        so that a page or an export never reads the masks or vectors it does not show."""
         import pyarrow.parquet as pq
 
         with self.files.open_read(self.part_path(shard)) as handle:
-            return pq.read_table(handle)
+            if columns is None:
+                return pq.read_table(handle)
+            present = set(pq.read_schema(handle).names)
+            handle.seek(0)
+            return pq.read_table(handle, columns=[name for name in columns if name in present])
 
     def write_json(self, where: Path | str, data: Any) -> None:
         """A JSON file written whole (a reader never sees half of it)."""
