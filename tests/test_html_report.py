@@ -101,15 +101,17 @@ def _imagenet_class_folders(root: Path, per_class: int) -> None:
     for i, photo in enumerate(photos):
         folder = root / imagenet_wnids()[(i % 4) * 250]
         folder.mkdir(parents=True, exist_ok=True)
-        photo.save(folder / f"{i:02d}.jpg")
+        photo.save(folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
     (root / imagenet_wnids()[0] / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
 
 
 def test_an_imagenet_eval_report_shows_accuracy_confusions_and_mistakes(tmp_path, imagenet_model, chromium):
     _imagenet_class_folders(tmp_path / "val", per_class=4)
-    classify(tmp_path / "val", tmp_path / "out", imagenet_model, source="imagenet", batch_size=8)
+    real = tmp_path / "real.json"  # ImageNet-ReaL sets: every other image's set holds its gold label and 7
+    real.write_text(json.dumps([[(i % 4) * 250, 7] if i % 2 else [7] for i in range(16)]))
+    classify(tmp_path / "val", tmp_path / "out", imagenet_model, source="imagenet", batch_size=8, real_labels=real)
     checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
-    page = _check_page(tmp_path / "out", checks, galleries_at_least=2 * 16, metrics=("top1", "top5"))
+    page = _check_page(tmp_path / "out", checks, galleries_at_least=2 * 16, metrics=("top1", "top5", "real_top1"))
     rows = [row for row in read_rows(tmp_path / "out") if row["status"] == "ok"]
     wrong = [row for row in rows if row["topk_ids"][0] != row["label"]]
     assert wrong, "the random model gets some wrong: the gallery has something to show"
