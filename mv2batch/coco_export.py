@@ -41,7 +41,7 @@ def export_coco(out: Path | str, results: Path, storage_options: dict | None = N
     mask_utils = _pycocotools_mask()
     rundir, run_info = open_run(out, storage_options)
     if run_info["task"] != "segment":
-        raise ConfigError(f"{out} is a {run_info['task']} run: export coco needs a segment run's masks")
+        raise ConfigError(f"{out} holds a {run_info['task']} run, not a segment run: export coco needs its masks")
     labels = run_info["model"]["labels"]
     images, annotations, errors = [], [], 0
     for shard in sorted(rundir.committed(run_info["fingerprint"])):

@@ -100,7 +100,9 @@ def memory_message(n_embedded: int, d: int, needed: int, available: int | None) 
 
 
 def _gb(count: int) -> str:
-    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
+    if count >= 1e9:
+        return f"{count / 1e9:.2f} GB"
+    return f"{count / 1e6:.0f} MB" if count >= 1e6 else f"{count / 1e3:.0f} kB"
 
 
 def _part_shapes(rundir: Any, shards: list[int]) -> tuple[int, int, str]:

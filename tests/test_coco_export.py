@@ -63,7 +63,7 @@ def test_a_classify_run_or_no_run_is_one_line(tmp_path, tiny_model):
     folder.mkdir()
     real_photos(1)[0].save(folder / "a.jpg")
     classify(folder, tmp_path / "out", tiny_model)
-    for target, words, code in [(tmp_path / "out", "is a classify run", 2), (tmp_path / "nothing", "no such", 5)]:
+    for target, words, code in [(tmp_path / "out", "holds a classify run, not a segment run", 2), (tmp_path / "nothing", "no such", 5)]:
         result = CliRunner().invoke(app, ["export", "coco", str(target), "-o", str(tmp_path / "r.json")])
         assert result.exit_code == code and words in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
