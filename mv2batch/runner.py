@@ -22,15 +22,17 @@ PlanLoader = Callable[..., policy.LoaderPlan]  # policy.plan_loader's signature
 
 
 def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
-               progress: ProgressCallback | None = None, plan_loader: PlanLoader = policy.plan_loader) -> Counters:
+               progress: ProgressCallback | None = None, plan_loader: PlanLoader = policy.plan_loader,
+               part_writer: type | None = None) -> Counters:
     """Run this process's shards that are not done yet (and, with --retry-errors, the failed rows of done ones).
 
     owns: which shards are this process's; rank: its number, recorded in the markers. plan_loader: how the
-    loader is planned (policy.plan_loader; a test passes its own to change one decision).
+    loader is planned (policy.plan_loader; a test passes its own to change one decision). part_writer: what
+    writes a shard's part (writer.PartWriter; a test passes one that fails).
     """
     from . import device
 
-    loop = build_loop(job, placement, rundir, rank, progress, plan_loader)
+    loop = build_loop(job, placement, rundir, rank, progress, plan_loader, part_writer)
     with device.float32_math(placement.device, placement.dtype):
         done = rundir.committed(job.fingerprint)
         if job.config.retry_errors and not is_sharded(job.source):
@@ -45,7 +47,7 @@ def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], b
 
 
 def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
-               plan_loader: PlanLoader = policy.plan_loader) -> BatchLoop:
+               plan_loader: PlanLoader = policy.plan_loader, part_writer: type | None = None) -> BatchLoop:
     """The batch loop of a job from its real parts: the task, the placement, a loader and a writer."""
     from .writer import BackgroundWriter
 
@@ -53,7 +55,8 @@ def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress
     schema = prediction_schema(job)
     return BatchLoop(
         task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, plan),
-        make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows),
+        make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows,
+                                             part_writer=part_writer),
         item_id=job.source.item_id, shard_size=job.shard_size,
         marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=plan.gate, progress=progress,
         gate_trial=plan.gate_trial or GateTrial(workers=plan.workers))

@@ -81,8 +81,10 @@ class BackgroundWriter:
     """A thread that owns the part writers so that Parquet encoding and disk I/O stay off the compute loop."""
 
     def __init__(self, rundir: RunDir, schema: pa.Schema, prepare: Callable[[dict], None] | None = None,
-                 reorder: bool = False, max_pending: int = 16):
+                 reorder: bool = False, max_pending: int = 16, part_writer: type[PartWriter] | None = None):
+        """part_writer: what writes one shard's part (PartWriter; a test passes one that fails, as a full disk)."""
         self.rundir, self.schema, self.prepare, self.reorder = rundir, schema, prepare, reorder
+        self.part_writer = part_writer or PartWriter
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.parts: dict[int, PartWriter] = {}
         self.error: BaseException | None = None
@@ -142,10 +144,10 @@ class BackgroundWriter:
             if self.prepare is not None:
                 self.prepare(payload)
             if shard not in self.parts:
-                self.parts[shard] = PartWriter(self.rundir, shard, self.schema, self.reorder)
+                self.parts[shard] = self.part_writer(self.rundir, shard, self.schema, self.reorder)
             self.parts[shard].write(payload)
         elif kind == "commit":
-            part = self.parts.pop(shard, None) or PartWriter(self.rundir, shard, self.schema, self.reorder)
+            part = self.parts.pop(shard, None) or self.part_writer(self.rundir, shard, self.schema, self.reorder)
             part.commit()
             self.rundir.write_marker(shard, payload)
 

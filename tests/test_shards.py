@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -126,46 +127,75 @@ def test_slurm_tasks_run_one_after_another_complete_the_run(reference, tiny_mode
     _assert_same_output(out, expected)
 
 
-def test_retry_errors_reruns_only_failed_rows(reference, tiny_model, tmp_path, monkeypatch):
-    import mv2batch.loader as loader
+class SourceThatFailsOn:
+    """A job's source whose reads of the named files give bytes that are no image (a transient read error):
+    every other attribute is the real source's."""
 
+    def __init__(self, source, names: tuple[str, ...]):
+        self.source, self.names = source, names
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, index: int):
+        record = self.source.read(index)
+        if str(record.path).endswith(self.names):
+            return dataclasses.replace(record, raw=b"\xff\xd8 transient read error")
+        return record
+
+
+def failing_reads_of(*names: str):
+    """LocalParts whose job's source fails to read the named files."""
+    from mv2batch.engines.local import LocalParts
+    from mv2batch.job import describe_job
+
+    def describe(config):
+        job = describe_job(config)
+        return dataclasses.replace(job, source=SourceThatFailsOn(job.source, names))
+
+    return LocalParts(describe=describe)
+
+
+def test_retry_errors_reruns_only_failed_rows(reference, tiny_model, tmp_path):
     folder, expected = reference
     out = tmp_path / "out"
-    real_decode = loader.decode_image
-
-    def flaky(raw, max_pixels, fast=None):
-        if str(raw).endswith(("img_004.jpg", "img_011.jpg")):
-            raise loader.DecodeError("transient read error")
-        return real_decode(raw, max_pixels, fast)
-
-    monkeypatch.setattr(loader, "decode_image", flaky)
-    first = classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+    first = classify(folder, out, tiny_model, shard_size=3, batch_size=1,
+                     parts=failing_reads_of("img_004.jpg", "img_011.jpg"))
     assert first.n_errors == 2
-    monkeypatch.setattr(loader, "decode_image", real_decode)
+    assert {row["id"] for row in read_rows(out) if row["status"] == "error"} == {"img_004.jpg", "img_011.jpg"}
     second = classify(folder, out, tiny_model, shard_size=3, batch_size=1, retry_errors=True)
     assert second.n_errors == 0 and second.ran_now == 2
     _assert_same_output(out, expected)
 
 
-def test_full_disk_is_one_clear_error_and_a_rerun_continues(reference, tiny_model, tmp_path, monkeypatch):
-    import mv2batch.writer as writer
+def disk_full_after(writes: int):
+    """LocalParts whose part writer raises ENOSPC once `writes` batches of rows have been written."""
+    from mv2batch.engines.local import LocalParts
+    from mv2batch.writer import PartWriter
 
+    calls = []
+
+    class FillingDisk(PartWriter):
+        def write(self, columns):
+            calls.append(1)
+            if len(calls) > writes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(columns)
+
+    return LocalParts(part_writer=FillingDisk)
+
+
+def test_full_disk_is_one_clear_error_and_a_rerun_continues(reference, tiny_model, tmp_path):
     folder, expected = reference
     out = tmp_path / "out"
-    real_write, calls = writer.PartWriter.write, []
-
-    def write_until_full(self, columns):
-        calls.append(1)
-        if len(calls) > 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(self, columns)
-
-    monkeypatch.setattr(writer.PartWriter, "write", write_until_full)
     with pytest.raises(OutputError, match="disk full"):
-        classify(folder, out, tiny_model, shard_size=3, batch_size=1)
+        classify(folder, out, tiny_model, shard_size=3, batch_size=1, parts=disk_full_after(5))
     done = {int(m.stem) for m in (out / "shards").glob("*.json")}
     assert done and done < set(range(7)), "the shard in flight must not be marked done"
-    monkeypatch.setattr(writer.PartWriter, "write", real_write)
+    assert not list((out / "predictions").glob("*.tmp*")), "no half-written part is left behind"
     classify(folder, out, tiny_model, shard_size=3, batch_size=1)
     _assert_same_output(out, expected)
 

@@ -6,11 +6,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import placement, policy, runner
+from .. import placement, policy, runner, writer
 from ..batchloop import ProgressCallback
 from ..config import RunConfig
 from ..errors import Mv2batchError
-from ..job import describe_job, open_out
+from ..job import Job, describe_job, open_out
 from ..plan import Group, rank_from_env
 from ..report import Report
 from ..rundir import OutLock
@@ -20,8 +20,10 @@ from ..rundir import OutLock
 class LocalParts:
     """The steps a test or a benchmark may replace with its own (wrapping the real one, usually)."""
 
+    describe: Callable[[RunConfig], Job] = describe_job  # a test wraps the job's source (reads that fail)
     place: Callable[..., Any] = placement.place  # (job, local_rank) -> Placement
     plan_loader: Callable[..., policy.LoaderPlan] = policy.plan_loader
+    part_writer: type = writer.PartWriter  # what writes a shard's part (a test's fails as a full disk does)
 
 
 def run(config: RunConfig, progress: ProgressCallback | None = None, parts: LocalParts = LocalParts()) -> Report:
@@ -32,12 +34,13 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
     lock = OutLock(config.out)  # ranks of one run share OUT; a lone process holds it
     placed = None
     try:
-        job = describe_job(config)
+        job = parts.describe(config)
         placed = parts.place(job, rank.local_rank)
         if rank.world_size == 1:
             lock.acquire()
         rundir = open_out(job, rank, group, batch_size=placed.batch_size)
-        counters = runner.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.plan_loader)
+        counters = runner.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.plan_loader,
+                                     parts.part_writer)
         group.barrier()
         return runner.finish(job, rundir, counters.done, time.perf_counter() - started,
                              write=rank.is_first or not group.active)
