@@ -447,3 +447,23 @@ def test_crashed_shard_is_redone_and_its_temporary_removed(sharded_run, inputs, 
     ids = [r["id"] for r in read_rows(out)]
     assert len(ids) == len(set(ids)) == 8
     assert read_rows(out) == read_rows(sharded_run)
+
+
+def test_the_readme_names_every_option_that_makes_a_different_run():
+    """README's "Resuming" lists what goes into the fingerprint: every RunConfig field declared with _outputs()
+    (those a command takes as an option) by its option's name, so a user knows what a resume may change."""
+    import dataclasses
+
+    from mv2batch.config import OUTPUTS, RunConfig
+
+    options = {}
+    for path in COMMAND_PATHS:
+        command = typer.main.get_command(app)
+        for name in path:
+            command = command.commands[name]
+        options.update({param.name: param.opts[0] for param in command.params if param.param_type_name == "option"})
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    resuming = readme[readme.index("## Resuming"):readme.index("## Scaling out")]
+    declared = [f.name for f in dataclasses.fields(RunConfig) if f.metadata == OUTPUTS and f.name in options]
+    assert len(declared) >= 20  # the test reads the fields it should
+    assert [options[name] for name in declared if f"`{options[name]}`" not in resuming] == []
