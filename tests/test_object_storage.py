@@ -464,3 +464,36 @@ def test_ray_tasks_read_and_write_s3_with_the_runs_storage_options(s3, reference
     report = classify_on_ray(source, out, tiny_model, shard_size=3, batch_size=1, storage_options=s3.options)
     assert report.complete and report.ran_now == 20
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
+
+
+def test_embed_to_s3_then_dedup_of_the_s3_out_through_the_cli(s3, photos, tiny_model, tmp_path):
+    """Photos and OUT on S3 (AWS's own variables): the embeddings equal a local run's, and dedup reads them from
+    the bucket and writes duplicates.parquet beside them, naming the objects of a copied photo's group."""
+    copies = tmp_path / "with-a-copy"
+    copies.mkdir()
+    for path in sorted(photos.rglob("*.jpg")):
+        (copies / path.name).write_bytes(path.read_bytes())
+    (copies / "copy.jpg").write_bytes((copies / "photo_03.jpg").read_bytes())
+    bucket = s3.bucket()
+    s3.upload(copies, bucket + "/photos")
+    common = ["--model", str(tiny_model), "--workers", "0"]
+    subprocess.run(_cli("embed", "folder", str(copies), "-o", str(tmp_path / "local"), *common), check=True,
+                   timeout=300)
+    subprocess.run(_cli("embed", "folder", bucket + "/photos", "-o", bucket + "/out", *common), env=s3.env,
+                   check=True, timeout=300)
+    _same_rows(_rows_at(s3, bucket + "/out", tmp_path / "fetched"), read_rows(tmp_path / "local"))
+    subprocess.run([sys.executable, "-m", "mv2batch", "dedup", str(tmp_path / "local")], check=True, timeout=300,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "mv2batch", "dedup", bucket + "/out"], env=s3.env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "13 items, 13 with embeddings" in done.stdout and f"{bucket}/out/report/duplicates.parquet" in done.stdout
+    s3.fs.invalidate_cache()
+    with s3.fs.open(f"{bucket}/out/report/duplicates.parquet", "rb") as handle:
+        rows = pq.read_table(handle).to_pylist()
+    local = pq.read_table(tmp_path / "local" / "report" / "duplicates.parquet").to_pylist()
+    # Which other photos pass the threshold depends on the random weights: the local run's groups are the truth.
+    assert [row["path"] for row in rows] == [f"{bucket}/photos/{row['id']}" for row in rows]
+    assert [{**row, "path": None} for row in rows] == [{**row, "path": None} for row in local]
+    original = next(row for row in rows if row["id"] == "photo_03.jpg")  # copy.jpg comes first: it represents
+    assert original["duplicate_of"] == "copy.jpg" and original["similarity"] == 1.0
