@@ -223,16 +223,15 @@ def report_command(out: Annotated[str, typer.Argument(help="A run's output direc
 
 @export_app.command("coco", epilog="Example: mv2batch export coco out/ -o results.json")
 def export_coco_command(out: Annotated[str, typer.Argument(help="A segment run's output directory (or URL).")],
-                        results: Annotated[str, typer.Option("--output", "-o", help="The results file to write.")],
+                        results: Annotated[str, typer.Option("--output", "-o",
+                                                             help="The results file to write (or URL).")],
                         storage_options: o.StorageOptions = None) -> None:
     """Masks as COCO results (RLE per class present per image), with the images and categories beside them."""
-    from pathlib import Path
-
     from .coco_export import export_coco
     from .storage import parse_options
 
     try:
-        done = export_coco(out, Path(results), parse_options(storage_options))
+        done = export_coco(out, results, parse_options(storage_options))
     except Mv2batchError as exc:
         _fail(str(exc), exc.exit_code)
     typer.echo(f"{done.annotations} masks of {done.images} images -> {done.results} (images and categories: "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .errors import ConfigError
 from .report import open_run
 from .rundir import output_errors
@@ -24,21 +25,25 @@ COLUMNS = ["id", "path", "status", "width", "height", "mask_png", "classes", "cl
 class CocoExport:
     """What was written: the two files and their counts."""
 
-    results: Path
-    images_file: Path
+    results: Path | str  # a local file, or an object's URL
+    images_file: Path | str
     images: int
     annotations: int
     skipped_errors: int
 
 
-def images_file_for(results: Path) -> Path:
-    """results.json -> results.images.json (the images and categories the results refer to)."""
-    return results.with_name(results.stem + ".images.json")
+def images_file_for(results: Path | str) -> Path | str:
+    """results.json -> results.images.json (the images and categories the results refer to), beside it."""
+    name = storage.name_of(results)
+    stem = name.rsplit(".", 1)[0] if "." in name else name  # as Path.stem
+    return storage.join(storage.parent_of(results), stem + ".images.json")
 
 
-def export_coco(out: Path | str, results: Path, storage_options: dict | None = None) -> CocoExport:
-    """Write the committed masks of the segment run in OUT as COCO results (image ids in the run's row order)."""
+def export_coco(out: Path | str, results: Path | str, storage_options: dict | None = None) -> CocoExport:
+    """Write the committed masks of the segment run in OUT as COCO results (image ids in the run's row order).
+    results: a local path or a URL (s3://, gs://, ...: each file one PUT, with storage_options)."""
     mask_utils = _pycocotools_mask()
+    results = storage.location(results)
     rundir, run_info = open_run(out, storage_options)
     if run_info["task"] != "segment":
         raise ConfigError(f"{out} holds a {run_info['task']} run, not a segment run: export coco needs its masks")
@@ -55,8 +60,9 @@ def export_coco(out: Path | str, results: Path, storage_options: dict | None = N
     categories = [{"id": index, "name": name} for index, name in enumerate(labels)]
     images_file = images_file_for(results)
     with output_errors(f"the COCO export {results}"):
-        results.write_text(json.dumps(annotations))
-        images_file.write_text(json.dumps({"images": images, "categories": categories, "annotations": []}))
+        storage.write_bytes(results, json.dumps(annotations).encode(), storage_options)
+        storage.write_bytes(images_file, json.dumps({"images": images, "categories": categories,
+                                                     "annotations": []}).encode(), storage_options)
     return CocoExport(results, images_file, len(images), len(annotations), errors)
 
 

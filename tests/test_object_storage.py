@@ -166,6 +166,14 @@ def test_segment_with_masks_on_s3_writes_the_local_masks(s3, photos, tiny_segmen
     for name in local_masks:
         assert s3.fs.cat_file(f"{bucket}/masks/{name}") == (tmp_path / "masks" / name).read_bytes(), name
     assert len(s3.keys(bucket + "/over")) == 12
+    # export coco from the S3 OUT to S3: the same two files as from the local OUT to local files.
+    from mv2batch.coco_export import export_coco
+
+    export_coco(tmp_path / "local", tmp_path / "results.json")
+    done = export_coco(bucket + "/out", bucket + "/coco/results.json", s3.options)
+    assert (done.results, done.images_file) == (f"{bucket}/coco/results.json", f"{bucket}/coco/results.images.json")
+    for name in ("results.json", "results.images.json"):
+        assert s3.fs.cat_file(f"{bucket}/coco/{name}") == (tmp_path / name).read_bytes(), name
 
 
 def test_eval_imagenet_val_from_s3_gives_the_local_report(s3, imagenet_model, tmp_path):
