@@ -7,7 +7,8 @@ For each size, one child process writes a finished fake embed run (run.json thro
 a few error rows), then another child runs dedup.find_duplicates on it (the CLI's code path), so that each
 peak RSS (getrusage maxrss) is the dedup's own. Planted: pairs and triples at cosine 0.97 to their first
 member, among unrelated random unit vectors; recall = planted (first, member) pairs whose two items share a
-group in duplicates.parquet. Printed per size: reading, search and total seconds, peak RSS, N x D x 4.
+group in duplicates.parquet. Printed per size: reading, search, page (index.html rebuilt with the groups; the
+fake photos cannot be read: captions only) and total seconds, peak RSS, N x D x 4.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def write_run(out: Path, n: int, d: int) -> dict:
     n_shards = -(-n // SHARD_ROWS)
     rundir = RunDir(out)
     rundir.prepare({"task": "embed", "fingerprint": fingerprint, "fingerprint_fields": fields,
-                    "plan": {"n_items": n, "shard_size": SHARD_ROWS, "n_shards": n_shards}}, False, False)
+                    "plan": {"n_items": n, "shard_size": SHARD_ROWS, "n_shards": n_shards},
+                    # what the page needs of run.json (it is rebuilt with the groups; the photos are not there)
+                    "input": {"kind": "folder", "name": "/photos", "description": f"fake {n}x{d}"},
+                    "model": {"id": "bench", "labels": []}}, False, False)
     schema = prediction_schema([pa.field("label", pa.int32()), pa.field("embedding", pa.list_(pa.float32(), d))],
                                {"mv2batch.fingerprint": fingerprint})
     writer = BackgroundWriter(rundir, schema)
@@ -112,6 +116,7 @@ def run_dedup(out: Path, groups: list[list[int]]) -> dict:
     for item, group in group_of.items():
         members.setdefault(group, set()).add(item)
     return {"read_s": result.timings["read"], "search_s": result.timings["search"], "total_s": result.seconds,
+            "page_s": result.timings["page"],
             "method": result.method, "recall": found / max(1, len(wanted)), "pairs": len(wanted),
             "false_groups": sum(frozenset(group) not in planted for group in members.values()),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -149,13 +154,14 @@ def main() -> None:
         return child(args)
     with tempfile.TemporaryDirectory() as temporary:
         root = args.keep or Path(temporary)
-        print(f"{'N':>10} {'D':>4} {'write s':>8} {'read s':>7} {'search s':>9} {'dedup s':>8} {'peak RSS':>9} "
+        print(f"{'N':>10} {'D':>4} {'write s':>8} {'read s':>7} {'search s':>9} {'page s':>7} {'dedup s':>8} {'peak RSS':>9} "
               f"{'N*D*4':>8}  recall  false groups  search")
         for n in args.sizes:
             out = root / f"run-{n}x{args.d}"
             written = in_child("write", out, n, args.d)
             found = in_child("dedup", out, n, args.d)
             print(f"{n:>10,} {args.d:>4} {written['write_s']:>8.1f} {found['read_s']:>7.1f} {found['search_s']:>9.1f} "
+                  f"{found['page_s']:>7.1f} "
                   f"{found['total_s']:>8.1f} {found['peak_rss'] / 1e9:>7.2f}GB {n * args.d * 4 / 1e9:>6.2f}GB"
                   f"  {found['recall']:>6.1%}  {found['false_groups']:>12}  {found['method']}", flush=True)
 

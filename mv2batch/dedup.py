@@ -13,6 +13,7 @@ null on the representative, and where one of the two has no embedding and their 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,7 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .report import open_run
+    from .report import open_run, refresh_html
     from .storage import join
 
     started = time.perf_counter()
@@ -262,13 +263,16 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
         len(vectors.ids), np.concatenate([vectors.rows[found.first], same_first]),
         np.concatenate([vectors.rows[found.second], same_second]))
     table = duplicates_table(vectors, labels)
+    # What was read: the page shows the groups only with a note when the run has moved on since.
+    table = table.replace_schema_metadata({"mv2batch.shards": json.dumps(shards),
+                                           "mv2batch.threshold": json.dumps(threshold)})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     rundir.write_report_file("duplicates.parquet", sink.getvalue().to_pybytes())
     sizes = np.bincount(labels, minlength=len(labels))
     sizes = sizes[sizes >= 2]
     nearest = found.nearest[np.isfinite(found.nearest)]
-    return DedupResult(
+    result = DedupResult(
         table=table, threshold=threshold, k=k, method=found.method, n_items=len(vectors.ids),
         n_embedded=len(vectors.rows), n_groups=len(sizes), largest=int(sizes.max(initial=0)),
         in_groups=table.num_rows, byte_identical=len(np.unique(np.concatenate([same_first, same_second]))),
@@ -276,6 +280,11 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
         shards_total=run_info.get("plan", {}).get("n_shards"), seconds=time.perf_counter() - started,
         timings={"read": read_at - started, "search": searched_at - read_at,
                  "groups": time.perf_counter() - searched_at}, where=str(join(rundir.report, "duplicates.parquet")))
+    del vectors, found  # the matrix goes before the page reads the run's rows
+    refresh_html(rundir, run_info)  # index.html gains the groups' thumbnails (a failure there is a warning)
+    result.timings["page"] = time.perf_counter() - started - result.seconds
+    result.seconds += result.timings["page"]
+    return result
 
 
 def format_summary(result: DedupResult) -> list[str]:

@@ -19,6 +19,8 @@ from .html_parts import THUMB_EDGE, bar_chart, chart, gallery, histogram, overla
 
 ERRORS_SHOWN = 100
 TOP_LABELS = 30
+DUPLICATE_GROUPS = 6  # the largest groups shown, each as a gallery of at most DUPLICATES_PER_GROUP
+DUPLICATES_PER_GROUP = 8
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.j2"
 # What the page reads of each row (a column a part lacks, such as an older run's miou, is left out).
 ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "topk_scores", "topk_ids", "label"],
@@ -27,11 +29,12 @@ ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "top
 
 
 def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, read_mask: Any = None,
-               read_target: Any = None) -> str:
+               read_target: Any = None, duplicates: dict | None = None) -> str:
     """The page for a report, its run.json, its prediction rows (ROW_COLUMNS, each with its `_shard` and
     `_row`), a reader of their photos (path -> encoded bytes; a failure leaves that thumbnail out) and, for
     segmentation, of a row's mask_png (row -> bytes: only the galleries' masks are read, not a whole run's) and
-    of its ground truth (row -> class ids, or None; eval voc / ade20k)."""
+    of its ground truth (row -> class ids, or None; eval voc / ade20k). duplicates: duplicates.parquet's rows
+    and the shards and threshold dedup read (report._duplicates), where it ran."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), autoescape=True)
@@ -53,6 +56,8 @@ def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, r
         if is_segment_eval(report):
             segment_eval_views(page, report, ok, read_photo, read_mask, read_target or (lambda row: None), labels)
         _segment_views(page, ok, read_photo, read_mask, labels)
+    if duplicates is not None:
+        _duplicate_views(page, duplicates, report.shards, read_photo)
     return environment.get_template(TEMPLATE.name).render(**page)
 
 
@@ -97,6 +102,32 @@ def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, 
     chosen = [ok[i] for i in sorted(random.Random(0).sample(range(len(ok)), min(GALLERY, len(ok))))]
     page["sections"].append(gallery("Overlays", [overlay_thumb(row, read_photo, read_mask(row), labels)
                                                  for row in chosen]))
+
+
+def _duplicate_views(page: dict, duplicates: dict, shards: list[int], read_photo: Any) -> None:
+    """dedup's groups: a line of figures, then the largest groups, each its own gallery (first item kept)."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for row in duplicates["rows"]:
+        groups[row["group"]].append(row)
+    largest = sorted(groups.values(), key=lambda members: (-len(members), members[0]["group"]))
+    read = duplicates["shards"]
+    stale = "" if read is None or sorted(read) == sorted(shards) else (
+        f" (dedup read {len(read)} shards, the run has {len(shards)} now: run `mv2batch dedup` again)")
+    page["sections"].append({"kind": "table", "title": "Near-duplicates" + stale,
+                             "headers": ["groups", "images in groups", "largest", "threshold"],
+                             "rows": [[len(groups), len(duplicates["rows"]), len(largest[0]) if largest else 0,
+                                       duplicates["threshold"] if duplicates["threshold"] is not None else "-"]]})
+    for members in largest[:DUPLICATE_GROUPS]:
+        shown = members[:DUPLICATES_PER_GROUP]
+        more = f"; the first {len(shown)}" if len(members) > len(shown) else ""
+        page["sections"].append(gallery(
+            f"Group {members[0]['group']}: {len(members)} images{more}",
+            [thumb(row, read_photo, ["kept: the group's first" if row["duplicate_of"] is None else
+                                     f"cosine {row['similarity']:.4f} to {row['duplicate_of']}"
+                                     if row["similarity"] is not None else f"same group as {row['duplicate_of']}"])
+             for row in shown]))
 
 
 class Thumbnails:

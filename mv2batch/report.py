@@ -104,10 +104,43 @@ def write_html(report: Report, rundir: RunDir) -> None:
             return masks_of(row["_shard"])[row["_row"]].as_py()
 
         page = build_page(report, run_info, rows, functools.partial(_read_photo, options=rundir.options),
-                          read_mask, _target_reader(run_info, rundir.options))
+                          read_mask, _target_reader(run_info, rundir.options), _duplicates(rundir))
         rundir.write_report_file("index.html", page.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
+
+
+def _duplicates(rundir: RunDir) -> dict | None:
+    """OUT/report/duplicates.parquet's rows and what dedup read (shards, threshold), where dedup wrote one."""
+    import json
+
+    from .storage import join
+
+    where = join(rundir.report, "duplicates.parquet")
+    if not rundir.files.exists(where):
+        return None
+    with rundir.files.open_read(where) as handle:
+        table = pq.read_table(handle)
+    metadata = {key.decode(): json.loads(value) for key, value in (table.schema.metadata or {}).items()
+                if key.startswith(b"mv2batch.")}
+    return {"rows": table.to_pylist(), "shards": metadata.get("mv2batch.shards"),
+            "threshold": metadata.get("mv2batch.threshold")}
+
+
+def refresh_html(rundir: RunDir, run_info: dict) -> None:
+    """index.html built again from the committed shards (after dedup wrote its groups beside it); as in
+    write_html, a page that cannot be built is a warning."""
+    import logging
+
+    from .tasks import TASKS
+
+    try:
+        task = TASKS[run_info["task"]](run_info["model"]["labels"])
+        report = build_report(rundir, run_info, rundir.committed(run_info["fingerprint"]), task)
+    except Exception as exc:  # noqa: BLE001  (see write_html)
+        logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
+        return
+    write_html(report, rundir)
 
 
 def _read_photo(path: str, options: dict | None) -> bytes:

@@ -63,13 +63,14 @@ def _photos(folder: Path, count: int) -> None:
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
 
 
-def _check_page(out: Path, checks: dict, galleries_at_least: int, metrics: tuple[str, ...] = ()) -> str:
+def _check_page(out: Path, checks: dict, galleries_at_least: int, metrics: tuple[str, ...] = (),
+                charts: int = 1) -> str:
     page = (out / "report" / "index.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", page), "the page fetches something"
     assert len(page.encode()) < 3 * 2**20
     summary = pq.read_table(out / "report" / "summary.parquet").to_pylist()[0]
     assert checks["errors"] == [] and checks["broken"] == 0
-    assert checks["images"] >= galleries_at_least and checks["svgs"] >= 1
+    assert checks["images"] >= galleries_at_least and checks["svgs"] >= charts
     assert int(checks["figures"]["images"]) == summary["n_images"]
     assert int(checks["figures"]["errors"]) == summary["n_errors"] == 1
     assert checks["screenshot_std"] > 10  # not a blank page
@@ -178,3 +179,42 @@ def test_eval_charts_of_many_classes_stay_bounded():
     heat = confusion_heat_map(cells, [f"class {c}" for c in range(150)])
     assert heat["title"].endswith(f"the {HEAT_MAP_CLASSES} of 150 classes with the most ground-truth pixels")
     assert len(heat["svg"]) < 150_000  # 30 named rows and columns (all 150 would be about 380 KB of SVG)
+
+
+def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chromium):
+    """After `dedup`, the page shows its figures and each group's photos, captioned with their similarity; a
+    resumed run that has more shards since says the groups are older than the run."""
+    from mv2batch import dedup
+
+    _photos(tmp_path / "in", 6)
+    (tmp_path / "in" / "copy_of_02.jpg").write_bytes((tmp_path / "in" / "02.jpg").read_bytes())
+    (tmp_path / "in" / "copy_of_04.jpg").write_bytes((tmp_path / "in" / "04.jpg").read_bytes())
+    classify(tmp_path / "in", tmp_path / "out", tiny_model, task="embed", batch_size=4)
+    assert "Near-duplicates" not in (tmp_path / "out" / "report" / "index.html").read_text()
+    result = dedup.find_duplicates(tmp_path / "out", threshold=0.9999)
+    checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
+    page = _check_page(tmp_path / "out", checks, galleries_at_least=4, charts=0)  # an embed page has none
+    assert result.n_groups == 2 and "Near-duplicates</h2>" in page
+    assert page.count("Group 0: 2 images") == 1 and page.count("Group 1: 2 images") == 1
+    assert page.count("kept: the group&#39;s first") == 2 and page.count("cosine 1.0000 to 0") == 2
+    assert checks["images"] == 4  # the four photos of the two groups, each read and shown
+
+
+def test_groups_of_a_run_that_had_fewer_shards_are_shown_as_older_than_the_run(tmp_path, tiny_model):
+    from mv2batch import dedup
+
+    _photos(tmp_path / "in", 9)
+    (tmp_path / "in" / "00_copy.jpg").write_bytes((tmp_path / "in" / "00.jpg").read_bytes())
+
+    def stop_after_two_shards(update):
+        if update.done >= 8:
+            raise KeyboardInterrupt
+
+    options = {"task": "embed", "batch_size": 4, "shard_size": 4}
+    with pytest.raises(KeyboardInterrupt):
+        classify(tmp_path / "in", tmp_path / "out", tiny_model, progress=stop_after_two_shards, **options)
+    assert dedup.find_duplicates(tmp_path / "out", threshold=0.9999).shards == 2
+    classify(tmp_path / "in", tmp_path / "out", tiny_model, **options)  # the rest: the page is written again
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "Near-duplicates (dedup read 2 shards, the run has 3 now: run `mv2batch dedup` again)" in page
+    assert "Group 0: 2 images" in page  # the groups it found are still shown
