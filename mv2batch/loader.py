@@ -27,6 +27,9 @@ log = logging.getLogger("mv2batch")
 SHARED_MEMORY = Path("/dev/shm")
 PREFETCH = 4  # batches each worker keeps ready
 MIN_PREFETCH = 2
+# Objects of one batch a worker reads at once (storage.fetched_together): enough that a GET's round trip
+# hides behind the others', few enough that a store does not throttle a run of 16 workers.
+FETCHES_AT_ONCE = 16
 
 
 @dataclass
@@ -84,8 +87,10 @@ class ImageDataset:
     """Map-style dataset over a record reader; __getitem__ runs in a worker and never raises for bad images."""
 
     def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None):
+                 reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None,
+                 fetches: int = FETCHES_AT_ONCE):
         self.read = read
+        self.fetches = fetches  # a batch's objects read at once (1: one after the other)
         self.transform = transform
         self.fast = fast  # --decode fast: the protocol's ResizeCrop, which reduced JPEG decoding must cover
         self.max_pixels = max_pixels
@@ -96,6 +101,26 @@ class ImageDataset:
         if self.gate is not None:
             self.gate.wait()
         return self.sample_of(index, self.read(index))
+
+    def __getitems__(self, indices: list[int]) -> list[Sample]:
+        """A batch (the DataLoader calls this where a dataset has it): its objects fetched ahead, several at
+        once (storage.fetched_ahead), while its images are decoded in turn, the gate checked before each as
+        __getitem__ does (fetching goes on while the gate is closed: it is waiting, not computing)."""
+        from dataclasses import replace
+
+        from .storage import RemoteFile, fetched_ahead
+
+        records = [self.read(index) for index in indices]
+        fetched = fetched_ahead([record.raw for record in records if isinstance(record.raw, RemoteFile)],
+                                self.fetches)
+        samples = []
+        for index, record in zip(indices, records):
+            if isinstance(record.raw, RemoteFile):
+                record = replace(record, raw=next(fetched))
+            if self.gate is not None:
+                self.gate.wait()
+            samples.append(self.sample_of(index, record))
+        return samples
 
     def sample_of(self, index: int, record: Record) -> Sample:
         """The worker stage of one record: decode, EXIF, ground truth, resize / crop; failures as the error."""

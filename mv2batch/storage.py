@@ -170,6 +170,49 @@ class RemoteFile:
         return self.url
 
 
+@dataclass(frozen=True, eq=False)
+class FetchedFile(RemoteFile):
+    """A RemoteFile whose bytes have come already (or whose read failed, after its retries): read() gives
+    them, or raises that failure, as RemoteFile.read would have."""
+
+    data: bytes | None = None
+    failure: StoreReadError | None = None
+
+    def read(self) -> bytes:
+        if self.failure is not None:
+            raise self.failure
+        return self.data
+
+
+def fetched_ahead(files: list[RemoteFile], at_once: int) -> Iterator[RemoteFile]:
+    """The files in order, each one's bytes fetched while those before it are used, up to at_once GETs in
+    flight: a worker that read one object at a time would wait a GET's round trip (tens of ms on a real bucket)
+    per photo, and a GPU takes thousands of photos a second. At most at_once + 1 objects' bytes are held (a
+    batch of 256 camera photos is not). Gives FetchedFiles; at_once <= 1 or a single file: the files as they
+    are, read when decoded."""
+    if at_once <= 1 or len(files) < 2:
+        yield from files
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(file: RemoteFile) -> FetchedFile:
+        try:
+            return FetchedFile(file.url, file.options, data=file.read())
+        except StoreReadError as exc:
+            return FetchedFile(file.url, file.options, failure=exc)
+
+    with ThreadPoolExecutor(max_workers=min(at_once, len(files)), thread_name_prefix="mv2batch-fetch") as pool:
+        pending = deque(pool.submit(fetch, file) for file in files[:at_once])
+        following = iter(files[at_once:])
+        while pending:
+            fetched = pending.popleft().result()
+            after = next(following, None)
+            if after is not None:
+                pending.append(pool.submit(fetch, after))
+            yield fetched
+
+
 def write_bytes(where: Location, data: bytes, options: Options | None = None) -> None:
     """A whole file (local) or object (one PUT: it appears whole or not at all)."""
     if isinstance(where, Path):
