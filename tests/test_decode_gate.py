@@ -81,13 +81,13 @@ def test_workers_that_decode_between_passes_take_every_core():
 TWO_CORE_TEAM = partial(plan_loader, threads=2, available=2)
 
 
-def _stretched(placement, passes: list):
-    """The placement with each forward pass stretched to PASS_S; passes gets each pass's (start, end) times."""
+def _stretched(placement, passes: list, pass_s: float = PASS_S):
+    """The placement with each forward pass stretched by pass_s; passes gets each pass's (start, end) times."""
 
     def model(*args, **kwargs):
         begun = time.monotonic()
         outputs = placement.model(*args, **kwargs)
-        time.sleep(PASS_S)
+        time.sleep(pass_s)
         passes.append((begun, time.monotonic()))
         return outputs
 
@@ -205,11 +205,13 @@ def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_
         (folder / f"{i}.png").hardlink_to(folder / "0.png")
     passes: list = []
     trial = GateTrial(workers=2, warmup=1, block=2, rounds=2)
-    parts = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes),
+    # A long sleep against the pass's own compute (which workers beside it slow down: 2 cores, a team of 2), so
+    # that the overlap decides and not the machine's noise (0.15 s: 1 of 4 runs chose wrong on a busy machine).
+    parts = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes, pass_s=0.4),
                        plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=trial))
     classify(folder, tmp_path / "out", tiny_model, batch_size=BATCH, workers=2, parts=parts)
-    # The choice is the claim; the measured margin varies with what else the 2 cores do (1.11x to 1.3x seen).
-    assert trial.chosen is False and trial.rates[False] > 1.05 * trial.rates[True], trial.rates
+    # The choice is the claim; the margin varies with what else the 2 cores do (1.65x to 1.95x seen at 0.4 s).
+    assert trial.chosen is False and trial.rates[False] > 1.2 * trial.rates[True], trial.rates
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shards").glob("*.json")]
     assert markers and all(m["timings"]["decode_between_passes"] is False for m in markers)
     assert Image.open(folder / "0.png").size == (2400, 1800)
