@@ -6,25 +6,21 @@ import io
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from .errors import Mv2batchError
-from .shared_batches import Batch, BufferPool, collate, giving_buffers_back
+from .shared_batches import Batch, BufferPool, SharedMemory, collate, giving_buffers_back
 from .sources import Record
 
 log = logging.getLogger("mv2batch")
 
-# Workers hand their batches to the main process in shared memory, which Docker limits to 64 MB by default.
-SHARED_MEMORY = Path("/dev/shm")
 PREFETCH = 4  # batches each worker keeps ready
 MIN_PREFETCH = 2
 # Objects of one batch a worker reads at once (storage.fetched_together): enough that a GET's round trip
@@ -205,32 +201,36 @@ class WorkerPlan:
     workers: int
     options: dict
     buffers: BufferPool | None
+    shared: SharedMemory
 
 
-def plan_workers(workers: int, batch_bytes: int | None) -> WorkerPlan:
-    """batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short."""
+def plan_workers(workers: int, batch_bytes: int | None, shared: SharedMemory | None = None) -> WorkerPlan:
+    """batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short.
+    shared: where the batches go (SharedMemory(): /dev/shm)."""
+    shared = shared or SharedMemory()
     prefetch = PREFETCH
     if workers > 0 and batch_bytes:
-        workers, prefetch = fitted_to_shared_memory(workers, batch_bytes)
+        workers, prefetch = fitted_to_shared_memory(workers, batch_bytes, shared)
     if workers == 0:
-        return WorkerPlan(0, {}, None)
+        return WorkerPlan(0, {}, None, shared)
     # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
     # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
     return WorkerPlan(workers, {"prefetch_factor": prefetch, "persistent_workers": False},
-                      BufferPool(workers, keep=prefetch + 1))
+                      BufferPool(workers, keep=prefetch + 1, shared=shared), shared)
 
 
 def loader_batches(loader: Any, plan: WorkerPlan) -> Iterator[Batch]:
     """A DataLoader's batches, each worker's buffers given back once used; out of shared memory: one line."""
-    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), plan.buffers))
+    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), plan.buffers), plan.shared)
 
 
 def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool,
-                batch_bytes: int | None = None) -> Iterator[Batch]:
-    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead."""
+                batch_bytes: int | None = None, shared: SharedMemory | None = None) -> Iterator[Batch]:
+    """A DataLoader yielding Batches in order; workers > 0 decode in parallel and prefetch ahead, their batches
+    in shared (SharedMemory(): /dev/shm)."""
     from torch.utils.data import DataLoader
 
-    plan = plan_workers(workers, batch_bytes)
+    plan = plan_workers(workers, batch_bytes, shared)
     # A partial of a module-level function, not a closure: spawned workers can unpickle it.
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=plan.workers,
                         collate_fn=partial(collate, buffers=plan.buffers), pin_memory=pin_memory, **plan.options)
@@ -247,34 +247,27 @@ def fit_to_shared_memory(workers: int, batch_bytes: int, free_bytes: int) -> tup
     return min(workers, budget // (MIN_PREFETCH * batch_bytes)), MIN_PREFETCH
 
 
-def shared_memory_free() -> int | None:
-    try:
-        return shutil.disk_usage(SHARED_MEMORY).free
-    except OSError:  # no /dev/shm (not Linux): nothing to fit
-        return None
-
-
-def fitted_to_shared_memory(workers: int, batch_bytes: int) -> tuple[int, int]:
-    free = shared_memory_free()
+def fitted_to_shared_memory(workers: int, batch_bytes: int, shared: SharedMemory) -> tuple[int, int]:
+    free = shared.free()
     if free is None:
         return workers, PREFETCH
     fitted, prefetch = fit_to_shared_memory(workers, batch_bytes, free)
     if fitted < workers:
         instead = f"{fitted} workers, {prefetch} batches each" if fitted else "decoding in the main process"
-        log.warning(f"{SHARED_MEMORY} has {free / 2**20:.0f} MB free, too little for {workers} loader workers "
+        log.warning(f"{shared.folder} has {free / 2**20:.0f} MB free, too little for {workers} loader workers "
                     f"x {PREFETCH} batches of {batch_bytes / 2**20:.0f} MB: {instead} (Docker: --shm-size or "
                     f"--ipc=host)")
     return fitted, prefetch
 
 
-def reporting_shared_memory_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+def reporting_shared_memory_errors(batches: Iterator[Batch], shared: SharedMemory) -> Iterator[Batch]:
     """The loader's batches; a worker that ran out of shared memory ends the run with one line, not a traceback."""
     try:
         yield from batches
     except RuntimeError as exc:
         if "shared memory" not in str(exc) and "Bus error" not in str(exc):
             raise
-        free = shared_memory_free()
+        free = shared.free()
         left = f" ({free / 2**20:.0f} MB free now)" if free is not None else ""
-        raise Mv2batchError(f"the loader's workers ran out of shared memory in {SHARED_MEMORY}{left}: give it more "
+        raise Mv2batchError(f"the loader's workers ran out of shared memory in {shared.folder}{left}: give it more "
                             f"(Docker: --shm-size 8g or --ipc=host), or lower --workers or --batch-size") from None

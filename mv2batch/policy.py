@@ -123,6 +123,7 @@ class LoaderPlan:
     pin_memory: bool
     # With a gate: what decides whether passes close it (None: a new gate_trial.GateTrial, which measures it).
     gate_trial: Any = None
+    shared_memory: Any = None  # where workers put their batches (None: shared_batches.SharedMemory(), /dev/shm)
 
 
 def plan_loader(workers: int | None, placement: Any, resize_crop: Any, threads: int | None = None,

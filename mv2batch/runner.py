@@ -66,7 +66,7 @@ def loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Call
                    shards: Shards) -> Iterator[Any]:
     """A DataLoader over the records `read` gives, decoding and resizing in plan.workers workers."""
     return make_loader(_images(job, placement, read, gate), _index_batches(job, placement, shards, read),
-                       plan.workers, plan.pin_memory, batch_bytes=plan.batch_bytes)
+                       plan.workers, plan.pin_memory, batch_bytes=plan.batch_bytes, shared=plan.shared_memory)
 
 
 def shard_loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,
@@ -75,7 +75,8 @@ def shard_loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read
     from .shard_loader import make_shard_loader
 
     return make_shard_loader(job.source, [number for number, _ in shards], _images(job, placement, None, None),
-                             placement.batch_size, plan.workers, plan.pin_memory, plan.batch_bytes, gate)
+                             placement.batch_size, plan.workers, plan.pin_memory, plan.batch_bytes, gate,
+                             plan.shared_memory)
 
 
 def _images(job: Job, placement: Any, read: Callable | None, gate: Any) -> ImageDataset:

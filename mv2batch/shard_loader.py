@@ -49,9 +49,10 @@ def _as_is(batch: Batch) -> Batch:
 
 def make_shard_loader(source: Any, shards: list[int], images: ImageDataset, batch_size: int, workers: int,
                       pin_memory: bool, batch_bytes: int | None = None,
-                      gate: DecodeGate | None = None) -> Iterator[Batch]:
-    """Batches of the given shards, read by up to one worker per shard (more would have nothing to read)."""
-    plan = plan_workers(min(workers, len(shards)), batch_bytes)
+                      gate: DecodeGate | None = None, shared: Any = None) -> Iterator[Batch]:
+    """Batches of the given shards, read by up to one worker per shard (more would have nothing to read);
+    shared: where the batches go (shared_batches.SharedMemory(), /dev/shm)."""
+    plan = plan_workers(min(workers, len(shards)), batch_bytes, shared)
     stream = ShardStream(source, shards, images, batch_size, plan.buffers, gate)
     loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, collate_fn=_as_is,
                         pin_memory=pin_memory, **plan.options)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -81,6 +83,25 @@ def shared_storage(nbytes: int) -> Any:
     return torch.UntypedStorage._new_shared(nbytes)
 
 
+@dataclass(frozen=True)
+class SharedMemory:
+    """Where loader workers put their batches (/dev/shm: 64 MB in a default Docker container): how much is
+    free, and a new buffer there. A test passes its own: a /dev/shm that is short, or full."""
+
+    folder: Path = Path("/dev/shm")
+
+    def free(self) -> int | None:
+        """Bytes free; None where there is no such folder (not Linux): nothing to fit."""
+        try:
+            return shutil.disk_usage(self.folder).free
+        except OSError:
+            return None
+
+    def allocate(self, nbytes: int) -> Any:
+        """In a worker: a new shared buffer of nbytes (torch raises RuntimeError when there is no room)."""
+        return shared_storage(nbytes)
+
+
 class BufferPool:
     """Shared-memory buffers that each loader worker fills again once the main process gives them back.
 
@@ -94,9 +115,10 @@ class BufferPool:
     The queues are made in the main process before the workers start; the buffers live in each worker.
     """
 
-    def __init__(self, workers: int, keep: int):
+    def __init__(self, workers: int, keep: int, shared: SharedMemory | None = None):
         self.returns = [multiprocessing.SimpleQueue() for _ in range(workers)]
         self.keep = keep
+        self.shared = shared or SharedMemory()
         self.buffers: dict[int, Any] = {}  # in a worker: id -> storage, in flight or free
         self.free: set[int] = set()
         self.made = 0
@@ -112,7 +134,7 @@ class BufferPool:
             self.free.discard(chosen)
             return chosen, self.buffers[chosen]
         chosen, self.made = self.made, self.made + 1
-        self.buffers[chosen] = shared_storage(nbytes)
+        self.buffers[chosen] = self.shared.allocate(nbytes)
         for unused in sorted(self.free, key=lambda i: self.buffers[i].nbytes()):
             if len(self.buffers) <= self.keep:
                 break
