@@ -263,7 +263,7 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
         len(vectors.ids), np.concatenate([vectors.rows[found.first], same_first]),
         np.concatenate([vectors.rows[found.second], same_second]))
     table = duplicates_table(vectors, labels)
-    # What was read: the page shows the groups only with a note when the run has moved on since.
+    # What was read: the page notes it when the run has more shards since.
     table = table.replace_schema_metadata({"mv2batch.shards": json.dumps(shards),
                                            "mv2batch.threshold": json.dumps(threshold)})
     sink = pa.BufferOutputStream()

@@ -23,7 +23,7 @@ log = logging.getLogger("mv2batch")
 
 PREFETCH = 4  # batches each worker keeps ready
 MIN_PREFETCH = 2
-# Objects of one batch a worker reads at once (storage.fetched_together): enough that a GET's round trip
+# Objects of one batch a worker has in flight (storage.fetched_ahead): enough that a GET's round trip
 # hides behind the others', few enough that a store does not throttle a run of 16 workers.
 FETCHES_AT_ONCE = 16
 
@@ -86,7 +86,7 @@ class ImageDataset:
                  reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None,
                  fetches: int = FETCHES_AT_ONCE):
         self.read = read
-        self.fetches = fetches  # a batch's objects read at once (1: one after the other)
+        self.fetches = fetches  # GETs in flight for a batch's objects (1: one after the other)
         self.transform = transform
         self.fast = fast  # --decode fast: the protocol's ResizeCrop, which reduced JPEG decoding must cover
         self.max_pixels = max_pixels
