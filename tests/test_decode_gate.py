@@ -210,8 +210,9 @@ def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_
     parts = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes, pass_s=0.4),
                        plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=trial))
     classify(folder, tmp_path / "out", tiny_model, batch_size=BATCH, workers=2, parts=parts)
-    # The choice is the claim; the margin varies with what else the 2 cores do (1.65x to 1.95x seen at 0.4 s).
-    assert trial.chosen is False and trial.rates[False] > 1.2 * trial.rates[True], trial.rates
+    # The choice is the claim; the margin varies with what else the 2 cores do (1.17x in a slow fresh-clone CI
+    # run, 1.65x to 1.95x on a quiet machine, at 0.4 s): 5 %, as before.
+    assert trial.chosen is False and trial.rates[False] > 1.05 * trial.rates[True], trial.rates
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "shards").glob("*.json")]
     assert markers and all(m["timings"]["decode_between_passes"] is False for m in markers)
     assert Image.open(folder / "0.png").size == (2400, 1800)
