@@ -132,11 +132,8 @@ def refresh_html(rundir: RunDir, run_info: dict) -> None:
     write_html, a page that cannot be built is a warning."""
     import logging
 
-    from .tasks import TASKS
-
     try:
-        task = TASKS[run_info["task"]](run_info["model"]["labels"])
-        report = build_report(rundir, run_info, rundir.committed(run_info["fingerprint"]), task)
+        report = report_of_committed(rundir, run_info)
     except Exception as exc:  # noqa: BLE001  (see write_html)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
         return
@@ -195,13 +192,18 @@ def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunD
     return rundir, run_info
 
 
-def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
-    """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
-    rundir, run_info = open_run(out, storage_options)
+def report_of_committed(rundir: RunDir, run_info: dict) -> Report:
+    """The report of a run's committed shards, from their markers and the task named in run.json."""
     from .tasks import TASKS
 
     markers = rundir.committed(run_info["fingerprint"])
-    report = build_report(rundir, run_info, markers, TASKS[run_info["task"]](run_info["model"]["labels"]))
+    return build_report(rundir, run_info, markers, TASKS[run_info["task"]](run_info["model"]["labels"]))
+
+
+def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
+    """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
+    rundir, run_info = open_run(out, storage_options)
+    report = report_of_committed(rundir, run_info)
     if report.complete:
         write_report(report, rundir)
     return report
