@@ -29,7 +29,7 @@ def pipeline_run(spec: dict, clock: common.Clock) -> dict:
     from transformers import pipeline
 
     if spec.get("tuned_malloc"):
-        from mv2batch.allocator import keep_freed_memory
+        from mv2batch.model.allocator import keep_freed_memory
 
         keep_freed_memory()  # what mv2batch does on the CPU: shows how much of the gap the allocator alone is
     classifier = pipeline("image-classification", model=spec["model"], device="cpu", batch_size=spec["batch_size"])
@@ -50,8 +50,8 @@ def precision(spec: dict, clock: common.Clock) -> dict:
     import torch
     from PIL import Image
 
-    from mv2batch import models
-    from mv2batch.speed import choose_speedups, optimize_for_inference
+    from mv2batch.model import checkpoints as models
+    from mv2batch.model.speedups import choose_speedups, optimize_for_inference
 
     folder = models.resolve_model(spec["model"]).folder
     processor = models.load_processor(folder, spec["model"])

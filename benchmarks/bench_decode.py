@@ -53,14 +53,14 @@ def end_to_end(folder: Path, model: str, mode: str, dtype: str) -> tuple[float, 
 
 
 def resize_of(model: str):
-    from mv2batch.models import load_processor
-    from mv2batch.preprocess import hf_preprocessing
+    from mv2batch.model.checkpoints import load_processor
+    from mv2batch.loading.preprocess import hf_preprocessing
 
     return hf_preprocessing(load_processor(Path(model), model)).resize_crop
 
 
 def input_alone(photos: list[Path], resize, mode: str) -> float:
-    from mv2batch.decode import decode_image
+    from mv2batch.loading.decode import decode_image
 
     started = time.perf_counter()
     for photo in photos:
@@ -70,7 +70,7 @@ def input_alone(photos: list[Path], resize, mode: str) -> float:
 
 def input_difference(photos: list[Path], resize) -> list[tuple[str, float, float]]:
     """(name, mean absolute difference, PSNR dB) of fast's model input (uint8 after resize / crop) against exact."""
-    from mv2batch.decode import decode_image
+    from mv2batch.loading.decode import decode_image
 
     found = []
     for photo in photos:
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--model")
     args = parser.parse_args()
 
-    from mv2batch.sources import list_images
+    from mv2batch.inputs.sources import list_images
 
     names, _ = list_images(args.photos)
     photos = [args.photos / name for name in names]

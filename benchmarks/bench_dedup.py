@@ -42,8 +42,8 @@ def write_run(out: Path, n: int, d: int) -> dict:
     """The fake finished run; returns what the dedup child checks against (planted groups)."""
     import pyarrow as pa
 
-    from mv2batch.rundir import RunDir, fingerprint_of
-    from mv2batch.writer import BackgroundWriter, prediction_schema
+    from mv2batch.out.rundir import RunDir, fingerprint_of
+    from mv2batch.out.writer import BackgroundWriter, prediction_schema
 
     rng = np.random.default_rng(0)
     groups = planted_groups(n, rng)
@@ -104,7 +104,7 @@ def _near(anchor: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def run_dedup(out: Path, groups: list[list[int]]) -> dict:
     import pyarrow.parquet as pq
 
-    from mv2batch.dedup import find_duplicates
+    from mv2batch.dedup.duplicates import find_duplicates
 
     result = find_duplicates(out)
     table = pq.read_table(out / "report" / "duplicates.parquet").to_pydict()

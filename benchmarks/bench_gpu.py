@@ -52,7 +52,7 @@ def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: 
     back to back and the device synchronised at the end: the compute limit."""
     import torch
 
-    from mv2batch.device import float32_math
+    from mv2batch.model.device import float32_math
 
     spec = {"model": folder, "task": "classify", "images": str(photos), "device": str(device), "dtype": dtype_name,
             "speedups": speedups, "channels_last": channels_last, "compile": compile}
@@ -145,9 +145,9 @@ def transformers_topk(folder: str, images: Path, device: Any, count: int, batch:
     import torch
     from PIL import Image
 
-    from mv2batch import models
-    from mv2batch.device import float32_math
-    from mv2batch.postprocess import softmax_topk
+    from mv2batch.model import checkpoints as models
+    from mv2batch.model.device import float32_math
+    from mv2batch.tasks.postprocess import softmax_topk
 
     processor = models.load_processor(Path(folder), folder)
     model = models.load_weights(Path(folder), "classify", folder).to(device)
@@ -346,7 +346,7 @@ def segment_model_alone(folder: str, photos: Path, device: Any, dtype_name: str,
 def segment_limits(args: argparse.Namespace, device: Any) -> None:
     """Whole-photo segmentation: end to end per dtype against the model alone over the same shapes and the
     loader alone, to see which one bounds it."""
-    from mv2batch.policy import default_workers
+    from mv2batch.loading.resources import default_workers
 
     folder, _ = common.checkpoint(None, "segment", args.images, width=1.0)
     photos = common.image_folder(args.images, args.segment_n)
@@ -367,7 +367,7 @@ def segment_limits(args: argparse.Namespace, device: Any) -> None:
 
 
 def main() -> None:
-    from mv2batch.device import pick_device
+    from mv2batch.model.device import pick_device
     from mv2batch.errors import ConfigError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

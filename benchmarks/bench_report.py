@@ -57,7 +57,7 @@ def imagenet_layout(photos: list[Path], root: Path) -> Path:
 
 def voc_layout(photos: list[Path], root: Path) -> Path:
     """A VOC2012 layout of the photos, with blocky ground truth (void border): the report's path, not realism."""
-    from mv2batch.masks import voc_palette
+    from mv2batch.tasks.masks import voc_palette
 
     base = root / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -110,7 +110,7 @@ def shard_metrics(task, table: pa.Table, seed_marker: dict, rows: int) -> dict:
 
 def fake_out(seed_out: Path, out: Path, n: int, shard_size: int) -> None:
     """A finished OUT of n rows made from a finished seed run: same run.json (planned for n), parts, markers."""
-    from mv2batch.tasks import TASKS
+    from mv2batch.tasks.catalog import TASKS
 
     run_info = json.loads((seed_out / "run.json").read_text())
     seed = pq.read_table(seed_out / "predictions")
@@ -135,8 +135,8 @@ def fake_out(seed_out: Path, out: Path, n: int, shard_size: int) -> None:
 
 
 def measure(out: Path) -> dict:
-    from mv2batch.report import load_report, write_html
-    from mv2batch.rundir import RunDir
+    from mv2batch.report.tables import load_report, write_html
+    from mv2batch.out.rundir import RunDir
 
     started = time.perf_counter()
     report = load_report(out)

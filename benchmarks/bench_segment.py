@@ -42,10 +42,10 @@ def reference_masks(spec: dict, clock: common.Clock) -> dict:
     import numpy as np
     import torch
 
-    from mv2batch import models
-    from mv2batch.decode import decode_image
-    from mv2batch.device import PixelStage
-    from mv2batch.postprocess import upsample_argmax
+    from mv2batch.model import checkpoints as models
+    from mv2batch.loading.decode import decode_image
+    from mv2batch.model.device import PixelStage
+    from mv2batch.tasks.postprocess import upsample_argmax
 
     folder, _, preprocessing = common.task_preprocessing(spec)
     model = models.load_weights(folder, "segment", spec["model"])
@@ -73,7 +73,7 @@ def mask_agreement(out: str, reference_file: str) -> tuple[float, int, int]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from mv2batch.masks import decode_png
+    from mv2batch.tasks.masks import decode_png
 
     reference = np.load(reference_file)
     rows = pq.read_table(Path(out) / "predictions", columns=["id", "mask_png"]).to_pylist()
@@ -136,7 +136,7 @@ def mean_input_pixels(folder: Path, protocol: str) -> float:
     """Average pixels per model input: 512x512 for the crop; the whole photo resized to short side 512 otherwise."""
     from PIL import Image
 
-    from mv2batch.preprocess import ResizeCrop
+    from mv2batch.loading.preprocess import ResizeCrop
 
     if protocol == "hf":
         return 512 * 512

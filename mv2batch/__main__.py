@@ -1,5 +1,5 @@
 """`python -m mv2batch`: the same CLI as the `mv2batch` console script."""
 
-from .cli import main
+from mv2batch.cli.app import main
 
 main()

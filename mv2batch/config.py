@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
-from . import storage
-from .decode import DEFAULT_MAX_PIXELS
-from .errors import ConfigError
+from mv2batch import storage
+from mv2batch.loading.decode import DEFAULT_MAX_PIXELS
+from mv2batch.errors import ConfigError
 
 
 class Task(str, Enum):
@@ -81,7 +81,7 @@ class RunConfig:
     batch_size: int | None = None  # None: policy.default_batch_size (32; more for classification on a GPU)
     workers: int | None = None  # None: chosen from the device and the cores
     compile: bool = _outputs(False)  # inductor's kernels round differently from eager ones
-    # mv2batch.speed's rewrites (speed.speedups_mode). None: the exact ones for fp32, whose promise is
+    # mv2batch.model.speedups's rewrites (speed.speedups_mode). None: the exact ones for fp32, whose promise is
     # transformers' own numbers, all for bf16 / fp16; True: all; False: none.
     speedups: bool | None = _outputs()
     limit: int | None = _outputs()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import ConfigError, InputError, Mv2batchError
+from mv2batch.errors import ConfigError, InputError, Mv2batchError
 
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # The extra that installs each protocol's fsspec package (`pip install 'mv2batch[s3]'`).

@@ -164,7 +164,7 @@ def classify_on_ray(input_path: Path, out: Path, model: Path, **options):
 def placed_with(change):
     """LocalParts whose placement is the real one passed through change(placement) -> placement."""
     from mv2batch.engines.local import LocalParts
-    from mv2batch.placement import place
+    from mv2batch.runner.placement import place
 
     return LocalParts(place=lambda job, local_rank=None: change(place(job, local_rank)))
 
@@ -172,10 +172,10 @@ def placed_with(change):
 def built_loop(config, progress=None):
     """The job, and its batch loop built from the real parts (described, placed, OUT opened) with every planned
     shard to run: a test then changes one part of the loop and calls loop.process(shards, read)."""
-    from mv2batch.job import describe_job, open_out
-    from mv2batch.placement import place
-    from mv2batch.plan import Group, Rank
-    from mv2batch.runner import build_loop
+    from mv2batch.runner.job import describe_job, open_out
+    from mv2batch.runner.placement import place
+    from mv2batch.runner.shard_plan import Group, Rank
+    from mv2batch.runner.shards import build_loop
 
     job = describe_job(config)
     placed = place(job)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-SNIPPET = "from mv2batch.allocator import keep_freed_memory; print(keep_freed_memory())"
+SNIPPET = "from mv2batch.model.allocator import keep_freed_memory; print(keep_freed_memory())"
 
 
 def _in_child(**env: str) -> str:
@@ -34,7 +34,7 @@ def test_a_users_malloc_settings_win():
 # dropped it. ONEDNN_VERBOSE=profile_create prints one line per kernel made ("create:cache_miss").
 CONVOLUTIONS = """
 import sys, torch
-from mv2batch.allocator import limit_kernel_cache
+from mv2batch.model.allocator import limit_kernel_cache
 print(limit_kernel_cache(int(sys.argv[1])) if len(sys.argv) > 1 else None)
 weight = torch.rand(32, 32, 3, 3)
 for size in (40, 41, 42, 40):
@@ -66,7 +66,7 @@ def test_a_users_kernel_cache_setting_wins():
 def test_a_cpu_run_caps_the_kernel_cache(tmp_path, monkeypatch, tiny_model):
     from conftest import classify, skimage_photos
 
-    from mv2batch.allocator import PRIMITIVE_CACHE_CAPACITY, PRIMITIVE_CACHE_VARIABLES
+    from mv2batch.model.allocator import PRIMITIVE_CACHE_CAPACITY, PRIMITIVE_CACHE_VARIABLES
 
     for name in PRIMITIVE_CACHE_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -205,7 +205,7 @@ def test_decoded_pixels_equal_transformers_load_image(tmp_path):
     """Every odd mode and EXIF orientation decodes to the very pixels transformers' load_image gives."""
     from transformers.image_utils import load_image
 
-    from mv2batch.decode import decode_image
+    from mv2batch.loading.decode import decode_image
 
     folder = tmp_path / "odd"
     for name in write_odd_images(folder):
@@ -277,7 +277,7 @@ def test_max_pixels_option(tiny_model, tmp_path):
 
 
 def test_max_pixels_cli(tiny_model, tmp_path):
-    from mv2batch.cli import app
+    from mv2batch.cli.app import app
 
     args = ["classify", "folder", str(_max_pixels_folder(tmp_path / "images")), "-o", str(tmp_path / "out"),
             "--model", str(tiny_model), "--device", "cpu", "--workers", "0", "--max-pixels", "20000", "--quiet"]
@@ -287,7 +287,7 @@ def test_max_pixels_cli(tiny_model, tmp_path):
 
 
 def test_megapixel_figures_have_the_digits_that_tell_them_apart(tiny_model, tmp_path):
-    from mv2batch.decode import megapixels
+    from mv2batch.loading.decode import megapixels
 
     assert megapixels(120_000, 100_000) == ("0.12", "0.10")
     assert megapixels(3_000_000, 1_000_000) == ("3.0", "1.0")
@@ -351,7 +351,7 @@ def test_bad_input_folder_raises_input_error(tiny_model, tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_folder_cli_one_line(tiny_model, tmp_path, case):
-    from mv2batch.cli import app
+    from mv2batch.cli.app import app
 
     make, words = BAD_INPUTS[case]
     args = ["classify", "folder", str(make(tmp_path)), "-o", str(tmp_path / "out"), "--model", str(tiny_model),

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import CAMERA_PHOTOS, classify, read_rows, segment
-from mv2batch.decode import decode_image
+from mv2batch.loading.decode import decode_image
 from mv2batch.errors import OutputError
-from mv2batch.masks import decode_png
-from mv2batch.preprocess import ResizeCrop
-from mv2batch.sources import FolderSource
+from mv2batch.tasks.masks import decode_png
+from mv2batch.loading.preprocess import ResizeCrop
+from mv2batch.inputs.sources import FolderSource
 
 # After EXIF orientation, as the folder's README gives them (camera-canon is stored 2048x1536, orientation 6).
 UPRIGHT = {"camera-canon.jpg": (1536, 2048), "camera-portrait.jpg": (1704, 2272), "phone-iphone.jpg": (3264, 2448),

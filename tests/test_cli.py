@@ -18,7 +18,7 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import read_rows, skimage_photos
-from mv2batch.cli import STRICT_EXIT, app
+from mv2batch.cli.app import STRICT_EXIT, app
 from mv2batch.errors import ConfigError, OutputError
 
 DEFAULT_MODEL = "apple/mobilevitv2-1.0-imagenet1k-256"
@@ -450,7 +450,7 @@ def test_crashed_shard_is_redone_and_its_temporary_removed(sharded_run, inputs, 
 
 
 def test_the_readme_names_every_option_that_makes_a_different_run():
-    """README's "Resuming" lists what goes into the fingerprint: every RunConfig field declared with _outputs()
+    """docs/bad-inputs-and-resuming.md's "Resuming" lists what goes into the fingerprint: every RunConfig field declared with _outputs()
     (those a command takes as an option) by its option's name, so a user knows what a resume may change."""
     import dataclasses
 
@@ -462,8 +462,8 @@ def test_the_readme_names_every_option_that_makes_a_different_run():
         for name in path:
             command = command.commands[name]
         options.update({param.name: param.opts[0] for param in command.params if param.param_type_name == "option"})
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    resuming = readme[readme.index("## Resuming"):readme.index("## Scaling out")]
+    page = (Path(__file__).parents[1] / "docs" / "bad-inputs-and-resuming.md").read_text()
+    resuming = page[page.index("## Resuming"):]  # the page's last section
     declared = [f.name for f in dataclasses.fields(RunConfig) if f.metadata == OUTPUTS and f.name in options]
     assert len(declared) >= 20  # the test reads the fields it should
     assert [options[name] for name in declared if f"`{options[name]}`" not in resuming] == []

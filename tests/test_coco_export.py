@@ -10,8 +10,8 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from conftest import classify, read_rows, real_photos, segment
-from mv2batch.cli import app
-from mv2batch.masks import decode_png
+from mv2batch.cli.app import app
+from mv2batch.tasks.masks import decode_png
 
 
 def _segmented(tmp_path, model, count: int = 5):

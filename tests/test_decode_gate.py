@@ -14,14 +14,14 @@ from functools import partial
 from types import SimpleNamespace
 
 from conftest import classify, read_rows, real_photos
-from mv2batch import loader
+from mv2batch.loading import loader
 from mv2batch.engines.local import LocalParts
-from mv2batch.gate_trial import GateTrial
-from mv2batch.loader import DecodeGate
-from mv2batch.placement import place
-from mv2batch.policy import decode_between_passes, default_workers, plan_loader
-from mv2batch.preprocess import ResizeCrop
-from mv2batch.speed import Speedups, optimize_for_inference
+from mv2batch.loading.gate_trial import GateTrial
+from mv2batch.loading.loader import DecodeGate
+from mv2batch.runner.placement import place
+from mv2batch.loading.resources import decode_between_passes, default_workers, plan_loader
+from mv2batch.loading.preprocess import ResizeCrop
+from mv2batch.model.speedups import Speedups, optimize_for_inference
 
 PASS_S = 0.15  # each forward pass is stretched to this, so that a worker left free would decode during it
 BATCH = 4  # more images than workers: a free worker decodes more than one image per pass

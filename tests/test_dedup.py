@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mv2batch import dedup, vector_search
+from mv2batch.dedup import duplicates as dedup
+from mv2batch.dedup import vector_search
 from mv2batch.errors import Mv2batchError, OutputError
-from mv2batch.rundir import RunDir, fingerprint_of
-from mv2batch.writer import BackgroundWriter, prediction_schema
+from mv2batch.out.rundir import RunDir, fingerprint_of
+from mv2batch.out.writer import BackgroundWriter, prediction_schema
 
 ARROW_TYPES = {"fp32": pa.float32(), "fp16": pa.float16()}
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import classify, placed_with, read_rows, real_photos
-from mv2batch import device as device_module
-from mv2batch.device import float32_math
+from mv2batch.model import device as device_module
+from mv2batch.model.device import float32_math
 from mv2batch.errors import Mv2batchError
-from mv2batch.policy import MAX_GPU_WORKERS, default_batch_size, default_workers
+from mv2batch.loading.resources import MAX_GPU_WORKERS, default_batch_size, default_workers
 
 CUDA = torch.device("cuda")
 
@@ -50,7 +50,7 @@ def test_settings_come_back_after_an_error():
 
 def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch):
     """Every batch runs inside the block, given the run's device and dtype."""
-    from mv2batch.tasks import ClassifyTask
+    from mv2batch.tasks.catalog import ClassifyTask
 
     entered, inside_calls = [], []
 

@@ -14,12 +14,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import classify, read_rows, skimage_photos
-from mv2batch.cli import app
+from mv2batch.cli.app import app
 from mv2batch.errors import ModelError
-from mv2batch.eval_sources import imagenet_val_labels, imagenet_wnids
-from mv2batch.masks import decode_png, voc_palette
-from mv2batch.metrics import SegmentCounts, segmentation_metrics
-from mv2batch.postprocess import confusion_cells
+from mv2batch.inputs.eval_layouts import imagenet_val_labels, imagenet_wnids
+from mv2batch.tasks.masks import decode_png, voc_palette
+from mv2batch.tasks.metrics import SegmentCounts, segmentation_metrics
+from mv2batch.tasks.postprocess import confusion_cells
 
 CLASSES = [0, 1, 7, 100, 333, 999]
 

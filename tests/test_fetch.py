@@ -16,8 +16,8 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from conftest import classify, read_rows, real_photos
-from mv2batch.loader import ImageDataset
-from mv2batch.sources import Record
+from mv2batch.loading.loader import ImageDataset
+from mv2batch.inputs.sources import Record
 from mv2batch.storage import RemoteFile
 
 

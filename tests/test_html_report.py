@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import classify, read_rows, real_photos, segment
-from mv2batch.eval_sources import imagenet_wnids
-from mv2batch.masks import decode_png, voc_palette
+from mv2batch.inputs.eval_layouts import imagenet_wnids
+from mv2batch.tasks.masks import decode_png, voc_palette
 
 # Runs before anything else on the page: records script errors and resources that fail to load.
 WATCH = """<script>window.__errors = [];
@@ -170,7 +170,7 @@ def test_a_voc_eval_report_shows_iou_the_heat_map_and_the_worst_images(tmp_path,
 
 
 def test_eval_charts_of_many_classes_stay_bounded():
-    from mv2batch.html_eval import HEAT_MAP_CLASSES, TOP_CLASSES, confusion_heat_map, per_class_charts
+    from mv2batch.report.eval_views import HEAT_MAP_CLASSES, TOP_CLASSES, confusion_heat_map, per_class_charts
 
     per_class = [{"class_id": c, "class_name": f"class {c}", "top1_acc": (c % 7) / 7} for c in range(100)]
     (only,) = per_class_charts(per_class, "top1_acc", "top-1 accuracy")
@@ -184,7 +184,7 @@ def test_eval_charts_of_many_classes_stay_bounded():
 def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chromium):
     """After `dedup`, the page shows its figures and each group's photos, captioned with their similarity; a
     resumed run that has more shards since says the groups are older than the run."""
-    from mv2batch import dedup
+    from mv2batch.dedup import duplicates as dedup
 
     _photos(tmp_path / "in", 6)
     (tmp_path / "in" / "copy_of_02.jpg").write_bytes((tmp_path / "in" / "02.jpg").read_bytes())
@@ -201,7 +201,7 @@ def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chro
 
 
 def test_groups_of_a_run_that_had_fewer_shards_are_shown_as_older_than_the_run(tmp_path, tiny_model):
-    from mv2batch import dedup
+    from mv2batch.dedup import duplicates as dedup
 
     _photos(tmp_path / "in", 9)
     (tmp_path / "in" / "00_copy.jpg").write_bytes((tmp_path / "in" / "00.jpg").read_bytes())

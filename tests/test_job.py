@@ -11,8 +11,8 @@ import pytest
 from conftest import real_photos, run_config
 from mv2batch.config import RunConfig, output_fields
 from mv2batch.errors import ConfigError, ModelError
-from mv2batch.job import describe_job
-from mv2batch.placement import place
+from mv2batch.runner.job import describe_job
+from mv2batch.runner.placement import place
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import classify, read_rows, skimage_photos
-from mv2batch import models
+from mv2batch.model import checkpoints as models
 from mv2batch.errors import ModelError
 
 REPO_ID = "tiny-org/mobilevitv2-tiny"
@@ -95,7 +95,7 @@ def cli(*args: str):
     """Invoke the CLI in-process; returns click's Result."""
     from typer.testing import CliRunner
 
-    from mv2batch.cli import app
+    from mv2batch.cli.app import app
 
     return CliRunner().invoke(app, list(args))
 

@@ -18,9 +18,9 @@ import pytest
 from conftest import classify, classify_on_ray, read_rows, segment
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import OutputError
-from mv2batch.out_files import PART_TEMPS
-from mv2batch.placement import place
-from mv2batch.report import load_report
+from mv2batch.out.files import PART_TEMPS
+from mv2batch.runner.placement import place
+from mv2batch.report.tables import load_report
 from mv2batch.testing import write_tar
 
 KEY, SECRET = "testing-key", "testing-secret"
@@ -167,7 +167,7 @@ def test_segment_with_masks_on_s3_writes_the_local_masks(s3, photos, tiny_segmen
         assert s3.fs.cat_file(f"{bucket}/masks/{name}") == (tmp_path / "masks" / name).read_bytes(), name
     assert len(s3.keys(bucket + "/over")) == 12
     # export coco from the S3 OUT to S3: the same two files as from the local OUT to local files.
-    from mv2batch.coco_export import export_coco
+    from mv2batch.report.coco import export_coco
 
     export_coco(tmp_path / "local", tmp_path / "results.json")
     done = export_coco(bucket + "/out", bucket + "/coco/results.json", s3.options)
@@ -178,7 +178,7 @@ def test_segment_with_masks_on_s3_writes_the_local_masks(s3, photos, tiny_segmen
 
 def test_eval_imagenet_val_from_s3_gives_the_local_report(s3, imagenet_model, tmp_path):
     from conftest import real_photos
-    from mv2batch.eval_sources import imagenet_wnids
+    from mv2batch.inputs.eval_layouts import imagenet_wnids
 
     wnids = imagenet_wnids()
     val = tmp_path / "val"

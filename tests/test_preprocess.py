@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mv2batch import device as device_stage
-from mv2batch.device import PixelStage, rescale, rescale_by_lookup
-from mv2batch.preprocess import (FULL_RESIZE_MAX_PIXELS, PixelNorm, ResizeCrop, hf_preprocessing,
+from mv2batch.model import device as device_stage
+from mv2batch.model.device import PixelStage, rescale, rescale_by_lookup
+from mv2batch.loading.preprocess import (FULL_RESIZE_MAX_PIXELS, PixelNorm, ResizeCrop, hf_preprocessing,
                                  paper_preprocessing)
 
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import mv2batch.models as models
+import mv2batch.model.checkpoints as models
 from conftest import imagenet_photo_paths, read_rows, segment, skimage_photos
-from mv2batch.masks import decode_png
-from mv2batch.postprocess import upsample_argmax
+from mv2batch.tasks.masks import decode_png
+from mv2batch.tasks.postprocess import upsample_argmax
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -173,7 +173,7 @@ def test_class_by_class_upsample_argmax_equals_full_interpolate_then_argmax():
 def test_classes_that_cannot_win_anywhere_are_skipped_and_the_mask_is_unchanged():
     """A trained-like photo: three classes own regions, 147 others far below; a fourth class wins only between
     input pixels (the maximum of none of them), and a fifth sits 1e-6 under a winner: both must be kept."""
-    from mv2batch.postprocess import candidate_classes
+    from mv2batch.tasks.postprocess import candidate_classes
 
     torch.manual_seed(0)
     logits = torch.randn(150, 12, 16) - 20
@@ -221,7 +221,7 @@ def test_streams_run_the_shape_groups_of_a_batch_side_by_side_with_the_same_mask
     """bf16 (all rewrites, parallel streams): a batch of 16 photos of several shapes, its groups run on the
     streams, gives batch size 1's masks bit for bit; batches now mix shapes, equal shapes next to each other."""
     from mv2batch.config import Dtype
-    from mv2batch.loader import grouped_batches
+    from mv2batch.loading.loader import grouped_batches
 
     folder = tmp_path / "photos"
     names = _photo_folder(folder)

@@ -20,9 +20,9 @@ import pytest
 
 from conftest import classify, classify_on_ray, kill_during_a_shard, noisy_photos, read_rows
 from mv2batch.errors import OutputError
-from mv2batch.plan import Rank, rank_from_env
-from mv2batch.report import load_report, write_report
-from mv2batch.rundir import RunDir
+from mv2batch.runner.shard_plan import Rank, rank_from_env
+from mv2batch.report.tables import load_report, write_report
+from mv2batch.out.rundir import RunDir
 
 STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
 
@@ -150,7 +150,7 @@ class SourceThatFailsOn:
 def failing_reads_of(*names: str):
     """LocalParts whose job's source fails to read the named files."""
     from mv2batch.engines.local import LocalParts
-    from mv2batch.job import describe_job
+    from mv2batch.runner.job import describe_job
 
     def describe(config):
         job = describe_job(config)
@@ -174,7 +174,7 @@ def test_retry_errors_reruns_only_failed_rows(reference, tiny_model, tmp_path):
 def disk_full_after(writes: int):
     """LocalParts whose part writer raises ENOSPC once `writes` batches of rows have been written."""
     from mv2batch.engines.local import LocalParts
-    from mv2batch.writer import PartWriter
+    from mv2batch.out.writer import PartWriter
 
     calls = []
 
@@ -209,7 +209,7 @@ def test_unwritable_output_is_one_clear_error(reference, tiny_model, tmp_path):
 
 
 def test_a_run_held_by_another_process_is_one_line_naming_it(reference, tiny_model, tmp_path):
-    from mv2batch.rundir import OutLock
+    from mv2batch.out.rundir import OutLock
 
     folder, expected = reference
     held = OutLock(tmp_path / "out").acquire()  # as a run in another process holds it
@@ -228,7 +228,7 @@ def test_the_lock_of_a_dead_process_is_taken_over(reference, tiny_model, tmp_pat
     folder, expected = reference
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]);"
-                           "from mv2batch.rundir import OutLock; OutLock(sys.argv[2]).acquire(); os._exit(9)",
+                           "from mv2batch.out.rundir import OutLock; OutLock(sys.argv[2]).acquire(); os._exit(9)",
                            str(Path(__file__).resolve().parents[1]), str(out)])
     assert dead.returncode == 9 and "pid" in (out / ".mv2batch.lock").read_text()
     classify(folder, out, tiny_model, shard_size=3, batch_size=1)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import classify, read_rows, real_photos
-from mv2batch import loader
+from mv2batch.loading import loader
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import Mv2batchError
-from mv2batch.policy import plan_loader
-from mv2batch.shared_batches import SharedMemory
+from mv2batch.loading.resources import plan_loader
+from mv2batch.loading.shared_batches import SharedMemory
 
 MB = 2**20
 

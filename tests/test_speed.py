@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import built_loop, classify, read_rows, real_photos, run_config
 from mv2batch.config import Dtype
-from mv2batch.speed import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
+from mv2batch.model.speedups import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
                             fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
 
 def _rewritten(*args, **kwargs) -> torch.nn.Module:
@@ -220,7 +220,7 @@ def test_parallel_streams_give_one_streams_outputs(tiny_model, dtype):
 def test_each_stream_keeps_its_share_of_the_threads():
     """ATen sizes a thread's OpenMP team at its first parallel op from the process-wide setting, which the
     pool puts back: a stream must still run with its share, or two streams oversubscribe the cores."""
-    from mv2batch.streams import stream_pool
+    from mv2batch.model.streams import stream_pool
 
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
@@ -263,8 +263,8 @@ def test_bf16_runs_and_keeps_float_outputs_finite(tiny_model):
 
 def _segment_pixels(short_side: int, count: int) -> torch.Tensor:
     """Photos of one size resized as mv2batch segments them (short side = input size, no crop): odd shapes."""
-    from mv2batch.device import PixelStage
-    from mv2batch.preprocess import PixelNorm, ResizeCrop
+    from mv2batch.model.device import PixelStage
+    from mv2batch.loading.preprocess import PixelNorm, ResizeCrop
 
     resize = ResizeCrop(shortest_edge=short_side, crop_height=None, crop_width=None, resample=2)
     batch = torch.from_numpy(np.stack([resize(p) for p in real_photos(count, size=(500, 375))]))
@@ -328,7 +328,7 @@ def test_run_records_its_speedups_among_the_fingerprint_fields(tiny_model, tmp_p
 
 def test_streams_keep_order_and_never_wait_on_themselves(tiny_model):
     """Items come back in order; a call from inside a stream runs in place instead of queueing on its own pool."""
-    from mv2batch.streams import start_in_streams
+    from mv2batch.model.streams import start_in_streams
 
     pool = optimize_for_inference(_load(tiny_model), torch.device("cpu"), torch.float32,
                                   speedups=replace(CPU_DEFAULT, streams=2)).streams
@@ -371,7 +371,8 @@ def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny
 
 def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_model, tmp_path, monkeypatch):
     """Only a micro-batch is ever in float (a whole batch of 32 at 256x256 is 25 MB), with the same predictions."""
-    from mv2batch import device, speed
+    from mv2batch.model import device
+    from mv2batch.model import speedups as speed
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -452,7 +453,7 @@ def test_exact_set_runs_its_first_layers_channels_last_with_transformers_bits(wi
 
 def test_the_prefix_is_dropped_where_the_layouts_round_differently():
     """A CPU whose channels-last kernels round differently (simulated: the prefix nudges the pixels) keeps NCHW."""
-    from mv2batch.layout import apply_channels_last_prefix, channels_last_if_large
+    from mv2batch.model.channels_last import apply_channels_last_prefix, channels_last_if_large
 
     def rounding_elsewhere(switch, stem, args):
         (pixels, *rest) = channels_last_if_large(switch, stem, args)

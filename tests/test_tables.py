@@ -139,7 +139,7 @@ def test_quiet_silences_the_datasets_progress_lines_too(photos, tiny_model, tmp_
     pq.write_table(pa.table({"jpg": [d for *_, d in photos[:2]]}), tmp_path / "images.parquet")
     command = [sys.executable, "-m", "mv2batch", "classify", "dataset", str(tmp_path / "images.parquet"), "-o",
                str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu", "--workers", "0"]
-    from mv2batch.progress import QUIET_ENVIRONMENT
+    from mv2batch.cli.progress import QUIET_ENVIRONMENT
 
     # An in-process --quiet run of another test has set these here: the loud run must not inherit them.
     env = {key: value for key, value in os.environ.items() if key not in QUIET_ENVIRONMENT}

@@ -18,7 +18,7 @@ from conftest import classify, imagenet_photo_paths, read_rows, real_photos, seg
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, InputError
 from mv2batch.testing import write_tar
-from mv2batch.webdataset_source import TarShards, expand_braces, split_key
+from mv2batch.inputs.tars import TarShards, expand_braces, split_key
 
 PER_TAR = 4
 
@@ -120,7 +120,7 @@ def test_brace_patterns_and_keys_expand_as_webdataset_does():
 
 def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tmp_path):
     """ImageNet's WebDataset layout (imagenet-val-{000000..000009}.tar, .jpg + .cls) against val/<wnid>/."""
-    from mv2batch.eval_sources import imagenet_wnids
+    from mv2batch.inputs.eval_layouts import imagenet_wnids
 
     import mv2batch
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Engine, RunConfig
+from mv2batch.config import Engine, RunConfig
 
 
 def run(config: RunConfig, progress: Any = None) -> Any:
     """Run a job on the engine its configuration names and return its report."""
     if config.engine is Engine.ray:
-        from .ray import run as run_on_ray
+        from mv2batch.engines.ray import run as run_on_ray
 
         return run_on_ray(config, progress)
-    from .local import run as run_here
+    from mv2batch.engines.local import run as run_here
 
     return run_here(config, progress)

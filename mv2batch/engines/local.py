@@ -6,14 +6,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import placement, policy, runner, writer
-from ..batchloop import ProgressCallback
-from ..config import RunConfig
-from ..errors import Mv2batchError
-from ..job import Job, describe_job, open_out
-from ..plan import Group, rank_from_env
-from ..report import Report
-from ..rundir import OutLock
+from mv2batch.runner import placement
+from mv2batch.loading import resources as policy
+from mv2batch.runner import shards as runner
+from mv2batch.out import writer
+from mv2batch.runner.batch_loop import ProgressCallback
+from mv2batch.config import RunConfig
+from mv2batch.errors import Mv2batchError
+from mv2batch.runner.job import Job, describe_job, open_out
+from mv2batch.runner.shard_plan import Group, rank_from_env
+from mv2batch.report.tables import Report
+from mv2batch.out.rundir import OutLock
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..batchloop import ProgressCallback, ProgressUpdate
-from ..config import RunConfig
-from ..errors import ConfigError
-from ..job import Job, describe_job, open_out, owner
-from ..plan import Group, Rank
-from ..report import Report
-from ..rundir import OutLock
-from ..sources import is_sharded
+from mv2batch.runner.batch_loop import ProgressCallback, ProgressUpdate
+from mv2batch.config import RunConfig
+from mv2batch.errors import ConfigError
+from mv2batch.runner.job import Job, describe_job, open_out, owner
+from mv2batch.runner.shard_plan import Group, Rank
+from mv2batch.report.tables import Report
+from mv2batch.out.rundir import OutLock
+from mv2batch.inputs.sources import is_sharded
 
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
 
@@ -34,8 +34,8 @@ def _ray() -> Any:
 
 def run_shard(job: Job, shard: int) -> tuple[int, int]:
     """A Ray task: place the model on this node and run one shard; (rows, error rows) it ran."""
-    from .. import runner
-    from ..placement import place
+    from mv2batch.runner import shards as runner
+    from mv2batch.runner.placement import place
 
     job = _with_model_here(job)
     placed = place(job)
@@ -49,7 +49,7 @@ def run_shard(job: Job, shard: int) -> tuple[int, int]:
 def _with_model_here(job: Job) -> Job:
     """The job with its checkpoint resolved on this node, at the revision the driver resolved, where the driver's
     folder is not visible here (another machine's hub cache)."""
-    from .. import models
+    from mv2batch.model import checkpoints as models
 
     if Path(job.resolved.folder).is_dir():
         return job
@@ -71,7 +71,7 @@ def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
 
 def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | None, started: float) -> Report:
     """Every pending shard as a Ray task; progress per finished shard; the report once, at the end."""
-    from .. import runner
+    from mv2batch.runner import shards as runner
 
     config = job.config
     done = rundir.committed(job.fingerprint)

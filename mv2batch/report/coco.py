@@ -1,0 +1,90 @@
+"""A segment run's masks as COCO results: one run-length encoding per class present per image (pycocotools).
+
+Two files: the results themselves (a JSON list, what `COCO.loadRes` takes) and, beside them, the images and
+categories they refer to (a COCO dataset without annotations, `<name>.images.json`), so that
+`COCO("results.images.json").loadRes("results.json")` works with nothing else at hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mv2batch import storage
+from mv2batch.errors import ConfigError
+from mv2batch.report.tables import open_run
+from mv2batch.out.rundir import output_errors
+
+COLUMNS = ["id", "path", "status", "width", "height", "mask_png", "classes", "class_pixels"]
+
+
+@dataclass(frozen=True)
+class CocoExport:
+    """What was written: the two files and their counts."""
+
+    results: Path | str  # a local file, or an object's URL
+    images_file: Path | str
+    images: int
+    annotations: int
+    skipped_errors: int
+
+
+def images_file_for(results: Path | str) -> Path | str:
+    """results.json -> results.images.json (the images and categories the results refer to), beside it."""
+    name = storage.name_of(results)
+    stem = name.rsplit(".", 1)[0] if "." in name else name  # as Path.stem
+    return storage.join(storage.parent_of(results), stem + ".images.json")
+
+
+def export_coco(out: Path | str, results: Path | str, storage_options: dict | None = None) -> CocoExport:
+    """Write the committed masks of the segment run in OUT as COCO results (image ids in the run's row order).
+    results: a local path or a URL (s3://, gs://, ...: each file one PUT, with storage_options)."""
+    mask_utils = _pycocotools_mask()
+    results = storage.location(results)
+    rundir, run_info = open_run(out, storage_options)
+    if run_info["task"] != "segment":
+        raise ConfigError(f"{out} holds a {run_info['task']} run, not a segment run: export coco needs its masks")
+    labels = run_info["model"]["labels"]
+    images, annotations, errors = [], [], 0
+    for shard in sorted(rundir.committed(run_info["fingerprint"])):
+        for row in rundir.read_part(shard, COLUMNS).to_pylist():
+            if row["status"] != "ok":
+                errors += 1
+                continue
+            image_id = len(images) + 1  # COCO ids start at 1; 0 reads as "no image" in some tools
+            images.append({"id": image_id, "file_name": row["id"], "width": row["width"], "height": row["height"]})
+            annotations += list(_annotations(image_id, row, mask_utils))
+    categories = [{"id": index, "name": name} for index, name in enumerate(labels)]
+    images_file = images_file_for(results)
+    with output_errors(f"the COCO export {results}"):
+        storage.write_bytes(results, json.dumps(annotations).encode(), storage_options)
+        storage.write_bytes(images_file, json.dumps({"images": images, "categories": categories,
+                                                     "annotations": []}).encode(), storage_options)
+    return CocoExport(results, images_file, len(images), len(annotations), errors)
+
+
+def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
+    """One result per class present: its pixels as COCO's compressed RLE (column-major, as pycocotools wants),
+    `area` its pixels, and its bounding box: FiftyOne's COCO reader makes no label of a result without one
+    (detectron2's segmentation results carry one too). pycocotools' loadRes then sets `area` to the box's."""
+    from mv2batch.tasks.masks import decode_png
+
+    mask = decode_png(row["mask_png"])
+    found = []
+    for class_id, pixels in zip(row["classes"], row["class_pixels"]):
+        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
+        found.append({"image_id": image_id, "category_id": int(class_id), "score": 1.0, "area": int(pixels),
+                      "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                      "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    return found
+
+
+def _pycocotools_mask():
+    try:
+        from pycocotools import mask
+    except ImportError:
+        raise ConfigError("export coco needs pycocotools: pip install 'mv2batch[coco]'") from None
+    return mask
