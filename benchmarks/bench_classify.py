@@ -50,14 +50,14 @@ def precision(spec: dict, clock: common.Clock) -> dict:
     import torch
     from PIL import Image
 
-    from mv2batch.model import checkpoints as models
+    from mv2batch.model import checkpoints
     from mv2batch.model.speedups import choose_speedups, optimize_for_inference
 
-    folder = models.resolve_model(spec["model"]).folder
-    processor = models.load_processor(folder, spec["model"])
+    folder = checkpoints.resolve_model(spec["model"]).folder
+    processor = checkpoints.load_processor(folder, spec["model"])
     photos = [Image.open(p).convert("RGB") for p in common.source_photos(Path(spec["images"]))[:PRECISION_PHOTOS]]
     pixels = processor(images=photos, return_tensors="pt")["pixel_values"]
-    load = lambda: models.load_weights(folder, "classify", spec["model"])
+    load = lambda: checkpoints.load_weights(folder, "classify", spec["model"])
     cpu = torch.device("cpu")
     rewritten = lambda requested, dtype: optimize_for_inference(
         load(), cpu, dtype, speedups=choose_speedups(requested, cpu, dtype)).module

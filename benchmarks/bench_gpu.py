@@ -145,12 +145,12 @@ def transformers_topk(folder: str, images: Path, device: Any, count: int, batch:
     import torch
     from PIL import Image
 
-    from mv2batch.model import checkpoints as models
+    from mv2batch.model import checkpoints
     from mv2batch.model.device import float32_math
     from mv2batch.tasks.postprocess import softmax_topk
 
-    processor = models.load_processor(Path(folder), folder)
-    model = models.load_weights(Path(folder), "classify", folder).to(device)
+    processor = checkpoints.load_processor(Path(folder), folder)
+    model = checkpoints.load_weights(Path(folder), "classify", folder).to(device)
     paths = common.source_photos(images)[:count]
     topk = {}
     with torch.inference_mode(), (float32_math(device, torch.float32) if ieee else contextlib.nullcontext()):

@@ -92,13 +92,13 @@ def end_to_end(spec: dict, clock: common.Clock) -> dict:
 def input_alone(spec: dict, clock: common.Clock) -> dict:
     """The input kind's loader alone (read, decode, resize, crop in the workers mv2batch uses), no model."""
     from mv2batch.runner.job import describe_job
-    from mv2batch.loading.resources import LoaderPlan
+    from mv2batch.loading.resources import LoaderSettings
     from mv2batch.runner.shards import ChunkReader, loader_factory, shard_loader_factory
     from mv2batch.inputs.sources import is_sharded
 
     job = describe_job(_config(spec))
     placed = _Placed(job)
-    plan = LoaderPlan(workers=spec["workers"], gate=False, batch_bytes=None, pin_memory=False)
+    plan = LoaderSettings(workers=spec["workers"], gate=False, batch_bytes=None, pin_memory=False)
     rss = common.TreeRss()
     clock.ready()
     if is_sharded(job.source):

@@ -110,7 +110,7 @@ def shard_metrics(task, table: pa.Table, seed_marker: dict, rows: int) -> dict:
 
 def fake_out(seed_out: Path, out: Path, n: int, shard_size: int) -> None:
     """A finished OUT of n rows made from a finished seed run: same run.json (planned for n), parts, markers."""
-    from mv2batch.tasks.catalog import TASKS
+    from mv2batch.tasks.task import TASKS
 
     run_info = json.loads((seed_out / "run.json").read_text())
     seed = pq.read_table(seed_out / "predictions")

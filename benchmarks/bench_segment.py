@@ -42,13 +42,13 @@ def reference_masks(spec: dict, clock: common.Clock) -> dict:
     import numpy as np
     import torch
 
-    from mv2batch.model import checkpoints as models
+    from mv2batch.model import checkpoints
     from mv2batch.loading.decode import decode_image
     from mv2batch.model.device import PixelStage
     from mv2batch.tasks.postprocess import upsample_argmax
 
     folder, _, preprocessing = common.task_preprocessing(spec)
-    model = models.load_weights(folder, "segment", spec["model"])
+    model = checkpoints.load_weights(folder, "segment", spec["model"])
     stage = PixelStage(preprocessing.norm, torch.device("cpu"), torch.float32)
     clock.ready()
     masks = {}

@@ -316,7 +316,7 @@ def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
     from mv2batch.engines.local import LocalParts
     from mv2batch.loading.gate_trial import GateTrial
     from mv2batch.runner.placement import place
-    from mv2batch.loading.resources import plan_loader
+    from mv2batch.loading.resources import choose_loader_settings
 
     def placed(*args: Any) -> Any:
         placement = place(*args)
@@ -326,25 +326,26 @@ def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
         return placement
 
     def planned(*args: Any) -> Any:
-        plan = plan_loader(*args)
+        plan = choose_loader_settings(*args)
         if gate is not None:
             plan = replace(plan, gate_trial=GateTrial(chosen=gate))
         seen.update(workers=plan.workers, decode_between_passes=plan.gate)
         return plan
 
-    return LocalParts(place=placed, plan_loader=planned)
+    return LocalParts(place=placed, choose_loader_settings=planned)
 
 
 def task_preprocessing(spec: dict) -> tuple[Path, Any, Any]:
     """(checkpoint folder, task object, preprocessing) exactly as mv2batch.run chooses them by default."""
-    from mv2batch.model import checkpoints as models
-    from mv2batch.tasks.catalog import ClassifyTask, SegmentTask
+    from mv2batch.model import checkpoints
+    from mv2batch.tasks.classify import ClassifyTask
+    from mv2batch.tasks.segment import SegmentTask
 
-    folder = models.resolve_model(spec["model"]).folder
-    labels = models.label_names(models.read_config(folder))
+    folder = checkpoints.resolve_model(spec["model"]).folder
+    labels = checkpoints.label_names(checkpoints.read_config(folder))
     task = (ClassifyTask if spec["task"] == "classify" else SegmentTask)(labels)
     protocol = spec.get("preprocess") or task.default_protocol
-    preprocessing = task.preprocessing(protocol, lambda: models.load_processor(folder, spec["model"]), spec["model"])
+    preprocessing = task.preprocessing(protocol, lambda: checkpoints.load_processor(folder, spec["model"]), spec["model"])
     return folder, task, preprocessing
 
 
@@ -383,14 +384,14 @@ def placed_model(spec: dict, folder: Path) -> Placed:
     spec["channels_last"] overrides the layout chosen, spec["compile"] compiles as --compile does."""
     import torch
 
-    from mv2batch.model import checkpoints as models
+    from mv2batch.model import checkpoints
     from mv2batch.model.allocator import keep_freed_memory, limit_kernel_cache
     from mv2batch.model.device import pick_dtype
     from mv2batch.model.speedups import choose_speedups, optimize_for_inference
 
     device = spec_device(spec)
     dtype, compile = pick_dtype(spec["dtype"], device), spec.get("compile", False)
-    module = models.load_weights(folder, spec["task"], spec["model"])
+    module = checkpoints.load_weights(folder, spec["task"], spec["model"])
     chosen = choose_speedups(spec.get("speedups"), device, dtype, compile)  # as mv2batch.run chooses
     if chosen is None:
         return Placed(module.to(device=device, dtype=dtype), dtype)  # transformers' model as its users run it

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
+from PIL import Image
+
 from mv2batch import storage
-from mv2batch.loading.decode import DEFAULT_MAX_PIXELS
 from mv2batch.errors import ConfigError
+
+# Larger images are error rows (decompression bombs): Pillow's own bound, whatever this Pillow sets it to.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 class Task(str, Enum):

@@ -74,8 +74,70 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_graph_sees_relative_lazy_and_package_imports():
     graph = import_graph()
     assert "mv2batch.engines" in graph["mv2batch"]  # a lazy import inside run()
-    assert "mv2batch.runner.shards" in graph["mv2batch.engines.local"]  # from .. import runner
-    assert "mv2batch.cli.options" in graph["mv2batch.cli.app"]  # from . import cli_options as o
+    assert "mv2batch.runner.shards" in graph["mv2batch.engines.local"]  # from mv2batch.runner import shards
+    assert "mv2batch.cli.options" in graph["mv2batch.cli.app"]  # from mv2batch.cli import options as o
+
+
+# Which folder may import which (docs/design.md, "Import rules"): each layer imports only the layers before it,
+# never one beside it or after it. The foundation is the package's top modules (errors, config, storage).
+LAYERS = [
+    {"foundation"},
+    {"inputs", "out"},
+    {"loading"},
+    {"model"},
+    {"tasks"},
+    {"report"},
+    {"dedup", "runner"},
+    {"engines"},
+    {"cli"},
+]
+FOUNDATION = {"mv2batch.errors", "mv2batch.config", "mv2batch.storage"}
+
+
+def folder_of(module: str) -> str | None:
+    """The sub-package a module lives in, 'foundation' for the top modules, None for the package's entry points."""
+    if module in FOUNDATION:
+        return "foundation"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else None
+
+
+def layer_of(folder: str) -> int:
+    return next(number for number, layer in enumerate(LAYERS) if folder in layer)
+
+
+def rule_breaks(graph: dict[str, set[str]]) -> list[str]:
+    breaks = []
+    for module, imported in sorted(graph.items()):
+        here = folder_of(module)
+        for other in sorted(imported):
+            there = folder_of(other)
+            if here is None or there is None or here == there:
+                continue
+            if layer_of(there) >= layer_of(here):
+                breaks.append(f"{module} ({here}) imports {other} ({there})")
+    return breaks
+
+
+def test_the_rule_finder_sees_a_break():
+    assert rule_breaks({"mv2batch.inputs.tars": {"mv2batch.model.device"}}) == [
+        "mv2batch.inputs.tars (inputs) imports mv2batch.model.device (model)"]
+    assert rule_breaks({"mv2batch.inputs.tars": {"mv2batch.out.rundir"}})  # beside it: out and inputs are apart
+    assert rule_breaks({"mv2batch.model.device": {"mv2batch.loading.preprocess"}}) == []
+
+
+def test_each_folder_imports_only_the_layers_before_it():
+    assert rule_breaks(import_graph()) == []
+
+
+def test_every_folder_has_a_layer_and_says_what_it_owns():
+    folders = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert len(folders) >= 5 and folders <= set().union(*LAYERS)
+    for folder in folders:
+        doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) <= 2, folder
+    top = [path.name for path in PACKAGE.glob("*.py")]
+    assert len(top) <= 12, top
 
 
 def test_no_module_imports_itself_back():
@@ -85,7 +147,9 @@ def test_no_module_imports_itself_back():
 
 def test_the_runner_never_imports_an_engine():
     graph = import_graph()
-    assert not {m for m in graph["mv2batch.runner.shards"] if m.startswith("mv2batch.engines")}
+    runner = {m for name, imported in graph.items() if name.startswith("mv2batch.runner") for m in imported}
+    assert "mv2batch.out.rundir" in runner  # the test sees the runner's imports
+    assert not {m for m in runner if m.startswith("mv2batch.engines")}
 
 
 def test_every_module_is_small():

@@ -19,7 +19,7 @@ from mv2batch.engines.local import LocalParts
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.loading.loader import DecodeGate
 from mv2batch.runner.placement import place
-from mv2batch.loading.resources import decode_between_passes, default_workers, plan_loader
+from mv2batch.loading.resources import decode_between_passes, default_workers, choose_loader_settings
 from mv2batch.loading.preprocess import ResizeCrop
 from mv2batch.model.speedups import Speedups, optimize_for_inference
 
@@ -78,7 +78,7 @@ def test_workers_that_decode_between_passes_take_every_core():
 
 
 # One OpenMP team of two threads on a 2-core CPU, whatever this machine has.
-TWO_CORE_TEAM = partial(plan_loader, threads=2, available=2)
+TWO_CORE_TEAM = partial(choose_loader_settings, threads=2, available=2)
 
 
 def _stretched(placement, passes: list, pass_s: float = PASS_S):
@@ -110,8 +110,8 @@ def timed_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader, "decode_image", logged_decode)
     always = lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=GateTrial(chosen=True))  # no trial: every pass gated
-    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), plan_loader=always)
-    free = replace(gated, plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
+    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), choose_loader_settings=always)
+    free = replace(gated, choose_loader_settings=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
 
     def run(folder: Path, out: Path, model: Path, gate: bool = True) -> tuple[list, list[float]]:
         passes.clear()
@@ -148,7 +148,7 @@ def test_too_few_workers_for_the_team_decode_beside_it(tmp_path, tiny_model):
     crop = ResizeCrop(shortest_edge=72, crop_height=64, crop_width=64, resample=2)
     assert not TWO_CORE_TEAM(1, one_team, crop).gate and TWO_CORE_TEAM(2, one_team, crop).gate
     plans = []
-    recorded = LocalParts(plan_loader=lambda *args: plans.append(TWO_CORE_TEAM(*args)) or plans[-1])
+    recorded = LocalParts(choose_loader_settings=lambda *args: plans.append(TWO_CORE_TEAM(*args)) or plans[-1])
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(4)):
@@ -208,7 +208,7 @@ def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_
     # A long sleep against the pass's own compute (which workers beside it slow down: 2 cores, a team of 2), so
     # that the overlap decides and not the machine's noise (0.15 s: 1 of 4 runs chose wrong on a busy machine).
     parts = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes, pass_s=0.4),
-                       plan_loader=lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=trial))
+                       choose_loader_settings=lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=trial))
     classify(folder, tmp_path / "out", tiny_model, batch_size=BATCH, workers=2, parts=parts)
     # The choice is the claim; the margin varies with what else the 2 cores do (1.17x in a slow fresh-clone CI
     # run, 1.65x to 1.95x on a quiet machine, at 0.4 s): 5 %, as before.

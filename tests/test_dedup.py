@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mv2batch.dedup import duplicates as dedup
+from mv2batch.dedup import duplicates
 from mv2batch.dedup import vector_search
 from mv2batch.errors import Mv2batchError, OutputError
 from mv2batch.out.rundir import RunDir, fingerprint_of
@@ -53,7 +53,7 @@ def found_groups(matrix: np.ndarray, threshold: float, **options) -> tuple[set, 
 
 def test_the_exact_search_finds_every_planted_group_and_no_other_among_10000():
     matrix, planted = planted_vectors(10_000, 512, pairs=60, triples=20)
-    groups, found = found_groups(matrix, dedup.DEFAULT_THRESHOLD)
+    groups, found = found_groups(matrix, duplicates.DEFAULT_THRESHOLD)
     assert found.method == "exact"
     assert groups == {tuple(sorted(group)) for group in planted}
     assert np.nanmax(np.delete(found.nearest, sum(planted, []))) < 0.3  # unrelated random vectors
@@ -64,7 +64,7 @@ def test_the_clustered_search_finds_every_planted_group_and_no_other_among_a_mil
     # 64 floats rather than 512: the same search at an eighth of the products, so that 2 cores take ~40 s;
     # bench_dedup.py measures 512. Random vectors are the hardest case for clusters: there are none to follow.
     matrix, planted = planted_vectors(1_000_000, 64, pairs=300, triples=100)
-    groups, found = found_groups(matrix, dedup.DEFAULT_THRESHOLD)
+    groups, found = found_groups(matrix, duplicates.DEFAULT_THRESHOLD)
     assert found.method.startswith("clustered")
     assert groups == {tuple(sorted(group)) for group in planted}
 
@@ -72,7 +72,7 @@ def test_the_clustered_search_finds_every_planted_group_and_no_other_among_a_mil
 def test_the_clustered_search_keeps_identical_copies_and_at_most_k_per_vector():
     matrix, planted = planted_vectors(4000, 32, pairs=10, triples=0, seed=5)
     matrix[planted[0][1]] = matrix[planted[0][0]]  # identical: found by row number, not dropped as "itself"
-    groups, found = found_groups(matrix, dedup.DEFAULT_THRESHOLD, exact=False)
+    groups, found = found_groups(matrix, duplicates.DEFAULT_THRESHOLD, exact=False)
     assert found.method.startswith("clustered")
     assert groups == {tuple(sorted(group)) for group in planted}
     everything = vector_search.find_neighbours(matrix, -1.0, k=3, exact=False)  # every pair passes
@@ -144,7 +144,7 @@ def test_a_run_s_duplicates_parquet_names_groups_representatives_and_similaritie
     embeddings[4] = None  # an error row: skipped
     write_run(tmp_path, embeddings)
     lines = []
-    result = dedup.find_duplicates(tmp_path, say=lines.append)
+    result = duplicates.find_duplicates(tmp_path, say=lines.append)
     assert len(lines) == 1 and "10 embeddings x 32" in lines[0] and "available" in lines[0]
     rows = read_duplicates(tmp_path)
     assert [(row["id"], row["path"], row["group"], row["duplicate_of"]) for row in rows] == [
@@ -153,7 +153,7 @@ def test_a_run_s_duplicates_parquet_names_groups_representatives_and_similaritie
         float(matrix[7] @ matrix[2] / np.linalg.norm(matrix[7])), abs=1e-5)
     assert (result.n_items, result.n_embedded, result.n_groups, result.largest) == (10, 9, 1, 2)
     assert result.histogram.sum() == 9 and result.method == "exact" and result.shards == 3
-    text = dedup.format_summary(result)
+    text = duplicates.format_summary(result)
     assert text[1].startswith("groups: 1 (2 items, largest 2") and any("#" in line for line in text[3:])
 
 
@@ -165,7 +165,7 @@ def test_byte_identical_items_are_one_group_at_similarity_1_even_with_different_
     hashes[1] = hashes[5] = hashes[6] = "ab" * 32
     hashes[3] = None  # unreadable file: no hash, no group
     write_run(tmp_path, embeddings, hashes)
-    result = dedup.find_duplicates(tmp_path)
+    result = duplicates.find_duplicates(tmp_path)
     rows = read_duplicates(tmp_path)
     assert [(row["id"], row["duplicate_of"], row["similarity"]) for row in rows] == [
         ("img0001.jpg", None, None), ("img0005.jpg", "img0001.jpg", 1.0), ("img0006.jpg", "img0001.jpg", 1.0)]
@@ -176,19 +176,19 @@ def test_fp16_embeddings_are_read_as_the_stored_values(tmp_path):
     matrix, planted = planted_vectors(40, 64, pairs=3, triples=1, seed=3)
     stored = [(vector * 20).astype(np.float16) for vector in matrix]
     rundir = write_run(tmp_path, stored, shard_size=16, dtype="fp16")
-    vectors = dedup.read_vectors(rundir, [0, 1, 2], None, dedup.DEFAULT_K)
+    vectors = duplicates.read_vectors(rundir, [0, 1, 2], None, duplicates.DEFAULT_K)
     expected = np.stack(stored).astype(np.float32)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     assert vectors.stored_type == "float16" and vectors.matrix.dtype == np.float32
     np.testing.assert_allclose(vectors.matrix, expected, atol=1e-6)
-    result = dedup.find_duplicates(tmp_path)
+    result = duplicates.find_duplicates(tmp_path)
     assert result.n_groups == 4 and result.in_groups == 3 * 2 + 3
 
 
 def test_too_little_memory_is_refused_in_one_line(tmp_path):
     write_run(tmp_path, list(planted_vectors(20, 512, 0, 0)[0]))
     with pytest.raises(Mv2batchError) as refused:
-        dedup.find_duplicates(tmp_path, memory_available=10_000)
+        duplicates.find_duplicates(tmp_path, memory_available=10_000)
     message = str(refused.value)
     assert "\n" not in message and "20 embeddings x 512" in message and "more memory" in message
     assert not (tmp_path / "report" / "duplicates.parquet").exists()
@@ -197,19 +197,19 @@ def test_too_little_memory_is_refused_in_one_line(tmp_path):
 def test_a_run_without_embeddings_is_refused_in_one_line(tmp_path):
     write_run(tmp_path, [np.zeros(4, np.float32)] * 3, task_fields=[pa.field("top1", pa.int32())])
     with pytest.raises(OutputError) as refused:
-        dedup.find_duplicates(tmp_path)
+        duplicates.find_duplicates(tmp_path)
     message = str(refused.value)
     assert "\n" not in message and "mv2batch embed" in message and "--embeddings" in message
 
 
 def test_an_out_without_a_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(OutputError, match="no such output directory"):
-        dedup.find_duplicates(tmp_path / "missing")
+        duplicates.find_duplicates(tmp_path / "missing")
 
 
 def test_the_memory_estimate_is_the_matrix_and_a_fraction_more():
-    small, large = dedup.memory_needed(1000, 1000, 512), dedup.memory_needed(10**6, 10**6, 512)
+    small, large = duplicates.memory_needed(1000, 1000, 512), duplicates.memory_needed(10**6, 10**6, 512)
     assert 1000 * 512 * 4 < small < 1000 * 512 * 4 + 50e6
     # no copy of the matrix, exact or not (a copy alone would be 2x): ids, paths, pairs and the search's blocks
     assert 10**6 * 512 * 4 < large < 1.6 * 10**6 * 512 * 4
-    assert dedup.available_memory() is None or dedup.available_memory() > 0
+    assert duplicates.available_memory() is None or duplicates.available_memory() > 0

@@ -50,7 +50,7 @@ def test_settings_come_back_after_an_error():
 
 def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch):
     """Every batch runs inside the block, given the run's device and dtype."""
-    from mv2batch.tasks.catalog import ClassifyTask
+    from mv2batch.tasks.classify import ClassifyTask
 
     entered, inside_calls = [], []
 

@@ -28,7 +28,7 @@ def _transformers_embeddings(model: Path, paths: list[Path], batch_size: int) ->
     from transformers import MobileViTImageProcessorPil, MobileViTV2Model
     from transformers.image_utils import load_image
 
-    from mv2batch.loading.decode import register_plugins
+    from mv2batch.inputs.listing import register_plugins
 
     register_plugins()  # HEIF opens in Pillow as it does for mv2batch
     processor = MobileViTImageProcessorPil.from_pretrained(str(model))

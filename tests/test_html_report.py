@@ -184,14 +184,14 @@ def test_eval_charts_of_many_classes_stay_bounded():
 def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chromium):
     """After `dedup`, the page shows its figures and each group's photos, captioned with their similarity; a
     resumed run that has more shards since says the groups are older than the run."""
-    from mv2batch.dedup import duplicates as dedup
+    from mv2batch.dedup import duplicates
 
     _photos(tmp_path / "in", 6)
     (tmp_path / "in" / "copy_of_02.jpg").write_bytes((tmp_path / "in" / "02.jpg").read_bytes())
     (tmp_path / "in" / "copy_of_04.jpg").write_bytes((tmp_path / "in" / "04.jpg").read_bytes())
     classify(tmp_path / "in", tmp_path / "out", tiny_model, task="embed", batch_size=4)
     assert "Near-duplicates" not in (tmp_path / "out" / "report" / "index.html").read_text()
-    result = dedup.find_duplicates(tmp_path / "out", threshold=0.9999)
+    result = duplicates.find_duplicates(tmp_path / "out", threshold=0.9999)
     checks = _browser(chromium, tmp_path / "out" / "report" / "index.html", tmp_path)
     page = _check_page(tmp_path / "out", checks, galleries_at_least=4, charts=0)  # an embed page has none
     assert result.n_groups == 2 and "Near-duplicates</h2>" in page
@@ -201,7 +201,7 @@ def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chro
 
 
 def test_groups_of_a_run_that_had_fewer_shards_are_shown_as_older_than_the_run(tmp_path, tiny_model):
-    from mv2batch.dedup import duplicates as dedup
+    from mv2batch.dedup import duplicates
 
     _photos(tmp_path / "in", 9)
     (tmp_path / "in" / "00_copy.jpg").write_bytes((tmp_path / "in" / "00.jpg").read_bytes())
@@ -213,7 +213,7 @@ def test_groups_of_a_run_that_had_fewer_shards_are_shown_as_older_than_the_run(t
     options = {"task": "embed", "batch_size": 4, "shard_size": 4}
     with pytest.raises(KeyboardInterrupt):
         classify(tmp_path / "in", tmp_path / "out", tiny_model, progress=stop_after_two_shards, **options)
-    assert dedup.find_duplicates(tmp_path / "out", threshold=0.9999).shards == 2
+    assert duplicates.find_duplicates(tmp_path / "out", threshold=0.9999).shards == 2
     classify(tmp_path / "in", tmp_path / "out", tiny_model, **options)  # the rest: the page is written again
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "Near-duplicates (dedup read 2 shards, the run has 3 now: run `mv2batch dedup` again)" in page

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import classify, read_rows, skimage_photos
-from mv2batch.model import checkpoints as models
+from mv2batch.model import checkpoints
 from mv2batch.errors import ModelError
 
 REPO_ID = "tiny-org/mobilevitv2-tiny"
@@ -189,7 +189,7 @@ def no_hub(request) -> str:
 
 def test_hub_id_resolves_from_the_local_cache(hub_cache, offline, tiny_model):
     snapshot = cache_snapshot(hub_cache, REPO_ID, tiny_model, COMMIT)
-    resolved = models.resolve_model(REPO_ID)
+    resolved = checkpoints.resolve_model(REPO_ID)
     assert resolved.folder.resolve() == snapshot.resolve()
     assert (resolved.revision, resolved.origin, resolved.model_id) == (COMMIT, "hub", REPO_ID)
 
@@ -214,10 +214,10 @@ def test_hub_id_through_the_cli(hub_cache, offline, tiny_model, images, tmp_path
 def test_revision_selects_that_snapshot(hub_cache, offline, tiny_model, tmp_path):
     cache_snapshot(hub_cache, REPO_ID, tiny_model, COMMIT)
     other = cache_snapshot(hub_cache, REPO_ID, tiny_model, OTHER_COMMIT, ref=None)
-    resolved = models.resolve_model(REPO_ID, OTHER_COMMIT)
+    resolved = checkpoints.resolve_model(REPO_ID, OTHER_COMMIT)
     assert resolved.folder.resolve() == other.resolve()
     assert resolved.revision == OTHER_COMMIT
-    assert models.resolve_model(REPO_ID).revision == COMMIT  # main still points at the first
+    assert checkpoints.resolve_model(REPO_ID).revision == COMMIT  # main still points at the first
 
 
 def test_revision_through_run_json(hub_cache, offline, tiny_model, images, tmp_path):
@@ -232,21 +232,21 @@ def test_revision_through_run_json(hub_cache, offline, tiny_model, images, tmp_p
 def test_unknown_revision_with_nothing_cached(hub_cache, no_hub, tiny_model, revision):
     cache_snapshot(hub_cache, REPO_ID, tiny_model, COMMIT)
     with deadline(FAST_S):
-        model_error(lambda: models.resolve_model(REPO_ID, revision), REPO_ID)
+        model_error(lambda: checkpoints.resolve_model(REPO_ID, revision), REPO_ID)
 
 
 def test_cached_commit_resolves_fast_when_the_hub_is_unreachable(hub_cache, unreachable, tiny_model):
     """A pinned commit is immutable: when it is cached, a dead network must not cost retries."""
     snapshot = cache_snapshot(hub_cache, REPO_ID, tiny_model, OTHER_COMMIT, ref=None)
     with deadline(FAST_S):
-        resolved = models.resolve_model(REPO_ID, OTHER_COMMIT)
+        resolved = checkpoints.resolve_model(REPO_ID, OTHER_COMMIT)
     assert resolved.folder.resolve() == snapshot.resolve()
 
 
 def test_cached_main_resolves_when_the_hub_is_unreachable(hub_cache, unreachable, tiny_model):
     snapshot = cache_snapshot(hub_cache, REPO_ID, tiny_model, COMMIT)
     with deadline(FAST_S):
-        resolved = models.resolve_model(REPO_ID)
+        resolved = checkpoints.resolve_model(REPO_ID)
     assert (resolved.folder.resolve(), resolved.revision) == (snapshot.resolve(), COMMIT)
 
 
@@ -256,7 +256,7 @@ def test_cached_main_resolves_when_the_hub_is_unreachable(hub_cache, unreachable
 def test_unreachable_hub_nothing_cached(hub_cache, no_hub):
     started = time.perf_counter()
     with deadline(FAST_S):
-        message = model_error(lambda: models.resolve_model("someone/not-cached"), "'someone/not-cached'", "--model")
+        message = model_error(lambda: checkpoints.resolve_model("someone/not-cached"), "'someone/not-cached'", "--model")
     assert "reach" in message and "cache" in message
     assert time.perf_counter() - started < FAST_S
 
@@ -332,7 +332,7 @@ def test_wrong_checkpoints_are_refused(case, tiny_model, images, tmp_path):
 
 @pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "a/b/c"])
 def test_missing_model_paths(name):
-    model_error(lambda: models.resolve_model(name), "model folder not found", name)
+    model_error(lambda: checkpoints.resolve_model(name), "model folder not found", name)
 
 
 def test_refused_model_leaves_the_output_reusable(tiny_model, images, tmp_path):
@@ -364,7 +364,7 @@ def test_label_names_come_from_id2label(tiny_model, images, tmp_path):
 def test_safetensors_preferred_over_a_bin(tiny_model, images, tmp_path):
     model = copy_model(tiny_model, tmp_path / "model")
     (model / "pytorch_model.bin").write_bytes(b"not a pickle: loading this would fail")
-    assert models.resolve_model(str(model)).revision == models.resolve_model(str(tiny_model)).revision
+    assert checkpoints.resolve_model(str(model)).revision == checkpoints.resolve_model(str(tiny_model)).revision
     classify(images, tmp_path / "out", model)
     classify(images, tmp_path / "ref", tiny_model)
     assert _predictions(tmp_path / "out") == _predictions(tmp_path / "ref")

@@ -13,7 +13,8 @@ from dataclasses import replace
 from conftest import classify, placed_with, read_rows, real_photos, segment
 from mv2batch.model.device import to_host_later
 from mv2batch.tasks.postprocess import class_counts, confusion_cells, confusion_counts, present_counts, upsample_argmax
-from mv2batch.tasks.catalog import ClassifyTask, SegmentTask
+from mv2batch.tasks.classify import ClassifyTask
+from mv2batch.tasks.segment import SegmentTask
 
 CLASSES = 21
 

@@ -14,7 +14,7 @@ from conftest import classify, read_rows, real_photos
 from mv2batch.loading import loader
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import Mv2batchError
-from mv2batch.loading.resources import plan_loader
+from mv2batch.loading.resources import choose_loader_settings
 from mv2batch.loading.shared_batches import SharedMemory
 
 MB = 2**20
@@ -58,7 +58,7 @@ class FullSharedMemory(SharedMemory):
 
 def with_shared_memory(shared: SharedMemory) -> LocalParts:
     """LocalParts whose loader puts its batches in `shared`."""
-    return LocalParts(plan_loader=lambda *args, **kwargs: replace(plan_loader(*args, **kwargs), shared_memory=shared))
+    return LocalParts(choose_loader_settings=lambda *args, **kwargs: replace(choose_loader_settings(*args, **kwargs), shared_memory=shared))
 
 
 def test_short_shared_memory_means_fewer_workers_and_a_warning(tmp_path, tiny_model, caplog):

@@ -372,7 +372,7 @@ def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny
 def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_model, tmp_path, monkeypatch):
     """Only a micro-batch is ever in float (a whole batch of 32 at 256x256 is 25 MB), with the same predictions."""
     from mv2batch.model import device
-    from mv2batch.model import speedups as speed
+    from mv2batch.model import speedups
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -385,7 +385,7 @@ def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_mode
     sizes = []
     stage = device.PixelStage.__call__
     monkeypatch.setattr(device.PixelStage, "__call__", lambda self, pixels: sizes.append(len(pixels)) or stage(self, pixels))
-    monkeypatch.setattr(speed, "CPU_MICRO_BATCH_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(speedups, "CPU_MICRO_BATCH_PIXELS", 2 * 64 * 64)
     classify(folder, tmp_path / "micro", tiny_model, **options)
     assert sorted(sizes) == [1, 2, 2, 2]  # in any order: the all set runs micro-batches on parallel streams
     micro, whole = read_rows(tmp_path / "micro"), read_rows(tmp_path / "whole")

@@ -243,7 +243,8 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mv2batch.report.tables import open_run, refresh_html
+    from mv2batch.out.rundir import open_run
+    from mv2batch.report.tables import refresh_html
     from mv2batch.storage import join
 
     started = time.perf_counter()

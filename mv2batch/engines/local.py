@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mv2batch.runner import placement
-from mv2batch.loading import resources as policy
-from mv2batch.runner import shards as runner
+from mv2batch.loading import resources
+from mv2batch.runner import shards
 from mv2batch.out import writer
 from mv2batch.runner.batch_loop import ProgressCallback
 from mv2batch.config import RunConfig
@@ -25,7 +25,7 @@ class LocalParts:
 
     describe: Callable[[RunConfig], Job] = describe_job  # a test wraps the job's source (reads that fail)
     place: Callable[..., Any] = placement.place  # (job, local_rank) -> Placement
-    plan_loader: Callable[..., policy.LoaderPlan] = policy.plan_loader
+    choose_loader_settings: Callable[..., resources.LoaderSettings] = resources.choose_loader_settings
     part_writer: type = writer.PartWriter  # what writes a shard's part (a test's fails as a full disk does)
 
 
@@ -42,10 +42,10 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
         if rank.world_size == 1:
             lock.acquire()
         rundir = open_out(job, rank, group, batch_size=placed.batch_size)
-        counters = runner.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.plan_loader,
+        counters = shards.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.choose_loader_settings,
                                      parts.part_writer)
         group.barrier()
-        return runner.finish(job, rundir, counters.done, time.perf_counter() - started,
+        return shards.finish(job, rundir, counters.done, time.perf_counter() - started,
                              write=rank.is_first or not group.active)
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here

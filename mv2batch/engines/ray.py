@@ -34,7 +34,7 @@ def _ray() -> Any:
 
 def run_shard(job: Job, shard: int) -> tuple[int, int]:
     """A Ray task: place the model on this node and run one shard; (rows, error rows) it ran."""
-    from mv2batch.runner import shards as runner
+    from mv2batch.runner import shards
     from mv2batch.runner.placement import place
 
     job = _with_model_here(job)
@@ -42,18 +42,18 @@ def run_shard(job: Job, shard: int) -> tuple[int, int]:
     rank, owns = Rank(), owner(Rank(), (shard,))
     joining = dataclasses.replace(job.config, resume=True, overwrite=False)  # the driver prepared OUT
     rundir = open_out(dataclasses.replace(job, config=joining), rank, Group(rank), owns=owns)
-    counters = runner.run_shards(job, placed, rundir, owns)
+    counters = shards.run_shards(job, placed, rundir, owns)
     return counters.done, counters.errors
 
 
 def _with_model_here(job: Job) -> Job:
     """The job with its checkpoint resolved on this node, at the revision the driver resolved, where the driver's
     folder is not visible here (another machine's hub cache)."""
-    from mv2batch.model import checkpoints as models
+    from mv2batch.model import checkpoints
 
     if Path(job.resolved.folder).is_dir():
         return job
-    return dataclasses.replace(job, resolved=models.resolve_model(job.model_name, job.resolved.revision))
+    return dataclasses.replace(job, resolved=checkpoints.resolve_model(job.model_name, job.resolved.revision))
 
 
 def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
@@ -71,7 +71,7 @@ def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
 
 def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | None, started: float) -> Report:
     """Every pending shard as a Ray task; progress per finished shard; the report once, at the end."""
-    from mv2batch.runner import shards as runner
+    from mv2batch.runner import shards
 
     config = job.config
     done = rundir.committed(job.fingerprint)
@@ -91,4 +91,4 @@ def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | Non
         ran, errors = ran + rows, errors + failed
         if progress:
             progress(ProgressUpdate(ran, total, errors))
-    return runner.finish(job, rundir, ran, time.perf_counter() - started, write=True)
+    return shards.finish(job, rundir, ran, time.perf_counter() - started, write=True)

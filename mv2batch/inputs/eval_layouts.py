@@ -8,7 +8,9 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Any, Callable, Iterable
+
+import numpy as np
 
 from mv2batch import storage
 from mv2batch.errors import InputError
@@ -177,3 +179,69 @@ def open_ade20k(root: Location, split: str | None, options: dict | None = None) 
                         targets=[str(storage.join(annotations, str(PurePosixPath(i).with_suffix(".png"))))
                                  for i in ids],
                         description=f"ade20k {base} [{split}]")
+
+
+EVAL_CLASSES = {"imagenet": 1000, "voc": 21, "ade20k": 150}  # the classes a model needs to be scored here
+SEGMENTATION_LAYOUTS = {"voc": open_voc, "ade20k": open_ade20k}  # layouts with ground-truth masks
+
+
+def has_target_masks(kind: str) -> bool:
+    """Whether an input kind's records carry a ground-truth mask (eval voc / ade20k)."""
+    return kind in SEGMENTATION_LAYOUTS
+
+
+def reduces_labels(kind: str) -> bool:
+    """ADE20k's masks use 0 for 'other' (ignored) and k for class k - 1, as transformers' do_reduce_labels."""
+    return kind == "ade20k"
+
+
+class TargetError(Exception):
+    """A ground-truth mask that is missing, unreadable or of the wrong size."""
+
+
+def read_target(path: str, reduce_labels: bool) -> np.ndarray:
+    """Class ids of a ground-truth PNG (palette index or grey level); reduce_labels: ADE20k's 0 = ignore."""
+    from PIL import Image
+
+    from mv2batch.storage import RemoteFile
+
+    try:
+        with Image.open(io.BytesIO(path.read()) if isinstance(path, RemoteFile) else path) as image:
+            target = np.array(image)
+    except Exception as exc:
+        raise TargetError(f"cannot read ground-truth mask: {type(exc).__name__}: {exc}") from None
+    if target.ndim != 2:
+        raise TargetError(f"ground-truth mask must have one channel, it has shape {target.shape}")
+    target = target.astype(np.uint8)
+    if reduce_labels:  # as transformers' do_reduce_labels: 0 -> 255 (ignored), k -> k - 1
+        target[target == 0] = 255
+        target = target - 1
+        target[target == 254] = 255
+    return target
+
+
+def target_reader(run_info: dict, options: dict | None) -> Callable[[dict], Any] | None:
+    """eval voc / ade20k: row -> its ground-truth class ids (None where unreadable), else None.
+
+    The rows carry no target path (the loader turns it into the array the confusion counts), so the layout is
+    opened again from run.json's input and split: this module keeps the one rule of where a target lies, and a
+    run's parts need no extra column. A layout that cannot be opened now (moved, or a relative path from another
+    folder) leaves the ground-truth thumbnails out, as an unreadable photo leaves its own.
+    """
+    kind = run_info["input"]["kind"]
+    if not has_target_masks(kind):
+        return None
+    split = run_info.get("fingerprint_fields", {}).get("split")
+    try:
+        source = SEGMENTATION_LAYOUTS[kind](storage.location(run_info["input"]["name"]), split, options)
+    except Exception:  # noqa: BLE001  (see the docstring)
+        return lambda row: None
+    targets = dict(zip(source.ids, source.targets))
+
+    def read(row: dict) -> Any:
+        try:
+            return read_target(source.remote(targets[row["id"]]), reduce_labels=reduces_labels(kind))
+        except Exception:  # noqa: BLE001  (see the docstring)
+            return None
+
+    return read

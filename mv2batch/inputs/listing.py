@@ -28,11 +28,27 @@ REPEATED = "directories reached again through a link"
 OUTPUTS = "this run's own outputs"
 
 
+def register_plugins() -> None:
+    """HEIC / HEIF through pillow-heif (AVIF is Pillow's own), once per process: before a folder is listed and
+    before the first image is opened (so in every loader worker). Not at import: it costs ~75 ms, and --help
+    imports this module."""
+    global _PLUGINS_REGISTERED
+    if _PLUGINS_REGISTERED:
+        return
+    _PLUGINS_REGISTERED = True
+    try:
+        import pillow_heif
+    except ImportError:  # image_extensions then leaves .heic / .heif out, and says so
+        return
+    pillow_heif.register_heif_opener()
+
+
+_PLUGINS_REGISTERED = False
+
+
 def _decodable(extension: str) -> bool:
     """Whether Pillow (with its plugins registered, e.g. pillow-heif) opens files of this extension."""
     from PIL import Image
-
-    from mv2batch.loading.decode import register_plugins
 
     register_plugins()
 

@@ -71,7 +71,6 @@ def _open_ade20k(config: RunConfig) -> Any:
 SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dataset,
                   SourceKind.webdataset: _open_webdataset,
                   SourceKind.imagenet: _open_imagenet, SourceKind.voc: _open_voc, SourceKind.ade20k: _open_ade20k}
-EVAL_CLASSES = {SourceKind.imagenet: 1000, SourceKind.voc: 21, SourceKind.ade20k: 150}
 
 
 def open_source(config: RunConfig) -> Any:
@@ -81,7 +80,9 @@ def open_source(config: RunConfig) -> Any:
 
 def check_classes(config: RunConfig, labels: list[str], model_name: str) -> None:
     """Evaluation layouts need a model with their number of classes."""
-    expected = EVAL_CLASSES.get(config.source)
+    from mv2batch.inputs.eval_layouts import EVAL_CLASSES
+
+    expected = EVAL_CLASSES.get(config.source.value)
     if expected is not None and len(labels) != expected:
         raise ModelError(f"{model_name} has {len(labels)} classes; evaluating on {config.source.value} needs "
                          f"a checkpoint with {expected}")

@@ -12,27 +12,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from mv2batch.config import DEFAULT_MAX_PIXELS
+from mv2batch.inputs.listing import register_plugins
 from mv2batch.storage import RemoteFile, StoreReadError
-
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-
-
-def register_plugins() -> None:
-    """HEIC / HEIF through pillow-heif (AVIF is Pillow's own), once per process: before a folder is listed and
-    before the first image is opened (so in every loader worker). Not at import: it costs ~75 ms, and --help
-    imports this module."""
-    global _PLUGINS_REGISTERED
-    if _PLUGINS_REGISTERED:
-        return
-    _PLUGINS_REGISTERED = True
-    try:
-        import pillow_heif
-    except ImportError:  # listing.image_extensions then leaves .heic / .heif out, and says so
-        return
-    pillow_heif.register_heif_opener()
-
-
-_PLUGINS_REGISTERED = False
 
 
 class DecodeError(Exception):

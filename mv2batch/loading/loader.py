@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import multiprocessing
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from mv2batch.loading.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from mv2batch.errors import Mv2batchError
 from mv2batch.loading.shared_batches import Batch, BufferPool, SharedMemory, collate, giving_buffers_back
+from mv2batch.inputs.eval_layouts import TargetError, read_target
 from mv2batch.inputs.sources import Record
 
 log = logging.getLogger("mv2batch")
@@ -151,31 +151,6 @@ class ImageDataset:
         return target
 
 
-class TargetError(Exception):
-    """A ground-truth mask that is missing, unreadable or of the wrong size."""
-
-
-def read_target(path: str, reduce_labels: bool) -> np.ndarray:
-    """Class ids of a ground-truth PNG (palette index or grey level); reduce_labels: ADE20k's 0 = ignore."""
-    from PIL import Image
-
-    from mv2batch.storage import RemoteFile
-
-    try:
-        with Image.open(io.BytesIO(path.read()) if isinstance(path, RemoteFile) else path) as image:
-            target = np.array(image)
-    except Exception as exc:
-        raise TargetError(f"cannot read ground-truth mask: {type(exc).__name__}: {exc}") from None
-    if target.ndim != 2:
-        raise TargetError(f"ground-truth mask must have one channel, it has shape {target.shape}")
-    target = target.astype(np.uint8)
-    if reduce_labels:  # as transformers' do_reduce_labels: 0 -> 255 (ignored), k -> k - 1
-        target[target == 0] = 255
-        target = target - 1
-        target[target == 254] = 255
-    return target
-
-
 def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
     """Consecutive index batches of one shard."""
     return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
@@ -195,7 +170,7 @@ def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | No
 
 
 @dataclass(frozen=True)
-class WorkerPlan:
+class FittedWorkers:
     """Workers fitted to shared memory, the DataLoader's prefetch options, and the pool of their buffers."""
 
     workers: int
@@ -204,7 +179,7 @@ class WorkerPlan:
     shared: SharedMemory
 
 
-def plan_workers(workers: int, batch_bytes: int | None, shared: SharedMemory | None = None) -> WorkerPlan:
+def fit_workers(workers: int, batch_bytes: int | None, shared: SharedMemory | None = None) -> FittedWorkers:
     """batch_bytes (a typical batch's pixels): fewer batches in flight, or workers, where shared memory is short.
     shared: where the batches go (SharedMemory(): /dev/shm)."""
     shared = shared or SharedMemory()
@@ -212,16 +187,16 @@ def plan_workers(workers: int, batch_bytes: int | None, shared: SharedMemory | N
     if workers > 0 and batch_bytes:
         workers, prefetch = fitted_to_shared_memory(workers, batch_bytes, shared)
     if workers == 0:
-        return WorkerPlan(0, {}, None, shared)
+        return FittedWorkers(0, {}, None, shared)
     # A worker has at most `prefetch` batches in flight, and one more while the main process copies one out
     # (fit_to_shared_memory leaves room for that: it budgets half the free shared memory for prefetch alone).
-    return WorkerPlan(workers, {"prefetch_factor": prefetch, "persistent_workers": False},
+    return FittedWorkers(workers, {"prefetch_factor": prefetch, "persistent_workers": False},
                       BufferPool(workers, keep=prefetch + 1, shared=shared), shared)
 
 
-def loader_batches(loader: Any, plan: WorkerPlan) -> Iterator[Batch]:
+def loader_batches(loader: Any, fitted: FittedWorkers) -> Iterator[Batch]:
     """A DataLoader's batches, each worker's buffers given back once used; out of shared memory: one line."""
-    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), plan.buffers), plan.shared)
+    return reporting_shared_memory_errors(giving_buffers_back(iter(loader), fitted.buffers), fitted.shared)
 
 
 def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: int, pin_memory: bool,
@@ -230,11 +205,11 @@ def make_loader(dataset: ImageDataset, batches: Iterable[list[int]], workers: in
     in shared (SharedMemory(): /dev/shm)."""
     from torch.utils.data import DataLoader
 
-    plan = plan_workers(workers, batch_bytes, shared)
+    fitted = fit_workers(workers, batch_bytes, shared)
     # A partial of a module-level function, not a closure: spawned workers can unpickle it.
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=plan.workers,
-                        collate_fn=partial(collate, buffers=plan.buffers), pin_memory=pin_memory, **plan.options)
-    return loader_batches(loader, plan)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=fitted.workers,
+                        collate_fn=partial(collate, buffers=fitted.buffers), pin_memory=pin_memory, **fitted.options)
+    return loader_batches(loader, fitted)
 
 
 def fit_to_shared_memory(workers: int, batch_bytes: int, free_bytes: int) -> tuple[int, int]:

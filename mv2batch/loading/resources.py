@@ -114,7 +114,7 @@ def typical_pixels(resize_crop: Any) -> int:
 
 
 @dataclass(frozen=True)
-class LoaderPlan:
+class LoaderSettings:
     """How the loader runs: its workers, whether they decode only between passes, a typical batch's bytes."""
 
     workers: int
@@ -126,8 +126,8 @@ class LoaderPlan:
     shared_memory: Any = None  # where workers put their batches (None: shared_batches.SharedMemory(), /dev/shm)
 
 
-def plan_loader(workers: int | None, placement: Any, resize_crop: Any, threads: int | None = None,
-                available: int | None = None) -> LoaderPlan:
+def choose_loader_settings(workers: int | None, placement: Any, resize_crop: Any, threads: int | None = None,
+                available: int | None = None) -> LoaderSettings:
     """The loader for a placed model. workers: --workers (None: default_workers).
 
     Decoding between passes needs workers enough to use every core of the team then (fewer, as with --workers 1
@@ -139,4 +139,4 @@ def plan_loader(workers: int | None, placement: Any, resize_crop: Any, threads: 
     if workers is None:
         workers = default_workers(device_type, between_passes=between, available=available)
     batch_bytes = placement.batch_size * typical_pixels(resize_crop) * 3
-    return LoaderPlan(workers, between and workers >= threads, batch_bytes, device_type == "cuda")
+    return LoaderSettings(workers, between and workers >= threads, batch_bytes, device_type == "cuda")

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mv2batch.loading.loader import DecodeGate, ImageDataset, loader_batches, plan_workers
+from mv2batch.loading.loader import DecodeGate, ImageDataset, loader_batches, fit_workers
 from mv2batch.loading.shared_batches import Batch, BufferPool, collate
 
 
@@ -52,8 +52,8 @@ def make_shard_loader(source: Any, shards: list[int], images: ImageDataset, batc
                       gate: DecodeGate | None = None, shared: Any = None) -> Iterator[Batch]:
     """Batches of the given shards, read by up to one worker per shard (more would have nothing to read);
     shared: where the batches go (shared_batches.SharedMemory(), /dev/shm)."""
-    plan = plan_workers(min(workers, len(shards)), batch_bytes, shared)
-    stream = ShardStream(source, shards, images, batch_size, plan.buffers, gate)
-    loader = DataLoader(stream, batch_size=None, num_workers=plan.workers, collate_fn=_as_is,
-                        pin_memory=pin_memory, **plan.options)
-    return loader_batches(loader, plan)
+    fitted = fit_workers(min(workers, len(shards)), batch_bytes, shared)
+    stream = ShardStream(source, shards, images, batch_size, fitted.buffers, gate)
+    loader = DataLoader(stream, batch_size=None, num_workers=fitted.workers, collate_fn=_as_is,
+                        pin_memory=pin_memory, **fitted.options)
+    return loader_batches(loader, fitted)

@@ -162,7 +162,7 @@ def load_weights(folder: Path, task: str, model: str, embeddings: bool = False) 
     vector (embeddings.pooled_model)."""
     import transformers
 
-    from mv2batch.tasks.embed import pooled_model
+    from mv2batch.model.pooled import pooled_model
 
     transformers.utils.logging.disable_progress_bar()
     if not _weight_files(folder):

@@ -250,3 +250,14 @@ class OutLock:
             self.path.unlink(missing_ok=True)
             self.handle.close()  # closing the file releases the flock
             self.handle = None
+
+
+def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:
+    """An existing OUT and its run.json, for commands that read a run (report, export); else one line."""
+    rundir = RunDir(out, storage_options)
+    if not rundir.exists():
+        raise OutputError(f"no such output directory: {out}")
+    run_info = rundir.read_run()
+    if run_info is None:
+        raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    return rundir, run_info

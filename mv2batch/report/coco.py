@@ -15,7 +15,7 @@ import numpy as np
 
 from mv2batch import storage
 from mv2batch.errors import ConfigError
-from mv2batch.report.tables import open_run
+from mv2batch.out.rundir import open_run
 from mv2batch.out.rundir import output_errors
 
 COLUMNS = ["id", "path", "status", "width", "height", "mask_png", "classes", "class_pixels"]

@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mv2batch.errors import OutputError
-from mv2batch.out.rundir import RunDir
+from mv2batch.inputs.eval_layouts import target_reader
+from mv2batch.out.rundir import RunDir, open_run
 
 
 @dataclass
@@ -104,7 +104,7 @@ def write_html(report: Report, rundir: RunDir) -> None:
             return masks_of(row["_shard"])[row["_row"]].as_py()
 
         page = build_page(report, run_info, rows, functools.partial(_read_photo, options=rundir.options),
-                          read_mask, _target_reader(run_info, rundir.options), _duplicates(rundir))
+                          read_mask, target_reader(run_info, rundir.options), _duplicates(rundir))
         rundir.write_report_file("index.html", page.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         logging.getLogger("mv2batch").warning(f"the HTML report was not written: {type(exc).__name__}: {exc}")
@@ -150,52 +150,9 @@ def _read_photo(path: str, options: dict | None) -> bytes:
     return storage.filesystem(where, options).cat_file(where)
 
 
-def _target_reader(run_info: dict, options: dict | None) -> Any:
-    """eval voc / ade20k: row -> its ground-truth class ids (None where unreadable), else None.
-
-    The rows carry no target path (the loader turns it into the array the confusion counts), so the layout is
-    opened again from run.json's input and split: eval_sources keeps the one rule of where a target lies, and a
-    run's parts need no extra column. A layout that cannot be opened now (moved, or a relative path from another
-    folder) leaves the ground-truth thumbnails out, as an unreadable photo leaves its own.
-    """
-    from mv2batch.inputs import eval_layouts as eval_sources
-    from mv2batch import storage
-    from mv2batch.loading.loader import read_target
-
-    openers = {"voc": eval_sources.open_voc, "ade20k": eval_sources.open_ade20k}
-    kind = run_info["input"]["kind"]
-    if kind not in openers:
-        return None
-    split = run_info.get("fingerprint_fields", {}).get("split")
-    try:
-        source = openers[kind](storage.location(run_info["input"]["name"]), split, options)
-    except Exception:  # noqa: BLE001  (see the docstring)
-        return lambda row: None
-    targets = dict(zip(source.ids, source.targets))
-
-    def read(row: dict) -> Any:
-        try:
-            return read_target(source.remote(targets[row["id"]]), reduce_labels=kind == "ade20k")
-        except Exception:  # noqa: BLE001  (see the docstring)
-            return None
-
-    return read
-
-
-def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:
-    """An existing OUT and its run.json, for commands that read a run (report, export); else one line."""
-    rundir = RunDir(out, storage_options)
-    if not rundir.exists():
-        raise OutputError(f"no such output directory: {out}")
-    run_info = rundir.read_run()
-    if run_info is None:
-        raise OutputError(f"{out} holds no mv2batch run (no run.json)")
-    return rundir, run_info
-
-
 def report_of_committed(rundir: RunDir, run_info: dict) -> Report:
     """The report of a run's committed shards, from their markers and the task named in run.json."""
-    from mv2batch.tasks.catalog import TASKS
+    from mv2batch.tasks.task import TASKS
 
     markers = rundir.committed(run_info["fingerprint"])
     return build_report(rundir, run_info, markers, TASKS[run_info["task"]](run_info["model"]["labels"]))

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mv2batch.inputs import openers as inputs
-from mv2batch.model import checkpoints as models
+from mv2batch.inputs import openers
+from mv2batch.model import checkpoints
 from mv2batch.runner import runinfo
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, OutputError
@@ -26,7 +26,7 @@ class Job:
     config: RunConfig
     source: Any  # sources.IndexedSource or sources.StreamedSource
     model_name: str
-    resolved: models.ResolvedModel
+    resolved: checkpoints.ResolvedModel
     model_config: dict
     labels: list[str]
     task: Any  # tasks.ClassifyTask or tasks.SegmentTask
@@ -50,19 +50,19 @@ class Job:
 def describe_job(config: RunConfig) -> Job:
     """Open the source, resolve the model, read its config and processor, build the task and run.json."""
     from mv2batch.model.device import dtype_of
-    from mv2batch.tasks.catalog import make_task
+    from mv2batch.tasks.task import make_task
 
     name = config.task.value
-    source = inputs.open_source(config)  # a wrong input path is the cheapest mistake to report, so first
-    model_name = config.model or models.DEFAULT_MODELS[name]
-    resolved = models.resolve_model(model_name, config.revision)
-    model_config = models.read_config(resolved.folder)
-    models.check_head(model_config, name, model_name)
-    labels = models.label_names(model_config)
-    inputs.check_classes(config, labels, model_name)
+    source = openers.open_source(config)  # a wrong input path is the cheapest mistake to report, so first
+    model_name = config.model or checkpoints.DEFAULT_MODELS[name]
+    resolved = checkpoints.resolve_model(model_name, config.revision)
+    model_config = checkpoints.read_config(resolved.folder)
+    checkpoints.check_head(model_config, name, model_name)
+    labels = checkpoints.label_names(model_config)
+    openers.check_classes(config, labels, model_name)
     task = make_task(config, labels, model_config)
     protocol = config.preprocess.value if config.preprocess else task.default_protocol
-    preprocessing = task.preprocessing(protocol, lambda: models.load_processor(resolved.folder, model_name),
+    preprocessing = task.preprocessing(protocol, lambda: checkpoints.load_processor(resolved.folder, model_name),
                                        model_name)
     dtype = dtype_of(config.dtype.value)
     run_info = runinfo.describe_run(config, source, resolved, preprocessing, dtype, labels)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mv2batch.model import checkpoints as models
-from mv2batch.loading import resources as policy
+from mv2batch.model import checkpoints
+from mv2batch.loading import resources
 from mv2batch.runner.job import Job
 from mv2batch.loading.preprocess import HostPixels
 
@@ -38,10 +38,10 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
     if device.type == "cpu":
         keep_freed_memory()  # reuse activation memory between layers instead of page-faulting it in again
         limit_kernel_cache()  # before the first convolution: oneDNN reads it then
-    height, width = policy.typical_size(job.preprocessing.resize_crop)
-    batch_size = config.batch_size or policy.default_batch_size(
+    height, width = resources.typical_size(job.preprocessing.resize_crop)
+    batch_size = config.batch_size or resources.default_batch_size(
         job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0), height * width)
-    module = models.load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
+    module = checkpoints.load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
     model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
                                           (height, width))
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
-from mv2batch.loading import resources as policy
+from mv2batch.loading import resources
 from mv2batch.runner import runinfo
 from mv2batch.runner.batch_loop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
-from mv2batch.config import Decode, SourceKind
+from mv2batch.config import Decode
+from mv2batch.inputs.eval_layouts import reduces_labels
 from mv2batch.errors import ConfigError
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.runner.job import Job
@@ -19,21 +20,21 @@ from mv2batch.report.tables import Report, build_report, write_report
 from mv2batch.out.rundir import RunDir
 from mv2batch.inputs.sources import Record, is_sharded
 
-PlanLoader = Callable[..., policy.LoaderPlan]  # policy.plan_loader's signature
+LoaderSettingsChoice = Callable[..., resources.LoaderSettings]  # resources.choose_loader_settings's signature
 
 
 def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
-               progress: ProgressCallback | None = None, plan_loader: PlanLoader = policy.plan_loader,
+               progress: ProgressCallback | None = None, choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
                part_writer: type | None = None) -> Counters:
     """Run this process's shards that are not done yet (and, with --retry-errors, the failed rows of done ones).
 
-    owns: which shards are this process's; rank: its number, recorded in the markers. plan_loader: how the
-    loader is planned (policy.plan_loader; a test passes its own to change one decision). part_writer: what
+    owns: which shards are this process's; rank: its number, recorded in the markers. choose_loader_settings: how the
+    loader is planned (resources.choose_loader_settings; a test passes its own to change one decision). part_writer: what
     writes a shard's part (writer.PartWriter; a test passes one that fails).
     """
     from mv2batch.model import device
 
-    loop = build_loop(job, placement, rundir, rank, progress, plan_loader, part_writer)
+    loop = build_loop(job, placement, rundir, rank, progress, choose_loader_settings, part_writer)
     with device.float32_math(placement.device, placement.dtype):
         done = rundir.committed(job.fingerprint)
         if job.config.retry_errors and not is_sharded(job.source):
@@ -48,42 +49,42 @@ def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], b
 
 
 def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
-               plan_loader: PlanLoader = policy.plan_loader, part_writer: type | None = None) -> BatchLoop:
+               choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings, part_writer: type | None = None) -> BatchLoop:
     """The batch loop of a job from its real parts: the task, the placement, a loader and a writer."""
     from mv2batch.out.writer import BackgroundWriter
 
-    plan = plan_loader(job.config.workers, placement, job.preprocessing.resize_crop)
+    settings = choose_loader_settings(job.config.workers, placement, job.preprocessing.resize_crop)
     schema = prediction_schema(job)
     return BatchLoop(
-        task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, plan),
+        task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, settings),
         make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows,
                                              part_writer=part_writer),
         item_id=job.source.item_id, shard_size=job.shard_size,
-        marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=plan.gate, progress=progress,
-        gate_trial=plan.gate_trial or GateTrial(workers=plan.workers))
+        marker_fields={"fingerprint": job.fingerprint, "rank": rank}, gate=settings.gate, progress=progress,
+        gate_trial=settings.gate_trial or GateTrial(workers=settings.workers))
 
 
-def loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,
+def loader_factory(job: Job, placement: Any, settings: resources.LoaderSettings, read: Callable, gate: Any,
                    shards: Shards) -> Iterator[Any]:
-    """A DataLoader over the records `read` gives, decoding and resizing in plan.workers workers."""
+    """A DataLoader over the records `read` gives, decoding and resizing in settings.workers workers."""
     return make_loader(_images(job, placement, read, gate), _index_batches(job, placement, shards, read),
-                       plan.workers, plan.pin_memory, batch_bytes=plan.batch_bytes, shared=plan.shared_memory)
+                       settings.workers, settings.pin_memory, batch_bytes=settings.batch_bytes, shared=settings.shared_memory)
 
 
-def shard_loader_factory(job: Job, placement: Any, plan: policy.LoaderPlan, read: Callable, gate: Any,
+def shard_loader_factory(job: Job, placement: Any, settings: resources.LoaderSettings, read: Callable, gate: Any,
                          shards: Shards) -> Iterator[Any]:
     """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time)."""
     from mv2batch.loading.shard_loader import make_shard_loader
 
     return make_shard_loader(job.source, [number for number, _ in shards], _images(job, placement, None, None),
-                             placement.batch_size, plan.workers, plan.pin_memory, plan.batch_bytes, gate,
-                             plan.shared_memory)
+                             placement.batch_size, settings.workers, settings.pin_memory, settings.batch_bytes, gate,
+                             settings.shared_memory)
 
 
 def _images(job: Job, placement: Any, read: Callable | None, gate: Any) -> ImageDataset:
     fast = placement.host_pixels.resize_crop if job.config.decode is Decode.fast else None
     return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
-                        reduce_labels=job.config.source is SourceKind.ade20k, gate=gate, fast=fast)
+                        reduce_labels=reduces_labels(job.config.source.value), gate=gate, fast=fast)
 
 
 def _index_batches(job: Job, placement: Any, shards: Shards, read: Callable) -> Iterator[list[int]]:

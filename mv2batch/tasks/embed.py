@@ -8,7 +8,6 @@ first, so an fp16 value is the fp32 one rounded once.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -62,38 +61,6 @@ class EmbeddingColumn:
                 dense[position] = row
         values = pa.array(dense.reshape(-1), type=ARROW_TYPES[self.dtype])
         return pa.FixedSizeListArray.from_arrays(values, self.size, mask=pa.array(missing) if any(missing) else None)
-
-
-def pooled_model(classification: Any = None, backbone: Any = None) -> Any:
-    """A module whose output has the backbone's `pooler_output` and, with a classification model, its `logits`
-    from the same pass: `classifier(mobilevitv2(x).pooler_output)`, which is exactly
-    MobileViTV2ForImageClassification's forward (no dropout there). It keeps the `mobilevitv2` attribute the
-    speed-ups look for."""
-    return _pooled_class()(classification.mobilevitv2 if classification is not None else backbone,
-                           classification.classifier if classification is not None else None)
-
-
-@functools.cache
-def _pooled_class() -> type:
-    import torch
-    from transformers.utils import ModelOutput
-
-    @dataclass
-    class PooledOutput(ModelOutput):
-        logits: Any = None
-        pooler_output: Any = None
-
-    class PooledModel(torch.nn.Module):
-        def __init__(self, backbone: Any, classifier: Any):
-            super().__init__()
-            self.mobilevitv2, self.classifier = backbone, classifier
-
-        def forward(self, pixel_values: Any = None) -> Any:
-            pooled = self.mobilevitv2(pixel_values).pooler_output
-            logits = self.classifier(pooled) if self.classifier is not None else None
-            return PooledOutput(logits=logits, pooler_output=pooled)
-
-    return PooledModel
 
 
 class FixedSizeImages:
