@@ -68,6 +68,9 @@ def is_sharded(source: object) -> bool:
     return bool(getattr(source, "sharded", False))
 
 
+Source = IndexedSource | StreamedSource | ShardedSource  # what inputs.openers.open_source gives
+
+
 
 def list_images(root: Path) -> tuple[list[str], int]:
     """Image paths under root relative to it, sorted; also the count of files left out (listing.list_folder)."""

@@ -7,14 +7,17 @@ parts on it and keeps one piece of work ahead (one_ahead), so that no stream idl
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 
 _STREAM_THREAD = threading.local()  # .active is set in the stream threads: they never wait on their own pool
 
 
-def stream_pool(streams: int) -> Any:
+def stream_pool(streams: int) -> ThreadPoolExecutor:
     """Threads that each run torch ops with their share of the intra-op threads (OpenMP settings are per thread).
 
     torch.set_num_threads also sets the default for threads created later, so the caller's value is put back

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mv2batch.tasks.task import Task
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +43,7 @@ class Report:
                 "n_errors": self.n_errors, "images_per_s": self.images_per_s, **self.metrics}
 
 
-def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task: Any) -> Report:
+def build_report(rundir: RunDir, run_info: dict, markers: dict[int, dict], task: Task) -> Report:
     """Merge every marker; the report is complete when every planned shard has one."""
     counts = task.new_counts()
     rows = errors = 0

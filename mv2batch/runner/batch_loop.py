@@ -9,12 +9,24 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.loading.loader import DecodeGate
-from mv2batch.out.rundir import part_name
 from mv2batch.model.streams import one_ahead, start_in_streams
+from mv2batch.out.rundir import part_name
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mv2batch.inputs.sources import Record
+    from mv2batch.loading.loader import Sample
+    from mv2batch.loading.shared_batches import Batch
+    from mv2batch.model.device import PixelStage
+    from mv2batch.model.speedups import Speedups
+    from mv2batch.tasks.task import Task
 
 Shards = list[tuple[int, Sequence[int]]]  # (shard number, item indices)
 
@@ -46,7 +58,7 @@ class ShardState:
 
     number: int
     expected_rows: int | None  # None: known once the loader's last batch of the shard comes (sharded sources)
-    counts: Any
+    counts: Any  # the task's metric partials (tasks.metrics.ClassifyCounts or SegmentCounts)
     rows: int = 0
     errors: int = 0
     started: float | None = None  # when the shard's first batch arrived
@@ -54,20 +66,46 @@ class ShardState:
     wait_s: float = 0.0
 
 
-# (read, gate, shards) -> an iterator of loader.Batch in the shards' order; see runner.loader_factory.
-LoaderFactory = Callable[[Callable, "DecodeGate | None", Shards], Iterator[Any]]
+class LoaderFactory(Protocol):
+    """Starts the loader over some shards: their batches in the shards' order (runner.shards.loader_factory)."""
+
+    def __call__(self, read: Callable[[int], Record], gate: DecodeGate | None, shards: Shards) -> Iterator[Batch]: ...
+
+
+class PartsWriter(Protocol):
+    """Where the loop's rows go (out.writer.BackgroundWriter): written per shard, then committed with its marker."""
+
+    def write(self, shard: int, columns: dict[str, list]) -> None: ...
+
+    def commit(self, shard: int, marker: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class PlacedModel(Protocol):
+    """What the loop reads of a placed model (runner.placement.Placement)."""
+
+    model: torch.nn.Module  # called as model(pixel_values=...)
+    pixel_stage: PixelStage  # uint8 NHWC batch -> the model's input
+    speedups: Speedups | None
+    streams: ThreadPoolExecutor | None  # parallel CPU streams (model.streams), None: one stream
+    queued: bool
+
+
 # (index, path) -> the encoded photo of a row again (the segmentation overlays re-read it in the writer thread).
-PhotoReader = Callable[[int, "str | None"], Any]
+PhotoReader = Callable[[int, "str | None"], bytes]
 
 
 @dataclass
 class BatchLoop:
     """Runs shards through the model and the writer; the counters say what it ran."""
 
-    task: Any
-    placement: Any  # placement.Placement
+    task: Task
+    placement: PlacedModel
     make_loader: LoaderFactory
-    make_writer: Callable[[], Any]  # -> writer.BackgroundWriter
+    make_writer: Callable[[], PartsWriter]
     item_id: Callable[[int], str]
     shard_size: int | None  # item index -> shard, where batches do not say (sharded sources: they do)
     marker_fields: dict  # written into every shard marker (fingerprint, rank)
@@ -76,7 +114,7 @@ class BatchLoop:
     counters: Counters = field(default_factory=Counters)
     gate_trial: GateTrial = field(default_factory=GateTrial)
 
-    def process(self, shards: Shards, read: Callable, photo: PhotoReader | None = None) -> None:
+    def process(self, shards: Shards, read: Callable[[int], Record], photo: PhotoReader | None = None) -> None:
         """Run the shards through one loader, committing each shard when its last row is written.
 
         shards: (number, item indices), or (number, None) where the loader reads whole shards of the source's
@@ -99,7 +137,7 @@ class BatchLoop:
             writer.abort()
             raise
 
-    def predict(self, shards: Shards, read: Callable,
+    def predict(self, shards: Shards, read: Callable[[int], Record],
                 states: dict[int, ShardState]) -> Iterator[tuple[ShardState, dict[str, list]]]:
         """Each batch's rows, errors included, with its shard's state."""
         import torch
@@ -149,7 +187,7 @@ class BatchLoop:
         decode_s = sum(sample.decode_s for sample in samples)
         self.gate_trial.record(gated, len(samples), pass_s, decode_s, rest_s)
 
-    def _start_batch(self, state: ShardState, batch: Any) -> Callable[[], list[tuple[list[int], list]]]:
+    def _start_batch(self, state: ShardState, batch: Batch) -> Callable[[], list[tuple[list[int], list]]]:
         """Start the model on a batch; the result gives (positions, outputs) per part once they are ready.
 
         The shape groups are cut into the model's micro-batches (where it has them) before the pixel stage, so
@@ -164,7 +202,7 @@ class BatchLoop:
             size = micro_batch_images(placed.speedups, pixels.shape[1], pixels.shape[2]) or len(positions)
             parts += [(positions[i : i + size], pixels[i : i + size]) for i in range(0, len(positions), size)]
 
-        def infer(part: tuple[list[int], Any]) -> Callable[[], list[dict]]:
+        def infer(part: tuple[list[int], torch.Tensor]) -> Callable[[], list[dict]]:
             positions, pixels = part
             return self.task.start(placed.model, placed.pixel_stage(pixels), [batch.samples[p] for p in positions])
 
@@ -174,7 +212,7 @@ class BatchLoop:
         # Each part's outputs are read when asked for: on a GPU that waits for its queued work.
         return lambda: list(zip((positions for positions, _ in parts), (outputs() for outputs in started())))
 
-    def _batch_rows(self, state: ShardState, batch: Any, results: Callable[[], list]) -> dict[str, list]:
+    def _batch_rows(self, state: ShardState, batch: Batch, results: Callable[[], list]) -> dict[str, list]:
         """Model outputs for the batch's ok images, and one row per sample, errors included, in order."""
         outputs: list[dict | None] = [None] * len(batch.samples)
         computed = time.perf_counter()
@@ -196,7 +234,7 @@ class BatchLoop:
         self.counters.errors += errors
         return columns
 
-    def _row(self, state: ShardState, sample: Any, output: dict | None) -> dict:
+    def _row(self, state: ShardState, sample: Sample, output: dict | None) -> dict:
         from mv2batch.out.writer import POSITION
 
         common = {

@@ -7,7 +7,13 @@ OUT without either, and every mistake found here costs the user no model load.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from mv2batch.inputs.sources import Source
+    from mv2batch.tasks.task import Task
 
 from mv2batch.inputs import openers
 from mv2batch.model import checkpoints
@@ -24,14 +30,14 @@ class Job:
     """A described job: what every process of a run agrees on before any of them places a model."""
 
     config: RunConfig
-    source: Any  # sources.IndexedSource or sources.StreamedSource
+    source: Source
     model_name: str
     resolved: checkpoints.ResolvedModel
     model_config: dict
     labels: list[str]
-    task: Any  # tasks.ClassifyTask or tasks.SegmentTask
+    task: Task
     preprocessing: Preprocessing
-    dtype: Any  # torch dtype
+    dtype: torch.dtype
     run_info: dict  # run.json's content
 
     @property

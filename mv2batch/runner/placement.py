@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mv2batch.model.device import PixelStage
+    from mv2batch.model.speedups import Speedups
 
 from mv2batch.model import checkpoints
 from mv2batch.loading import resources
@@ -15,12 +23,12 @@ from mv2batch.loading.preprocess import HostPixels
 class Placement:
     """A model ready to run, and what was applied to place it."""
 
-    device: Any
-    dtype: Any
-    model: Any  # called as model(pixel_values=...)
-    speedups: Any  # speed.Speedups really applied (None: transformers' modules as they are)
-    streams: Any  # the pool of parallel CPU streams the model's micro-batches run on (None: one stream)
-    pixel_stage: Any  # device.PixelStage: uint8 NHWC batch -> the model's input
+    device: torch.device
+    dtype: torch.dtype
+    model: torch.nn.Module  # called as model(pixel_values=...)
+    speedups: Speedups | None  # the speed-ups really applied (None: transformers' modules as they are)
+    streams: ThreadPoolExecutor | None  # parallel CPU streams the model's micro-batches run on (None: one stream)
+    pixel_stage: PixelStage  # uint8 NHWC batch -> the model's input
     host_pixels: HostPixels  # the workers' part of the preprocessing
     batch_size: int
     queued: bool  # a batch's work is queued on the device and read back later (CUDA), not done when started

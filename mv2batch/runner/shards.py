@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from mv2batch.loading.loader import DecodeGate
+    from mv2batch.loading.shared_batches import Batch
+    from mv2batch.runner.placement import Placement
 
 from mv2batch.loading import resources
 from mv2batch.runner import runinfo
@@ -21,16 +28,18 @@ from mv2batch.out.rundir import RunDir
 from mv2batch.inputs.sources import Record, is_sharded
 
 LoaderSettingsChoice = Callable[..., resources.LoaderSettings]  # resources.choose_loader_settings's signature
+Reader = Callable[[int], Record]  # an item's record by its index
 
 
-def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
-               progress: ProgressCallback | None = None, choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
+def run_shards(job: Job, placement: Placement, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
+               progress: ProgressCallback | None = None,
+               choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
                part_writer: type | None = None) -> Counters:
     """Run this process's shards that are not done yet (and, with --retry-errors, the failed rows of done ones).
 
-    owns: which shards are this process's; rank: its number, recorded in the markers. choose_loader_settings: how the
-    loader is planned (resources.choose_loader_settings; a test passes its own to change one decision). part_writer: what
-    writes a shard's part (writer.PartWriter; a test passes one that fails).
+    owns: which shards are this process's; rank: its number, recorded in the markers. choose_loader_settings: how
+    the loader runs (resources.choose_loader_settings; a test passes its own to change one decision). part_writer:
+    what writes a shard's part (out.writer.PartWriter; a test passes one that fails).
     """
     from mv2batch.model import device
 
@@ -48,15 +57,17 @@ def run_shards(job: Job, placement: Any, rundir: RunDir, owns: Callable[[int], b
     return loop.counters
 
 
-def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
-               choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings, part_writer: type | None = None) -> BatchLoop:
+def build_loop(job: Job, placement: Placement, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
+               choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
+               part_writer: type | None = None) -> BatchLoop:
     """The batch loop of a job from its real parts: the task, the placement, a loader and a writer."""
     from mv2batch.out.writer import BackgroundWriter
 
     settings = choose_loader_settings(job.config.workers, placement, job.preprocessing.resize_crop)
     schema = prediction_schema(job)
+    factory = shard_loader_factory if is_sharded(job.source) else loader_factory
     return BatchLoop(
-        task=job.task, placement=placement, make_loader=partial(shard_loader_factory if is_sharded(job.source) else loader_factory, job, placement, settings),
+        task=job.task, placement=placement, make_loader=partial(factory, job, placement, settings),
         make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows,
                                              part_writer=part_writer),
         item_id=job.source.item_id, shard_size=job.shard_size,
@@ -64,15 +75,16 @@ def build_loop(job: Job, placement: Any, rundir: RunDir, rank: int = 0, progress
         gate_trial=settings.gate_trial or GateTrial(workers=settings.workers))
 
 
-def loader_factory(job: Job, placement: Any, settings: resources.LoaderSettings, read: Callable, gate: Any,
-                   shards: Shards) -> Iterator[Any]:
+def loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
+                   gate: DecodeGate | None, shards: Shards) -> Iterator[Batch]:
     """A DataLoader over the records `read` gives, decoding and resizing in settings.workers workers."""
     return make_loader(_images(job, placement, read, gate), _index_batches(job, placement, shards, read),
-                       settings.workers, settings.pin_memory, batch_bytes=settings.batch_bytes, shared=settings.shared_memory)
+                       settings.workers, settings.pin_memory, batch_bytes=settings.batch_bytes,
+                       shared=settings.shared_memory)
 
 
-def shard_loader_factory(job: Job, placement: Any, settings: resources.LoaderSettings, read: Callable, gate: Any,
-                         shards: Shards) -> Iterator[Any]:
+def shard_loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
+                         gate: DecodeGate | None, shards: Shards) -> Iterator[Batch]:
     """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time)."""
     from mv2batch.loading.shard_loader import make_shard_loader
 
@@ -81,20 +93,20 @@ def shard_loader_factory(job: Job, placement: Any, settings: resources.LoaderSet
                              settings.shared_memory)
 
 
-def _images(job: Job, placement: Any, read: Callable | None, gate: Any) -> ImageDataset:
+def _images(job: Job, placement: Placement, read: Reader | None, gate: DecodeGate | None) -> ImageDataset:
     fast = placement.host_pixels.resize_crop if job.config.decode is Decode.fast else None
     return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
                         reduce_labels=reduces_labels(job.config.source.value), gate=gate, fast=fast)
 
 
-def _index_batches(job: Job, placement: Any, shards: Shards, read: Callable) -> Iterator[list[int]]:
+def _index_batches(job: Job, placement: Placement, shards: Shards, read: Callable) -> Iterator[list[int]]:
     """The batches of every shard in turn, made lazily so that probing image sizes never delays the start."""
     resize_crop = placement.host_pixels.resize_crop
     for _, indices in shards:
         yield from job.task.batches(indices, read, resize_crop, placement.batch_size)
 
 
-def prediction_schema(job: Job) -> Any:
+def prediction_schema(job: Job) -> pa.Schema:
     from mv2batch.out.writer import prediction_schema as schema_of
 
     return schema_of(job.task.fields, runinfo.parquet_metadata(job.run_info))

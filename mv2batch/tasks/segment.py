@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,6 +20,7 @@ from mv2batch.tasks.postprocess import class_counts, confusion_counts, present_c
 REMOTE_PROBES = 16  # image headers on an object store read at once, for segmentation's shape grouping
 
 
+@dataclass
 class MaskFiles:
     """Where optional mask and overlay files go, and how to re-read a photo for its overlay."""
 
