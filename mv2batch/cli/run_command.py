@@ -12,19 +12,18 @@ from mv2batch.errors import Mv2batchError
 INTERRUPTED_EXIT = 130
 
 
-def run_command(task: str, source: str, values: dict[str, Any]) -> None:
-    """Build the RunConfig from a command's values (None: the library's default) and run it."""
-    from mv2batch.config import RunConfig
+def run_command(task: str, source: str, input: str | list[str], options: dict[str, Any]) -> None:
+    """Build the RunConfig from a command's input and options (None: the library's default) and run it."""
     from mv2batch.cli.progress import run_with_progress
+    from mv2batch.config import RunConfig
     from mv2batch.storage import parse_options
 
-    quiet, strict = values.pop("quiet"), values.pop("strict")
-    options = {k: v for k, v in values.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and k not in ("quiet", "strict")}
+    quiet, strict = options.get("quiet", False), options.get("strict", False)
     try:
-        options["storage_options"] = parse_options(values.get("storage_options"))
-        given = values["input"]
-        names = [str(name) for name in given] if isinstance(given, (list, tuple)) else str(given)
-        config = RunConfig(task=task, source=source, **{**options, "input": names})
+        given["storage_options"] = parse_options(options.get("storage_options"))
+        names = [str(name) for name in input] if isinstance(input, (list, tuple)) else str(input)
+        config = RunConfig(task=task, source=source, input=names, **given)
         report = run_with_progress(config, quiet)
     except Mv2batchError as exc:
         fail(str(exc), exc.exit_code)
