@@ -467,3 +467,21 @@ def test_the_readme_names_every_option_that_makes_a_different_run():
     declared = [f.name for f in dataclasses.fields(RunConfig) if f.metadata == OUTPUTS and f.name in options]
     assert len(declared) >= 20  # the test reads the fields it should
     assert [options[name] for name in declared if f"`{options[name]}`" not in resuming] == []
+
+
+def test_the_summary_prints_paths_and_class_names_as_they_are_never_as_markup():
+    """A folder named `[/bold]` once raised rich's MarkupError after the shard was committed (and again from
+    `mv2batch report`); `Trip [paris]` was shown as `Trip`. User text is printed as plain text."""
+    from rich.console import Console
+
+    from mv2batch.cli.progress import print_report
+    from mv2batch.report.tables import Report
+
+    per_class = [{"class_id": 0, "class_name": "[red]cat[/red]", "support": 1, "top1_acc": 0.0, "top5_acc": 1.0}]
+    report = Report(task="classify", out=Path("/data/Trip [paris]/out"), dataset="/data/[/bold]/photos",
+                    model="m [b]", n_images=1, n_errors=0, images_per_s=None, complete=True, per_class=per_class)
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    shown = console.export_text()
+    assert "/data/[/bold]/photos" in shown and "/data/Trip [paris]/out" in shown
+    assert "[red]cat[/red]" in shown and "m [b]" in shown

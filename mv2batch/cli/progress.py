@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -158,7 +159,7 @@ def print_report(report: Any, console: Console | None = None) -> None:
     rows.append(("shards", f"{report.shards_done}/{report.shards_total}" + ("" if report.complete else " (incomplete)")))
     rows.append(("output", str(report.out)))
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(name, Text(str(value)))  # a path or label is never rich markup
     console.print(table)
     if report.per_class and "top1_acc" in report.per_class[0]:
         worst = sorted(report.per_class, key=lambda r: (r["top1_acc"], r["class_id"]))
@@ -178,7 +179,7 @@ def _print_classes(title: str, rows: list[dict], columns: tuple[str, ...], conso
     for column in columns:
         table.add_column(column)
     for row in rows[:count]:
-        table.add_row(*(_fmt(row[c]) for c in columns))
+        table.add_row(*(Text(_fmt(row[c])) for c in columns))  # class names as they are, not markup
     console.print(table)
 
 
@@ -203,5 +204,5 @@ def print_models() -> None:
         table.add_column(column)
     for name in sorted(set(KNOWN_MODELS) | set(cached)):
         task = "segment" if "deeplab" in name else "classify"
-        table.add_row(name, task, ", ".join(cached.get(name, [])) or "-")
+        table.add_row(Text(name), task, ", ".join(cached.get(name, [])) or "-")
     Console().print(table)
