@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -73,5 +72,9 @@ def overlay_jpeg(photo: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> by
 
 
 def mask_file_name(item_id: str, suffix: str) -> str:
-    """A file name under the masks / overlays folder that mirrors the image id (subfolders kept)."""
-    return str(PurePosixPath(item_id.replace("\\", "/")).with_suffix(suffix))
+    """A file name under the masks / overlays folder that mirrors the image id (subfolders kept), and stays
+    inside that folder whatever the id holds (out.safe_names: `..`, an absolute part, control characters and
+    length are escaped or cut)."""
+    from mv2batch.out.safe_names import safe_relative_name
+
+    return safe_relative_name(item_id, suffix)

@@ -13,6 +13,7 @@ from mv2batch.loading.decode import decode_image, probe_size
 from mv2batch.loading.loader import grouped_batches
 from mv2batch.loading.preprocess import Preprocessing, ResizeCrop, hf_preprocessing
 from mv2batch.model.device import to_host_later
+from mv2batch.out.safe_names import MaskNames
 from mv2batch.storage import RemoteFile
 from mv2batch.tasks.metrics import SegmentCounts, segmentation_metrics
 from mv2batch.tasks.postprocess import class_counts, confusion_counts, present_counts, upsample_argmax
@@ -31,6 +32,7 @@ class MaskFiles:
     max_pixels: int = 0
     storage_options: dict | None = None  # for folders on an object store
     written: list = field(default_factory=list)
+    names: MaskNames = field(default_factory=MaskNames)  # the file names given: two ids never write one file
 
 
 class SegmentTask:
@@ -153,16 +155,16 @@ class SegmentTask:
 
     def _save_files(self, item_id: str, index: int, photo_path: str | None, mask: Any) -> None:
         from mv2batch import storage
-        from mv2batch.tasks.masks import mask_file_name, overlay_jpeg, palette_png
         from mv2batch.out.rundir import output_errors
+        from mv2batch.tasks.masks import overlay_jpeg, palette_png
 
         if self.files.masks_dir is not None:
-            path = storage.join(self.files.masks_dir, mask_file_name(item_id, ".png"))
+            path = storage.join(self.files.masks_dir, self.files.names.name(item_id, ".png"))
             with output_errors(f"the mask {path}"):
                 storage.write_bytes(path, palette_png(mask, self.files.num_classes), self.files.storage_options)
         if self.files.overlays_dir is not None and self.files.read is not None:
             photo = decode_image(self.files.read(index, photo_path), self.files.max_pixels).image
-            path = storage.join(self.files.overlays_dir, mask_file_name(item_id, ".jpg"))
+            path = storage.join(self.files.overlays_dir, self.files.names.name(item_id, ".jpg"))
             with output_errors(f"the overlay {path}"):
                 storage.write_bytes(path, overlay_jpeg(photo, mask), self.files.storage_options)
 
