@@ -14,6 +14,12 @@ from mv2batch.errors import ConfigError
 
 # Larger images are error rows (decompression bombs): Pillow's own bound, whatever this Pillow sets it to.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Bytes bound too: an image fetched from a URL or read from a tar member larger than this is an error row, not read
+# whole into memory (a 2 GB body, a 1.5 GB member).
+DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+# An image URL's whole fetch (connecting, headers, body) must end within this many seconds: a server that sends a
+# byte every few seconds would pass any per-read timeout.
+DEFAULT_URL_TIMEOUT_S = 60.0
 
 
 class Task(str, Enum):
@@ -99,6 +105,12 @@ class RunConfig:
     overwrite: bool = False
     retry_errors: bool = False
     max_pixels: int = _outputs(DEFAULT_MAX_PIXELS)  # larger images become error rows
+    # Larger image URLs' bodies and tar image members become error rows, unread: a bound as --max-pixels is, so
+    # it changes which rows error (deterministically) and is fingerprinted.
+    max_image_bytes: int = _outputs(DEFAULT_MAX_IMAGE_BYTES)
+    # Seconds an image URL's whole fetch may take. Not fingerprinted: it says how long to wait for a network, not
+    # what a row is, so a resume (--retry-errors) may give a slow server longer.
+    url_timeout: float = DEFAULT_URL_TIMEOUT_S
     decode: Decode = _outputs(Decode.exact)
     split: str | None = _outputs()
     streaming: bool = _outputs(False)
@@ -135,10 +147,12 @@ class RunConfig:
 
     def _validate(self) -> None:
         positive = {"--batch-size": self.batch_size, "--top-k": self.top_k, "--max-pixels": self.max_pixels,
-                    "--limit": self.limit, "--shard-size": self.shard_size}
+                    "--limit": self.limit, "--shard-size": self.shard_size, "--max-image-bytes": self.max_image_bytes}
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {value})")
+        if not self.url_timeout > 0:
+            raise ConfigError(f"--url-timeout must be more than 0 seconds (got {self.url_timeout})")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more (got {self.workers})")
         if self.engine is Engine.ray and self.streaming:

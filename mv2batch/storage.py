@@ -121,6 +121,25 @@ def message(exc: BaseException) -> str:
     return text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
 
 
+def permanent_reason(exc: BaseException) -> str:
+    """Why a read will not get better, in words: s3fs's FileNotFoundError and PermissionError carry only the
+    key (no strerror), which alone would make an error row that names the object and no reason."""
+    text = message(exc)
+    if getattr(exc, "strerror", None) is None and isinstance(exc, FileNotFoundError):
+        return f"no such object (deleted or moved since it was listed?): {text}"
+    if getattr(exc, "strerror", None) is None and isinstance(exc, PermissionError):
+        return f"access denied: {text}"
+    return text
+
+
+def human_bytes(count: int) -> str:
+    """A size as a message says it: 1.5 GB, 256.0 MB, 12 bytes."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
 class StoreReadError(Exception):
     """An object that could not be read (missing, denied, or still failing after retries)."""
 
@@ -134,7 +153,7 @@ def retrying(call: Callable[[], Any], attempts: int = READ_ATTEMPTS, backoff_s: 
         except Mv2batchError:
             raise
         except PERMANENT as exc:
-            raise StoreReadError(message(exc)) from None
+            raise StoreReadError(permanent_reason(exc)) from None
         except Exception as exc:  # throttling, 5xx, a reset connection, a timeout: worth another try
             if attempt == attempts - 1:
                 raise StoreReadError(f"{message(exc)} (failed {attempts} times)") from None

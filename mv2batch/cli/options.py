@@ -61,6 +61,12 @@ DecodeOption = Annotated[Decode, typer.Option(
     "original size).", rich_help_panel=INPUT)]
 MaxPixels = Annotated[int | None, typer.Option(
     help="Refuse images larger than this many pixels (default: Pillow's limit).", rich_help_panel=INPUT)]
+MaxImageBytes = Annotated[int | None, typer.Option(
+    help="Refuse an image URL's body or a tar's image member larger than this many bytes, without reading it "
+         "(default: 256 MiB).", rich_help_panel=INPUT)]
+UrlTimeout = Annotated[float | None, typer.Option(
+    help="Seconds an image URL's whole fetch may take: connecting, headers and body together (default: 60).",
+    rich_help_panel=INPUT)]
 
 # Model and precision.
 Model = Annotated[str | None, typer.Option(help="Hub id or local folder (default: the task's Apple checkpoint).",
@@ -115,6 +121,9 @@ Embeddings = Annotated[bool, typer.Option(
 EmbeddingDtypeOption = Annotated[EmbeddingDtype, typer.Option(
     "--embedding-dtype", help="fp16: half the bytes (the fp32 value rounded once).", rich_help_panel=OUTPUT)]
 Normalize = Annotated[bool, typer.Option("--normalize", help="L2-normalise the embeddings.", rich_help_panel=OUTPUT)]
+AllowIncomplete = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="Export the finished shards of a run that is not finished (refused otherwise).",
+    rich_help_panel=OUTPUT)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, progress lines or summary.",
                                      rich_help_panel=OUTPUT)]
 Strict = Annotated[bool, typer.Option("--strict", help=f"Exit with {STRICT_EXIT} when any image failed.",

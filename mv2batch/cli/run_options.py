@@ -27,7 +27,8 @@ def group(**declared: tuple[Any, Any]) -> Group:
 
 # Every run command's options, in --help order (their panels: the rich_help_panel of each alias).
 LIMIT = group(limit=(o.Limit, None))
-DECODING = group(max_pixels=(o.MaxPixels, None), decode=(o.DecodeOption, Decode.exact))
+DECODING = group(max_pixels=(o.MaxPixels, None), max_image_bytes=(o.MaxImageBytes, None),
+                 decode=(o.DecodeOption, Decode.exact))
 MODEL = group(model=(o.Model, None), revision=(o.Revision, None), dtype=(o.DtypeOption, Dtype.auto),
               preprocess=(o.Preprocess, None))
 SPEED = group(device=(o.Device, "auto"), batch_size=(o.BatchSize, None), workers=(o.Workers, None),
@@ -39,7 +40,7 @@ REPORTING = group(quiet=(o.Quiet, False), strict=(o.Strict, False))
 
 # The options of an input kind.
 DATASET = group(split=(o.Split, None), streaming=(o.Streaming, False), image_column=(o.ImageColumn, None),
-                label_column=(o.LabelColumn, None), id_column=(o.IdColumn, None))
+                label_column=(o.LabelColumn, None), id_column=(o.IdColumn, None), url_timeout=(o.UrlTimeout, None))
 TARS = group(image_ext=(o.ImageExt, None))
 IMAGENET = group(labels_file=(o.LabelsFile, None), real_labels=(o.RealLabels, None)) + TARS + DATASET
 EVAL_SPLIT = group(split=(o.EvalSplit, None))

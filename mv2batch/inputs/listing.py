@@ -26,6 +26,7 @@ NOT_REGULAR = "not regular files (FIFO, socket, device)"
 UNREADABLE = "unreadable directories"
 REPEATED = "directories reached again through a link"
 OUTPUTS = "this run's own outputs"
+AMBIGUOUS = "names not UTF-8 whose printable form is another file's name"
 
 
 def register_plugins() -> None:
@@ -68,16 +69,23 @@ class Listing:
     skipped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few of each kind, for the warning
     signatures: dict[str, str] | None = None  # an object store's size and ETag of each id (the fingerprint)
+    real_names: dict[str, str] = field(default_factory=dict)  # id -> the name on disk, where printable changed it
 
     def skip(self, kind: str, relative: str) -> None:
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
         if len(self.examples.setdefault(kind, [])) < 3:
-            self.examples[kind].append(relative)
+            self.examples[kind].append(printable(relative))
+
+    def add(self, relative: str) -> None:
+        shown = printable(relative)
+        self.ids.append(shown)
+        if shown != relative:
+            self.real_names[shown] = relative
 
     @property
     def skipped_files(self) -> int:
         """Files left out (not directories)."""
-        return sum(n for kind, n in self.skipped.items() if kind in (NOT_IMAGES, NO_DECODER, NOT_REGULAR))
+        return sum(n for kind, n in self.skipped.items() if kind in (NOT_IMAGES, NO_DECODER, NOT_REGULAR, AMBIGUOUS))
 
     def warning(self, root: Path | str) -> str | None:
         """One line naming what was left out, by kind with a few examples each (None: nothing was)."""
@@ -86,6 +94,22 @@ class Listing:
         parts = [f"{n} {kind} ({', '.join(self.examples[kind])}{', ...' if n > len(self.examples[kind]) else ''})"
                  for kind, n in sorted(self.skipped.items())]
         return f"left out under {root}: " + "; ".join(parts)
+
+
+def printable(name: str) -> str:
+    """A file name as ids and paths hold it: the bytes a file system gave that are not UTF-8 (Python keeps them
+    as surrogates, os.fsdecode) written as `\\xHH`, so that Parquet, JSON and a terminal take the name; the
+    source keeps the name itself to read the file (Listing.real_names)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        data = name.encode("utf-8", "surrogateescape") if _only_escapes(name) else name.encode("utf-8", "surrogatepass")
+        return data.decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(name: str) -> bool:
+    return all(not 0xD800 <= ord(c) < 0xE000 or 0xDC80 <= ord(c) < 0xDD00 for c in name)
 
 
 def _is_hidden(name: str) -> bool:
@@ -120,7 +144,19 @@ def list_folder(root: Path, exclude: Iterable[Path | str] = (), scan: Callable =
                           if (sub := _add(entry, relative / entry.name, extensions, listing)) is not None]
         pending.extend(reversed(subdirectories))  # depth first, in sorted order: the first name of a directory wins
     listing.ids.sort()
+    if listing.real_names:
+        _drop_ambiguous(listing)
     return listing
+
+
+def _drop_ambiguous(listing: Listing) -> None:
+    """`bad\\xff.jpg` spelled with a backslash beside a file named with the byte 0xff: ids must be unique, so
+    the one that is not UTF-8 is left out (and said)."""
+    from collections import Counter
+
+    for shown in [name for name, n in Counter(listing.ids).items() if n > 1 and name in listing.real_names]:
+        listing.ids.remove(shown)
+        listing.skip(AMBIGUOUS, listing.real_names.pop(shown))
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -146,7 +182,7 @@ def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing
     elif not stat.S_ISREG(mode):
         listing.skip(NOT_REGULAR, relative.as_posix())
     else:
-        listing.ids.append(relative.as_posix())
+        listing.add(relative.as_posix())
     return None
 
 

@@ -12,9 +12,11 @@ from mv2batch.errors import ConfigError, InputError, ModelError
 
 def _open_dataset(config: RunConfig) -> Any:
     from mv2batch.inputs.tables import DatasetSpec, open_dataset
+    from mv2batch.inputs.urls import UrlLimits
 
     spec = DatasetSpec(config.input, config.split, config.image_column, config.label_column, config.streaming,
-                       id_column=config.id_column, storage_options=config.storage_options)
+                       id_column=config.id_column, storage_options=config.storage_options,
+                       urls=UrlLimits(config.url_timeout, config.max_image_bytes))
     return open_dataset(spec)
 
 
@@ -22,12 +24,13 @@ def _open_webdataset(config: RunConfig, require_label: bool = False) -> Any:
     from mv2batch.inputs.tars import TarShards
 
     names = (config.input,) if isinstance(config.input, str) else config.input
-    return TarShards.open(names, config.image_ext, require_label=require_label, options=config.storage_options)
+    return TarShards.open(names, config.image_ext, require_label=require_label, options=config.storage_options,
+                          max_bytes=config.max_image_bytes)
 
 
 def _open_imagenet(config: RunConfig) -> Any:
-    from mv2batch.inputs.tables import is_saved_to_disk
     from mv2batch.inputs.eval_layouts import open_imagenet
+    from mv2batch.inputs.tables import is_saved_to_disk
     from mv2batch.inputs.tars import looks_like_shards
 
     path = storage.location(config.input)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Protocol
 
 from mv2batch import storage
 from mv2batch.errors import InputError
-from mv2batch.inputs.listing import image_extensions, list_folder, list_prefix, warn_about
+from mv2batch.inputs.listing import image_extensions, list_folder, list_prefix, printable, warn_about
+from mv2batch.inputs.urls import HttpFile, UrlLimits, is_http
+
 
 @dataclass(frozen=True)
 class Record:
@@ -95,6 +97,7 @@ class FolderSource:
     targets: list[str] | None = None
     options: dict | None = None  # the object store's --storage-options
     signatures: dict[str, str] | None = None  # the object store's size and ETag of each id
+    real_names: dict[str, str] = field(default_factory=dict)  # id -> name on disk, where that is not UTF-8
 
     @classmethod
     def open(cls, root: str | Path, exclude: Iterable[Path | str] = (),
@@ -114,7 +117,8 @@ class FolderSource:
             extensions = ", ".join(sorted(e.lstrip(".") for e in image_extensions()))
             raise InputError(f"no images found under {path} (looked for: {extensions})")
         return cls(root=path.resolve(), ids=listing.ids, skipped_files=listing.skipped_files,
-                   skipped=listing.skipped, description=f"folder {path}")
+                   skipped=listing.skipped, description=f"folder {printable(str(path))}",
+                   real_names=listing.real_names)
 
     @classmethod
     def _open_prefix(cls, url: str, exclude: Iterable[Path | str], options: dict | None) -> "FolderSource":
@@ -128,8 +132,9 @@ class FolderSource:
                    description=f"folder {url}", options=options, signatures=listing.signatures)
 
     def file(self, relative: str) -> str:
-        """Where a file of this folder lies, as text (a path or a URL)."""
-        return str(storage.join(self.root, relative))
+        """Where a file of this folder lies, as text (a path or a URL); its name on disk, bytes that are not
+        UTF-8 included."""
+        return str(storage.join(self.root, self.real_names.get(relative, relative)))
 
     def remote(self, where: str | None) -> str | storage.RemoteFile | None:
         """What a worker reads: a path, or the object behind a URL with this store's options."""
@@ -145,14 +150,14 @@ class FolderSource:
         path = self.file(self.ids[index])
         label = self.labels[index] if self.labels is not None else None
         target = self.targets[index] if self.targets is not None else None
-        return Record(raw=self.remote(path), path=path, label=label, target=self.remote(target))
+        return Record(raw=self.remote(path), path=printable(path), label=label, target=self.remote(target))
 
     def fingerprint(self) -> str:
         """Hash of the listing: ids, file sizes (objects: size and ETag) and gold labels, so a changed input is a
         different run."""
         digest = hashlib.sha256()
         for index, item in enumerate(self.ids):
-            size = self.signatures.get(item) if self.signatures is not None else _size(self.root / item)
+            size = self.signatures.get(item) if self.signatures is not None else _size(Path(self.file(item)))
             label = self.labels[index] if self.labels is not None else ""
             target = self.targets[index] if self.targets is not None else ""
             digest.update(f"{item}\0{size}\0{label}\0{target}\n".encode())
@@ -179,6 +184,7 @@ class DatasetColumns:
     id_column: str | None = None  # ids from this column (they travel with the records) instead of split/index
     base: Path | str | None = None  # relative image paths in the table point from here (the table's folder)
     options: dict | None = None  # the object store's --storage-options, for tables and images named by URL
+    urls: UrlLimits = field(default_factory=UrlLimits)  # an image URL's deadline and size cap
 
     def item_id(self, index: int) -> str:
         return f"{self.split}/{index}"
@@ -186,13 +192,10 @@ class DatasetColumns:
     def record(self, row: dict) -> Record:
         """One row's undecoded image cell, label and (with an id column) id."""
         record = cell_record(row[self.image_column], row.get(self.label_column) if self.label_column else None,
-                             self.base, self.options)
+                             self.base, self.options, self.urls)
         if self.id_column is None:
             return record
-        value = row[self.id_column]
-        if isinstance(value, dict):  # the image column of paths itself, cast to an undecoded datasets.Image
-            value = value.get("path")
-        return Record(record.raw, record.path, record.label, id=str(value))
+        return replace(record, id=str(id_value(row[self.id_column])))
 
 
 @dataclass
@@ -213,9 +216,37 @@ class DatasetSource(DatasetColumns):
         return hashlib.sha256(f"{own}\0{self.split}\0{len(self)}".encode()).hexdigest()
 
 
-def cell_record(cell: Any, label: Any, base: Path | str | None = None, options: dict | None = None) -> Record:
+class IdCheck:
+    """--id-column's values as they come, for the indexed path (the whole column, before any work) and the
+    streaming one (each row before its record is made, so before its row or mask is written): a null or a
+    repeated id is refused in one line. The ids seen are kept, about 100 bytes each."""
+
+    def __init__(self, column: str):
+        self.column, self.seen = column, set()
+
+    def see(self, value: Any, row: int) -> str:
+        if value is None or value != value:  # None, or NaN (pandas' null of a numeric column)
+            raise InputError(f"--id-column {self.column!r} is empty in row {row}: every row needs an id")
+        text = str(value)
+        if text in self.seen:
+            raise InputError(f"--id-column {self.column!r} repeats {text!r} (again in row {row}): ids must be unique")
+        self.seen.add(text)
+        return text
+
+
+def id_value(value: Any) -> Any:
+    """An --id-column cell's value (the image column of paths itself is cast to an undecoded datasets.Image)."""
+    return value.get("path") if isinstance(value, dict) else value
+
+
+def cell_record(cell: Any, label: Any, base: Path | str | None = None, options: dict | None = None,
+                urls: UrlLimits | None = None) -> Record:
     """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record; a relative path points
-    from base (the table's folder); an object-store URL is read in the worker with the run's options."""
+    from base (the table's folder); an object-store URL is read in the worker with the run's options, an http(s)
+    one within urls' deadline and size cap."""
+    gold = None if label is None or int(label) < 0 else int(label)
+    if cell is None or (isinstance(cell, dict) and cell.get("bytes") is None and not cell.get("path")):
+        return Record(raw=b"", path=None, label=gold, error="the image cell is empty (null): no image to read")
     path = cell.get("path") if isinstance(cell, dict) else None
     if isinstance(cell, dict):
         raw = cell.get("bytes") or _from(base, cell.get("path")) or b""
@@ -223,9 +254,10 @@ def cell_record(cell: Any, label: Any, base: Path | str | None = None, options: 
         raw = _from(base, cell) if isinstance(cell, str) else cell
     else:
         raw = b""
-    gold = None if label is None or int(label) < 0 else int(label)
     shown = path if path is None or isinstance(raw, bytes) else raw
-    if isinstance(raw, str) and storage.is_url(raw) and storage.protocol_of(raw) not in ("http", "https"):
+    if isinstance(raw, str) and is_http(raw):
+        raw = HttpFile(raw, None, urls or UrlLimits())
+    elif isinstance(raw, str) and storage.is_url(raw):
         raw = storage.RemoteFile(raw, options)
     return Record(raw=raw, path=shown, label=gold)
 

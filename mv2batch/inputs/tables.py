@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from mv2batch import storage
 from mv2batch.errors import InputError
-from mv2batch.inputs.sources import DatasetColumns, DatasetSource, Record
+from mv2batch.inputs.sources import DatasetColumns, DatasetSource, IdCheck, Record, id_value
+from mv2batch.inputs.urls import UrlLimits
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -26,6 +27,7 @@ class DatasetSpec:
     revision: str | None = None
     id_column: str | None = None
     storage_options: dict | None = None  # for data files on an object store
+    urls: UrlLimits = field(default_factory=UrlLimits)  # an image URL's deadline and size cap
 
 
 def is_saved_to_disk(path: Path) -> bool:
@@ -265,7 +267,7 @@ def open_dataset(spec: DatasetSpec) -> "DatasetSource | StreamingSource":
     description = f"dataset {spec.name} [{split}]"
     kind = StreamingSource if isinstance(data, datasets.IterableDataset) else DatasetSource
     return kind(data, split, image_column, label_column, names, description, id_column=spec.id_column,
-                base=_table_folder(spec.name, spec.storage_options), options=spec.storage_options)
+                base=_table_folder(spec.name, spec.storage_options), options=spec.storage_options, urls=spec.urls)
 
 
 def _table_folder(name: str, options: dict | None = None) -> Path | str | None:
@@ -279,7 +281,8 @@ def _table_folder(name: str, options: dict | None = None) -> Path | str | None:
 
 
 def _check_id_column(data: Any, id_column: str | None) -> None:
-    """--id-column names a column of ids (not of images); in a table read whole, its values are unique."""
+    """--id-column names a column of ids (not of images); in a table read whole, its values are there and unique
+    (a stream's are checked as they come: StreamingSource.records)."""
     if id_column is None:
         return
     columns = list(data.features)
@@ -288,13 +291,9 @@ def _check_id_column(data: Any, id_column: str | None) -> None:
     if _image_column_kind(data.features[id_column]) in AUTO_IMAGE_KINDS:  # a column of paths may name its rows
         raise InputError(f"--id-column {id_column!r} holds images, not ids: name a key or file name column")
     if hasattr(data, "__len__"):
-        values = data.select_columns([id_column]).to_pandas()[id_column]
-        if values.isna().any():
-            raise InputError(f"--id-column {id_column!r} is empty in row {int(values.isna().idxmax())}")
-        repeated = values[values.duplicated()]
-        if len(repeated):
-            raise InputError(f"--id-column {id_column!r} repeats {str(repeated.iloc[0])!r} ({len(repeated)} "
-                             "duplicate value(s)): ids must be unique")
+        ids = IdCheck(id_column)
+        for row, value in enumerate(data.select_columns([id_column]).to_pandas()[id_column].tolist()):
+            ids.see(value, row)
 
 
 @dataclass
@@ -304,8 +303,15 @@ class StreamingSource(DatasetColumns):
     streamed: ClassVar[bool] = True
 
     def records(self) -> Iterator[Record]:
-        """Undecoded records in stream order."""
-        return map(self.record, self.dataset)
+        """Undecoded records in stream order; with --id-column, each row's id checked before its record is made
+        (the checks of a table read whole: inputs.sources.IdCheck)."""
+        if self.id_column is None:
+            yield from map(self.record, self.dataset)
+            return
+        ids = IdCheck(self.id_column)
+        for row, values in enumerate(self.dataset):
+            ids.see(id_value(values[self.id_column]), row)
+            yield self.record(values)
 
     def fingerprint(self) -> str:
         import hashlib

@@ -12,23 +12,24 @@ import hashlib
 import os
 import re
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Generator, Iterable, Iterator, Sequence
+from typing import ClassVar, Iterable, Iterator, Sequence
 
 from mv2batch import storage
+from mv2batch.config import DEFAULT_MAX_IMAGE_BYTES
 from mv2batch.errors import InputError
+from mv2batch.inputs.listing import printable
 from mv2batch.inputs.sources import Record
+from mv2batch.inputs.tar_reader import TarReader, open_tar_file, split_key
+
+__all__ = ["TarShards", "expand_braces", "looks_like_shards", "resolve_shards", "shard_name", "split_key"]
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIXES = (".txt", ".list", ".shards")
 # The image extensions looked for when --image-ext is not given, in order of preference.
 DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif", "avif", "heic", "heif")
-LABEL_EXTS = ("cls", "label")
-END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks end every complete tar
 BRACES = re.compile(r"\{([^{}]*)\}")
-KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext: key, then everything after the dot
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -142,12 +143,6 @@ def shard_name(path: Path | str) -> str:
     return name
 
 
-def split_key(member: str) -> tuple[str, str] | None:
-    """(key, extension) of a member path as WebDataset splits it; None for a file with no extension."""
-    match = KEY.match(member)
-    return (match.group(1), match.group(2)) if match else None
-
-
 @dataclass
 class TarShards:
     """Tar shards read as WebDataset samples; id = `<tar name>/<key>`, path = `<tar path>#<member>`."""
@@ -162,6 +157,7 @@ class TarShards:
     names: list[str] = field(default_factory=list)
     options: dict | None = None  # the object store's --storage-options, for tars named by URL
     signatures: dict[str, str] = field(default_factory=dict)  # size and ETag of each tar on an object store
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # an image member larger than this is an error row, not read
     _open_tar: tuple | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:  # an open tar stays in the process that opened it
@@ -169,24 +165,26 @@ class TarShards:
 
     @classmethod
     def open(cls, inputs: Sequence[str], image_exts: Iterable[str] | None = None,
-             require_label: bool = False, options: dict | None = None) -> "TarShards":
+             require_label: bool = False, options: dict | None = None,
+             max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> "TarShards":
         paths = resolve_shards(inputs, options)
         signatures = remote_signatures([p for p in paths if isinstance(p, str)], options)
-        names = [shard_name(p) for p in paths]
+        names = [printable(shard_name(p)) for p in paths]  # the first part of ids: text, whatever the bytes
         if len(set(names)) < len(names):
             twice = next(n for n in names if names.count(n) > 1)
             raise InputError(f"two shards are named {twice!r}: ids (<tar name>/<key>) would collide")
         exts = tuple(e.lower().lstrip(".") for e in image_exts) if image_exts else DEFAULT_IMAGE_EXTS
         first = str(paths[0]) if len(paths) == 1 else f"{storage.parent_of(paths[0])} ({len(paths)} tars)"
         return cls(shards=[str(p) for p in paths], image_exts=exts, require_label=require_label,
-                   description=f"webdataset {first}", names=names, options=options, signatures=signatures)
+                   description=f"webdataset {printable(first)}", names=names, options=options,
+                   signatures=signatures, max_bytes=max_bytes)
 
     def fingerprint(self) -> str:
         """Hash of the shard names and sizes (and what is read from them)."""
         digest = hashlib.sha256(f"{','.join(self.image_exts)}\0{self.require_label}\n".encode())
         for path in self.shards:
             size = self.signatures.get(path) or _size(path)
-            digest.update(f"{storage.name_of(path)}\0{size}\n".encode())
+            digest.update(f"{printable(storage.name_of(path))}\0{size}\n".encode())
         return digest.hexdigest()
 
     def item_id(self, index: int) -> str:  # ids come with the records
@@ -194,13 +192,14 @@ class TarShards:
 
     def records(self, shard: int) -> Iterator[Record]:
         """The shard's samples in tar order, and an error record for whatever could not be read."""
-        reader = _TarReader(self, shard)
+        reader = TarReader(self, shard)
         yield from reader.samples()
         if not reader.yielded:
             yield reader.error(0, "the tar holds no samples")
 
     def read_member(self, path: str) -> bytes:
-        """A member's bytes by its `<tar>#<member>` path (overlays re-read their photo, in the writer thread).
+        """A member's bytes by its `<tar>#<member>` path, as a row shows it (overlays re-read their photo, in
+        the writer thread); at most max_bytes + 1 of them (a larger member was an error row).
 
         The last tar read stays open with its members by name: a tar's rows come in order, and a lookup by
         name alone would scan its headers again for every photo.
@@ -209,84 +208,13 @@ class TarShards:
         if self._open_tar is None or self._open_tar[0] != tar_path:
             if self._open_tar is not None:
                 self._open_tar[1].close()
-            tar = tarfile.open(fileobj=_open(tar_path, self.options), mode="r:*")
-            self._open_tar = (tar_path, tar, {info.name: info for info in tar.getmembers()})
+            real = next((shard for shard in self.shards if printable(shard) == tar_path), tar_path)
+            tar = tarfile.open(fileobj=open_tar_file(real, self.options), mode="r:*", encoding="utf-8",
+                               errors="surrogateescape")
+            self._open_tar = (tar_path, tar, {printable(info.name): info for info in tar.getmembers()})
         _, tar, members = self._open_tar
-        handle = tar.extractfile(members[member]) if member in members else None
-        return handle.read() if handle is not None else b""
-
-
-class _TarReader:
-    """One pass over one tar, grouping members into samples."""
-
-    def __init__(self, source: TarShards, shard: int):
-        self.source, self.path, self.name = source, source.shards[shard], source.names[shard]
-        self.yielded = 0
-        self.keys: set[str] = set()
-
-    def error(self, offset: int, message: str, key: str | None = None) -> Record:
-        self.yielded += 1
-        item = f"{self.name}/{key}" if key is not None else f"{self.name}/@{offset}"
-        return Record(raw=b"", path=f"{self.path}#@{offset}", label=None, id=item, error=message)
-
-    def samples(self) -> Iterator[Record]:
-        try:
-            handle = _open(self.path, self.source.options)
-        except (OSError, storage.StoreReadError) as exc:
-            yield self.error(0, f"cannot read {self.path}: {getattr(exc, 'strerror', None) or exc}")
-            return
-        with handle:
-            try:
-                tar = tarfile.open(fileobj=handle, mode="r|*")
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-                yield self.error(0, f"{self.path} is not a tar file ({exc})")
-                return
-            cut_short = yield from self._grouped(tar)
-            problem = None if cut_short else _tail_problem(handle, tar)
-            if problem:
-                yield self.error(tar.offset, f"{self.path}: {problem}")
-
-    def _grouped(self, tar: tarfile.TarFile) -> Generator[Record, None, bool]:
-        """The tar's samples; returns whether reading stopped at damage (reported as the last record)."""
-        key, members, member = None, {}, None
-        try:
-            for member in tar:
-                tar.members = []  # tarfile keeps every header it has read: memory would grow with the tar
-                split = split_key(member.name) if member.isfile() else None
-                if split is None:
-                    continue
-                if split[0] != key and key is not None:
-                    yield self._sample(key, members)
-                    members = {}
-                key = split[0]
-                members[split[1].lower()] = (member.name, tar.extractfile(member).read())
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            offset = member.offset if member is not None else 0
-            yield self.error(offset, f"{self.path} is cut short or corrupt at byte {offset} "
-                                     f"(member {member.name if member else '?'}): {exc}", key)
-            return True
-        if key is not None:
-            yield self._sample(key, members)
-        return False
-
-    def _sample(self, key: str, members: dict[str, tuple[str, bytes]]) -> Record:
-        if key in self.keys:
-            return self.error(0, f"key {key!r} appears again in {self.path}: a sample's members must be "
-                                 "consecutive", key=f"{key}@{self.yielded}")
-        self.keys.add(key)
-        self.yielded += 1
-        item, had = f"{self.name}/{key}", ", ".join(name for name, _ in members.values())
-        image = next((members[e] for e in self.source.image_exts if e in members), None)
-        if image is None:
-            wanted = ", ".join(self.source.image_exts[:6])
-            return Record(raw=b"", path=f"{self.path}#{key}", label=None, id=item,
-                          error=f"sample {key!r} has no image member (it has: {had}; looked for: {wanted}; "
-                                "see --image-ext)")
-        path = f"{self.path}#{image[0]}"
-        label, problem = _label(members)
-        if problem is None and label is None and self.source.require_label:
-            problem = f"sample {key!r} has no cls member (it has: {had}): evaluation needs the class id"
-        return Record(raw=image[1], path=path, label=label, id=item, error=problem)
+        handle = tar.extractfile(members[member]) if member in members else None  # a hard link: its target's
+        return handle.read(self.max_bytes + 1) if handle is not None else b""
 
 
 def _size(path: str) -> int:
@@ -294,43 +222,3 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return -1
-
-
-STREAM_BLOCK = 8 << 20  # an object's tar is read in ranges this large: few requests, little memory
-
-
-def _open(path: str, options: dict | None) -> object:
-    """A tar file, or the object behind a URL (a seekable file that reads ahead in large ranges)."""
-    if not storage.is_url(path):
-        return open(path, "rb")
-    return storage.retrying(lambda: storage.filesystem(path, options).open(path, "rb", block_size=STREAM_BLOCK))
-
-
-def _label(members: dict[str, tuple[str, bytes]]) -> tuple[int | None, str | None]:
-    """The class id of a `cls` / `label` member, or why it holds none."""
-    for ext in LABEL_EXTS:
-        if ext in members:
-            name, data = members[ext]
-            text = data.decode("utf-8", "replace").strip()
-            if re.fullmatch(r"\d+", text):
-                return int(text), None
-            return None, f"{name} holds {text[:20]!r}, not a class id"
-    return None, None
-
-
-def _tail_problem(handle: object, tar: tarfile.TarFile) -> str | None:
-    """What follows the last member of an uncompressed tar, when it is not the end-of-archive marker.
-
-    tarfile ends quietly at a header cut short, or at the end of the file with no marker, so a tar truncated
-    between members would otherwise lose its last samples without a word.
-    """
-    if getattr(tar.fileobj, "comptype", "tar") != "tar":
-        return None  # a compressed stream that ended early has raised already
-    size = handle.size if hasattr(handle, "size") else os.fstat(handle.fileno()).st_size
-    handle.seek(tar.offset)
-    rest = handle.read(min(size - tar.offset, 1 << 20))
-    if size - tar.offset < END_OF_ARCHIVE:
-        return f"ends at byte {size} without the end-of-archive marker: cut short after byte {tar.offset}"
-    if rest.strip(b"\0"):
-        return f"bytes after offset {tar.offset} are not a tar member (corrupt, or cut short)"
-    return None
