@@ -16,7 +16,8 @@ from mv2batch import storage
 from mv2batch.errors import OutputError
 from mv2batch.out.files import TEMP_SUFFIX, files_for, output_errors
 
-__all__ = ["OWNED", "LOCK_NAME", "RunDir", "OutLock", "fingerprint_of", "output_errors", "part_name"]
+__all__ = ["OWNED", "LOCK_NAME", "RunDir", "OutLock", "fingerprint_of", "open_run", "output_errors", "part_name",
+           "run_problem"]
 
 OWNED = ("run.json", "predictions", "shards", "report", "masks", "overlays")
 LOCK_NAME = ".mv2batch.lock"
@@ -253,11 +254,50 @@ class OutLock:
 
 
 def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:
-    """An existing OUT and its run.json, for commands that read a run (report, export); else one line."""
+    """An existing OUT and its run.json, checked: the one reader of a run for the commands that read one (report,
+    export, dedup, filter). Each problem is one line: no OUT, no run.json, a store that refuses the read or cannot
+    be reached (said as a read, not a write), a run.json of another version or of a task this one does not run.
+    """
     rundir = RunDir(out, storage_options)
-    if not rundir.exists():
+    with storage.start_up_errors("OUT", str(rundir.root), OutputError):
+        present = rundir.files.is_dir(rundir.root)
+        data = rundir.files.read_bytes(rundir.run_json) if present else None
+    if not present:
         raise OutputError(f"no such output directory: {out}")
-    run_info = rundir.read_run()
-    if run_info is None:
+    if data is None:
         raise OutputError(f"{out} holds no mv2batch run (no run.json)")
+    try:
+        run_info = json.loads(data)
+    except ValueError as exc:
+        raise OutputError(f"{rundir.run_json} is not JSON ({exc}): not a run this mv2batch can read") from None
+    problem = run_problem(run_info)
+    if problem is not None:
+        raise OutputError(f"{rundir.run_json} is not a run this mv2batch version reads: {problem} (written by "
+                          "another version? run it again into a new OUT, or with --overwrite)")
     return rundir, run_info
+
+
+# What every reader of a run takes from run.json, by key: the type of its value.
+RUN_FIELDS = {"task": str, "fingerprint": str, "plan": dict, "model": dict, "input": dict}
+
+
+def run_problem(run_info: Any) -> str | None:
+    """What makes a run.json unreadable to this version (None: nothing): a missing or mistyped field, or a task
+    this version does not run."""
+    from mv2batch.config import Task
+
+    if not isinstance(run_info, dict):
+        return f"it holds a {type(run_info).__name__}, not an object"
+    for key, kind in RUN_FIELDS.items():
+        if not isinstance(run_info.get(key), kind):
+            return f"no {key!r}" if key not in run_info else f"{key!r} is not a {kind.__name__}"
+    if run_info["task"] not in {task.value for task in Task}:
+        return f"its task is {run_info['task']!r}, which this version does not run"
+    if not isinstance(run_info["model"].get("labels"), list) or not isinstance(run_info["model"].get("id"), str):
+        return "the model's id or labels are missing"
+    n_shards = run_info["plan"].get("n_shards")
+    if "n_shards" not in run_info["plan"] or not (n_shards is None or isinstance(n_shards, int)):
+        return "the shard plan has no shard count"
+    if not isinstance(run_info["input"].get("description"), str):
+        return "the input is not described"
+    return None

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mv2batch import storage
-from mv2batch.errors import ConfigError
-from mv2batch.out.rundir import open_run
-from mv2batch.out.rundir import output_errors
+from mv2batch.errors import ConfigError, OutputError
+from mv2batch.out.rundir import open_run, output_errors
 
 COLUMNS = ["id", "path", "status", "width", "height", "mask_png", "classes", "class_pixels"]
 
@@ -30,6 +29,12 @@ class CocoExport:
     images: int
     annotations: int
     skipped_errors: int
+    shards_done: int = 0  # the committed shards exported
+    shards_total: int | None = None  # the run's planned shards (None: a stream whose length is not known yet)
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_total is not None and self.shards_done >= self.shards_total
 
 
 def images_file_for(results: Path | str) -> Path | str:
@@ -39,17 +44,23 @@ def images_file_for(results: Path | str) -> Path | str:
     return storage.join(storage.parent_of(results), stem + ".images.json")
 
 
-def export_coco(out: Path | str, results: Path | str, storage_options: dict | None = None) -> CocoExport:
+def export_coco(out: Path | str, results: Path | str, storage_options: dict | None = None,
+                allow_incomplete: bool = False) -> CocoExport:
     """Write the committed masks of the segment run in OUT as COCO results (image ids in the run's row order).
-    results: a local path or a URL (s3://, gs://, ...: each file one PUT, with storage_options)."""
+    results: a local path or a URL (s3://, gs://, ...: each file one PUT, with storage_options). A run with shards
+    still to do is refused, saying how many, unless allow_incomplete (then its committed shards are exported)."""
     mask_utils = _pycocotools_mask()
     results = storage.location(results)
     rundir, run_info = open_run(out, storage_options)
     if run_info["task"] != "segment":
         raise ConfigError(f"{out} holds a {run_info['task']} run, not a segment run: export coco needs its masks")
     labels = run_info["model"]["labels"]
+    done, total = sorted(rundir.committed(run_info["fingerprint"])), run_info["plan"]["n_shards"]
+    if not allow_incomplete and (total is None or len(done) < total):
+        raise OutputError(f"{out} is an unfinished run: {_missing(len(done), total)}; resume it first, or pass "
+                          "--allow-incomplete to export the shards that are done")
     images, annotations, errors = [], [], 0
-    for shard in sorted(rundir.committed(run_info["fingerprint"])):
+    for shard in done:
         for row in rundir.read_part(shard, COLUMNS).to_pylist():
             if row["status"] != "ok":
                 errors += 1
@@ -63,7 +74,13 @@ def export_coco(out: Path | str, results: Path | str, storage_options: dict | No
         storage.write_bytes(results, json.dumps(annotations).encode(), storage_options)
         storage.write_bytes(images_file, json.dumps({"images": images, "categories": categories,
                                                      "annotations": []}).encode(), storage_options)
-    return CocoExport(results, images_file, len(images), len(annotations), errors)
+    return CocoExport(results, images_file, len(images), len(annotations), errors, len(done), total)
+
+
+def _missing(done: int, total: int | None) -> str:
+    if total is None:
+        return f"{done} shard(s) done of a stream whose length is not known yet"
+    return f"{total - done} of its {total} shards are missing"
 
 
 def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
