@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from mv2batch import storage
 from mv2batch.filter.destination import Destination, FileWriter
 from mv2batch.filter.work import Outcome, ShardWork
-from mv2batch.inputs.tars import shard_name, split_key
+from mv2batch.inputs.tars import split_key
 
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, storage.StoreReadError)
 STREAM_BLOCK = 8 << 20  # an object's tar is read in ranges this large
@@ -46,12 +46,12 @@ class TarLayout:
 
     def write_tar(self, shard: int, ids: list[str]) -> Outcome:
         source = self.tars[shard]
-        prefix = f"{shard_name(source)}/"
-        wanted = {item[len(prefix):] for item in ids if item.startswith(prefix)}
+        keys = {item: item.split("/", 1)[1] for item in ids if "/" in item}  # id = <tar name>/<key>
+        wanted = set(keys.values())
         final = storage.join(self.destination.root, storage.name_of(source))
         if self.destination.resuming and self.destination.exists(final):
             found = _keys_in(final, self.options)  # written by an earlier attempt: what it holds is what was kept
-            return Outcome(_missing(ids, prefix, found, None), present=len(found & wanted))
+            return Outcome(_missing(ids, keys, found, None), present=len(found & wanted))
         copier = SampleCopier(source, wanted, self.options)
         written = 0
         with ExitStack() as stack:
@@ -64,7 +64,7 @@ class TarLayout:
                 for info, data in members:
                     tar.addfile(info, io.BytesIO(data))
                 written += 1
-        return Outcome(_missing(ids, prefix, copier.found, copier.problem), items=written,
+        return Outcome(_missing(ids, keys, copier.found, copier.problem), items=written,
                        files=int(tar is not None))
 
 
@@ -138,7 +138,7 @@ def _keys_in(final: Any, options: dict | None) -> set[str]:
         return {split[0] for member in tar if member.isfile() and (split := split_key(member.name))}
 
 
-def _missing(ids: list[str], prefix: str, found: set[str], problem: str | None) -> dict[str, str]:
+def _missing(ids: list[str], keys: dict[str, str], found: set[str], problem: str | None) -> dict[str, str]:
     """The kept ids whose sample is not in the output, and why."""
     why = problem or "no such sample in the tar (the run read it as an error row)"
-    return {item: why for item in ids if not item.startswith(prefix) or item[len(prefix):] not in found}
+    return {item: why for item in ids if keys.get(item) not in found}

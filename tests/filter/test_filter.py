@@ -257,15 +257,22 @@ def test_tars_keep_every_member_of_each_kept_sample_in_order_and_skip_a_tar_with
     write_tar(shards / "data-001.tar", tar_samples(5, [1, 3, 5]))
     write_tar(shards / "data-002.tar", tar_samples(8, [6, 7, 8]))
     classify(shards, tmp_path / "out", tiny_model, source="webdataset")
-    result = filter_run(tmp_path / "out", tmp_path / "kept", where="label % 2 = 0")
-    assert sorted(p.name for p in (tmp_path / "kept").glob("*.tar")) == ["data-000.tar", "data-002.tar"]
+    dest = tmp_path / "kept"
+    result = filter_run(tmp_path / "out", dest, where="label % 2 = 0")
+    assert sorted(p.name for p in dest.glob("*.tar")) == ["data-000.tar", "data-002.tar"]
     kept_keys = {"s00_000", "s00_003", "s08_000", "s08_002"}  # even labels; s00_001's jpg is broken: an error row
     for name in ("data-000.tar", "data-002.tar"):
         want = [(n, d) for n, d in tar_members(shards / name) if n.split(".")[0] in kept_keys]
-        assert tar_members(tmp_path / "kept" / name) == want and want
+        assert tar_members(dest / name) == want and want
     assert result.kept == 4 and result.dropped["error"] == 1 and result.dropped["where"] == 6
-    ids = pq.read_table(tmp_path / "kept" / "_mv2batch" / "predictions.parquet").column("id").to_pylist()
+    ids = pq.read_table(dest / "_mv2batch" / "predictions.parquet").column("id").to_pylist()
     assert ids == ["data-000/s00_000", "data-000/s00_003", "data-002/s08_000", "data-002/s08_002"]
+    # A crash between a tar's commit and its shard's marker: the next run reads which samples the tar holds.
+    written = (dest / "data-000.tar").read_bytes()
+    (dest / "_mv2batch" / "done" / "00000.json").unlink()
+    again = filter_run(tmp_path / "out", dest, where="label % 2 = 0")
+    assert again.kept == 4 and again.items_present == 4 and again.files_written == 0
+    assert (dest / "data-000.tar").read_bytes() == written
 
 
 def image_table(count: int) -> pa.Table:
@@ -279,35 +286,97 @@ def image_table(count: int) -> pa.Table:
                      "label": pa.array([i % 3 for i in range(count)], pa.int64())})
 
 
-def test_a_parquet_table_keeps_its_own_columns_for_the_kept_rows_in_order(tiny_model, tmp_path):
+def test_a_parquet_table_keeps_its_own_columns_for_the_kept_rows_in_order_and_resumes_after_a_crash(tiny_model,
+                                                                                                    tmp_path):
     import datasets
 
-    source = image_table(10)
-    pq.write_table(source, tmp_path / "images.parquet")
-    out = tmp_path / "out"
-    classify(tmp_path / "images.parquet", out, tiny_model, source="dataset", shard_size=4, streaming=True)
-    dest = tmp_path / "kept"
-    result = filter_run(out, dest, where="label <> 1")
-    parts = sorted((dest / "data").glob("*.parquet"))
-    assert [p.name for p in parts] == ["train-00000-of-00003.parquet", "train-00001-of-00003.parquet",
-                                       "train-00002-of-00003.parquet"]
-    kept = pa.concat_tables(pq.read_table(p) for p in parts)
-    rows = [i for i in range(10) if i % 3 != 1]
-    assert kept.select(source.column_names).to_pylist() == source.take(rows).to_pylist()
-    assert kept.column_names == source.column_names and result.kept == len(rows)
-    loaded = datasets.load_dataset(str(dest), split="train")  # _mv2batch/ is not read as data
-    assert loaded.column_names == source.column_names and len(loaded) == len(rows)
-
-
-def test_a_table_filter_crashed_at_its_second_part_finishes_without_doubling_rows(tiny_model, tmp_path):
     source = image_table(9)
     pq.write_table(source, tmp_path / "images.parquet")
     out = tmp_path / "out"
     classify(tmp_path / "images.parquet", out, tiny_model, source="dataset", shard_size=3, id_column="key")
     dest = tmp_path / "kept"
     with pytest.raises(OutputError, match="killed"):
-        filter_run(out, dest, parts=FilterParts(write_file=crashing_after(1)))  # the second part fails
-    assert len(list((dest / "data").glob("*.parquet"))) == 1
-    again = filter_run(out, dest)
-    kept = pa.concat_tables(pq.read_table(p) for p in sorted((dest / "data").glob("*.parquet")))
-    assert kept.to_pylist() == source.to_pylist() and again.items_present == 3 and again.files_written == 2
+        filter_run(out, dest, where="label <> 1", parts=FilterParts(write_file=crashing_after(1)))
+    assert len(list((dest / "data").glob("*.parquet"))) == 1, "the first part, whole; the second never written"
+    result = filter_run(out, dest, where="label <> 1")
+    parts = sorted((dest / "data").glob("*.parquet"))
+    assert [p.name for p in parts] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    kept = pa.concat_tables(pq.read_table(p) for p in parts)
+    rows = [i for i in range(9) if i % 3 != 1]
+    assert kept.to_pylist() == source.take(rows).to_pylist(), "the source's columns and rows, in order, once"
+    assert result.kept == len(rows) and result.items_present == 2 and result.files_written == 2
+    loaded = datasets.load_dataset(str(dest), split="train")  # _mv2batch/ is not read as data
+    assert loaded.column_names == source.column_names and len(loaded) == len(rows)
+
+
+KEY, SECRET = "testing-key", "testing-secret"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback: the options a client needs, and an s3fs client for the test's own use."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": KEY, "secret": SECRET}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    fs.mkdir("filter-bucket")
+    try:
+        yield options, fs
+    finally:
+        server.stop()
+
+
+def fetched(fs, url: str, folder: Path) -> Path:
+    fs.invalidate_cache()
+    fs.get(url + "/", str(folder), recursive=True)
+    return folder
+
+
+def test_the_same_from_and_to_s3_folder_and_tars(s3, folder_run, tiny_model, tmp_path):
+    options, fs = s3
+    photos, local_out = folder_run
+    threshold = median_score(local_out)
+    filter_run(local_out, tmp_path / "local", where=f"topk_scores[1] >= {threshold}", unique=True)
+    fs.put(str(photos) + "/", "filter-bucket/photos", recursive=True)
+    out, dest = "s3://filter-bucket/out", "s3://filter-bucket/kept"
+    classify("s3://filter-bucket/photos", out, tiny_model, embeddings=True, shard_size=4, storage_options=options)
+    find_duplicates(out, storage_options=options)
+    result = filter_run(out, dest, where=f"topk_scores[1] >= {threshold}", unique=True, storage_options=options)
+    got = fetched(fs, dest, tmp_path / "fetched")
+    assert files_under(got) == files_under(tmp_path / "local") and result.kept == len(files_under(got))
+    kept_rows = pq.read_table(got / "_mv2batch" / "predictions.parquet").column("id").to_pylist()
+    assert kept_rows == sorted(files_under(got)) and json.loads((got / "_mv2batch" / "filter.json").read_text())[
+        "complete"]
+    assert not [key for key in fs.find(dest) if key.endswith(".tmp")]
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "data-000.tar", tar_samples(0, [0, 1, 2]))
+    write_tar(shards / "data-001.tar", tar_samples(3, [3, 5]))
+    fs.put(str(shards) + "/", "filter-bucket/shards", recursive=True)
+    classify("s3://filter-bucket/shards", "s3://filter-bucket/tar-out", tiny_model, source="webdataset",
+             storage_options=options)
+    filter_run("s3://filter-bucket/tar-out", "s3://filter-bucket/tar-kept", where="label % 2 = 0",
+               storage_options=options)
+    got = fetched(fs, "s3://filter-bucket/tar-kept", tmp_path / "tars")
+    assert sorted(p.name for p in got.glob("*.tar")) == ["data-000.tar"]
+    want = [(n, d) for n, d in tar_members(shards / "data-000.tar") if n.split(".")[0] in {"s00_000", "s00_002"}]
+    assert tar_members(got / "data-000.tar") == want
+
+
+def test_a_table_streamed_from_and_to_s3(s3, tiny_model, tmp_path):
+    options, fs = s3
+    source = image_table(6)
+    pq.write_table(source, tmp_path / "images.parquet")
+    fs.put(str(tmp_path / "images.parquet"), "filter-bucket/tables/images.parquet")
+    out, dest = "s3://filter-bucket/table-out", "s3://filter-bucket/table-kept"
+    classify("s3://filter-bucket/tables/images.parquet", out, tiny_model, source="dataset", shard_size=4,
+             streaming=True, storage_options=options)
+    result = filter_run(out, dest, where="label = 0", storage_options=options)
+    got = fetched(fs, dest, tmp_path / "fetched")
+    kept = pa.concat_tables(pq.read_table(p) for p in sorted((got / "data").glob("*.parquet")))
+    assert kept.to_pylist() == source.take([0, 3]).to_pylist() and result.kept == 2
