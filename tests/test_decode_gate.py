@@ -14,8 +14,8 @@ from functools import partial
 from types import SimpleNamespace
 
 from conftest import classify, read_rows, real_photos
-from mv2batch.loading import loader
 from mv2batch.engines.local import LocalParts
+from mv2batch.loading.decode import decode_image
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.loading.loader import DecodeGate
 from mv2batch.runner.placement import place
@@ -94,23 +94,24 @@ def _stretched(placement, passes: list, pass_s: float = PASS_S):
     return replace(placement, model=model)
 
 
+def _logged_decode(decode_log: Path, *args, **kwargs):
+    """decode_image, after appending the time it began to decode_log (a module-level function: a worker can
+    unpickle it however it is started)."""
+    with open(decode_log, "a") as log:
+        log.write(f"{time.monotonic()}\n")
+    return decode_image(*args, **kwargs)
+
+
 @pytest.fixture
-def timed_run(tmp_path, monkeypatch):
+def timed_run(tmp_path):
     """Runs mv2batch with each forward pass stretched to PASS_S (free: the workers never wait for the passes);
     returns the passes' (start, end) times and the times at which workers began decoding an image (monotonic
     clock, the same in every process)."""
     decode_log = tmp_path / "decodes.log"
     passes: list[tuple[float, float]] = []
-    decode = loader.decode_image
-
-    def logged_decode(*args, **kwargs):
-        with open(decode_log, "a") as log:  # a forked worker inherits this function
-            log.write(f"{time.monotonic()}\n")
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(loader, "decode_image", logged_decode)
     always = lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=GateTrial(chosen=True))  # no trial: every pass gated
-    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), choose_loader_settings=always)
+    gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), choose_loader_settings=always,
+                       decode=partial(_logged_decode, decode_log))
     free = replace(gated, choose_loader_settings=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
 
     def run(folder: Path, out: Path, model: Path, gate: bool = True) -> tuple[list, list[float]]:

@@ -13,8 +13,10 @@ import torch
 from conftest import classify, placed_with, read_rows, real_photos
 from mv2batch.model import device as device_module
 from mv2batch.model.device import float32_math
+from mv2batch.engines.local import LocalParts
 from mv2batch.errors import Mv2batchError
 from mv2batch.loading.resources import MAX_GPU_WORKERS, default_batch_size, default_workers
+from mv2batch.runner.job import describe_job
 
 CUDA = torch.device("cuda")
 
@@ -48,10 +50,22 @@ def test_settings_come_back_after_an_error():
     assert _precision() == before
 
 
-def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch):
-    """Every batch runs inside the block, given the run's device and dtype."""
-    from mv2batch.tasks.classify import ClassifyTask
+class StartSpy:
+    """The job's task with on_start() called before each batch's start; everything else is the task's own."""
 
+    def __init__(self, task, on_start):
+        self.real, self.on_start = task, on_start
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def start(self, *args):
+        self.on_start()
+        return self.real.start(*args)
+
+
+def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model):
+    """Every batch runs inside the block, given the run's device and dtype."""
     entered, inside_calls = [], []
 
     @contextmanager
@@ -61,15 +75,16 @@ def test_the_runner_infers_inside_float32_math(tmp_path, tiny_model, monkeypatch
         yield
         entered.append("closed")
 
-    start = ClassifyTask.start
-    monkeypatch.setattr(device_module, "float32_math", spy)
-    monkeypatch.setattr(ClassifyTask, "start",
-                        lambda self, *args: inside_calls.append(entered[-1]) or start(self, *args))
+    def spied_job(config):
+        job = describe_job(config)
+        return replace(job, task=StartSpy(job.task, lambda: inside_calls.append(entered[-1])))
+
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(5)):
         photo.save(folder / f"{i}.png")
-    classify(folder, tmp_path / "out", tiny_model, batch_size=2)
+    classify(folder, tmp_path / "out", tiny_model, batch_size=2,
+             parts=LocalParts(describe=spied_job, float32_math=spy))
     assert entered == [("cpu", torch.float32), "open", "closed"]
     assert inside_calls == ["open"] * 3
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from dataclasses import replace
@@ -13,7 +12,7 @@ from dataclasses import replace
 from conftest import classify, placed_with, read_rows, real_photos, segment
 from mv2batch.model.device import to_host_later
 from mv2batch.tasks.postprocess import class_counts, confusion_cells, confusion_counts, present_counts, upsample_argmax
-from mv2batch.tasks.classify import ClassifyTask
+from mv2batch.runner.job import describe_job
 from mv2batch.tasks.segment import SegmentTask
 
 CLASSES = 21
@@ -60,34 +59,45 @@ def test_segment_start_gives_what_the_per_image_functions_give():
     assert outputs[0]["confusion"] and outputs[1]["confusion"] is None
 
 
-@pytest.fixture
-def queued_like_a_gpu(monkeypatch):
-    """The runner reads each batch's results only after starting the next one, as it does on CUDA; the log
-    shows the order in which batches were started and read."""
-    log = []
-    start = ClassifyTask.start
-
-    def logged_start(self, model, pixels, samples):
-        number = sum(1 for event in log if event[0] == "start")
-        log.append(("start", number))
-        outputs = start(self, model, pixels, samples)
-        return lambda: log.append(("read", number)) or outputs()
-
-    monkeypatch.setattr(ClassifyTask, "start", logged_start)
-    return log
-
-
 QUEUED = placed_with(lambda placement: replace(placement, queued=True))
 DIRECT = placed_with(lambda placement: replace(placement, queued=False))
 
 
-def test_queued_batches_are_read_one_behind_with_the_same_rows(tmp_path, tiny_model, queued_like_a_gpu):
+class LoggedStarts:
+    """The job's task, logging each batch's start and the moment its results are read; the rest is the task's."""
+
+    def __init__(self, task, log: list):
+        self.real, self.log = task, log
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def start(self, model, pixels, samples):
+        number = sum(1 for event in self.log if event[0] == "start")
+        self.log.append(("start", number))
+        outputs = self.real.start(model, pixels, samples)
+        return lambda: self.log.append(("read", number)) or outputs()
+
+
+def queued_like_a_gpu(log: list):
+    """LocalParts with which the runner reads each batch's results only after starting the next one, as it does on
+    CUDA; the log shows the order in which batches were started and read."""
+
+    def logged_job(config):
+        job = describe_job(config)
+        return replace(job, task=LoggedStarts(job.task, log))
+
+    return replace(QUEUED, describe=logged_job)
+
+
+def test_queued_batches_are_read_one_behind_with_the_same_rows(tmp_path, tiny_model):
     folder = tmp_path / "in"
     folder.mkdir()
     for i, photo in enumerate(real_photos(5)):
         photo.save(folder / f"{i}.png")
-    classify(folder, tmp_path / "queued", tiny_model, batch_size=2, parts=QUEUED)
-    assert queued_like_a_gpu == [("start", 0), ("start", 1), ("read", 0), ("start", 2), ("read", 1), ("read", 2)]
+    log = []
+    classify(folder, tmp_path / "queued", tiny_model, batch_size=2, parts=queued_like_a_gpu(log))
+    assert log == [("start", 0), ("start", 1), ("read", 0), ("start", 2), ("read", 1), ("read", 2)]
     classify(folder, tmp_path / "direct", tiny_model, batch_size=2, parts=DIRECT)
     assert read_rows(tmp_path / "queued") == read_rows(tmp_path / "direct")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import mv2batch.model.checkpoints as models
 from conftest import imagenet_photo_paths, read_rows, segment, skimage_photos
+from mv2batch.engines.local import LocalParts
+from mv2batch.runner.placement import place
 from mv2batch.tasks.masks import decode_png
 from mv2batch.tasks.postprocess import upsample_argmax
 
@@ -38,9 +40,12 @@ def _two_colour_image(path: Path, width: int, height: int, split: int) -> None:
     Image.fromarray(array).save(path)
 
 
-@pytest.fixture
-def colour_model(monkeypatch):
-    monkeypatch.setattr(models, "load_weights", lambda folder, task, model, embeddings=False: ColourModel())
+def colour_weights(folder, task, model, embeddings=False) -> ColourModel:
+    """checkpoints.load_weights's stand-in: ColourModel whatever the checkpoint."""
+    return ColourModel()
+
+
+COLOUR_MODEL = LocalParts(place=partial(place, load_weights=colour_weights))  # the rest of the placement is real
 
 
 def _mask(out: Path, item_id: str) -> np.ndarray:
@@ -48,20 +53,20 @@ def _mask(out: Path, item_id: str) -> np.ndarray:
     return decode_png(row["mask_png"])
 
 
-def test_mask_of_a_non_square_image_splits_exactly_at_the_middle_column(colour_model, tiny_segmenter, tmp_path):
+def test_mask_of_a_non_square_image_splits_exactly_at_the_middle_column(tiny_segmenter, tmp_path):
     _two_colour_image(tmp_path / "half.png", 300, 100, 150)
     _two_colour_image(tmp_path / "quarter.png", 400, 100, 100)
-    segment(tmp_path, tmp_path / "out", tiny_segmenter)
+    segment(tmp_path, tmp_path / "out", tiny_segmenter, parts=COLOUR_MODEL)
     half, quarter = _mask(tmp_path / "out", "half.png"), _mask(tmp_path / "out", "quarter.png")
     assert half.shape == (100, 300) and quarter.shape == (100, 400)
     assert np.all(half[:, :150] == 1) and np.all(half[:, 150:] == 2)
     assert np.all(quarter[:, :100] == 1) and np.all(quarter[:, 100:] == 2)
 
 
-def test_hf_protocol_shows_transformers_misalignment(colour_model, tiny_segmenter, tmp_path):
+def test_hf_protocol_shows_transformers_misalignment(tiny_segmenter, tmp_path):
     """transformers centre-crops, then stretches the crop's prediction over the whole image."""
     _two_colour_image(tmp_path / "quarter.png", 400, 100, 100)
-    segment(tmp_path, tmp_path / "out", tiny_segmenter, preprocess="hf")
+    segment(tmp_path, tmp_path / "out", tiny_segmenter, preprocess="hf", parts=COLOUR_MODEL)
     quarter = _mask(tmp_path / "out", "quarter.png")
     assert quarter.shape == (100, 400)
     assert not np.all(quarter[:, :100] == 1), "the red quarter lies outside the crop and is lost"

@@ -369,10 +369,10 @@ def test_runner_looks_ahead_only_when_streams_run_batches_in_the_background(tiny
     assert started == expected
 
 
-def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_model, tmp_path, monkeypatch):
+def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_model, tmp_path):
     """Only a micro-batch is ever in float (a whole batch of 32 at 256x256 is 25 MB), with the same predictions."""
-    from mv2batch.model import device
-    from mv2batch.model import speedups
+    from mv2batch.engines.local import LocalParts
+    from mv2batch.runner.placement import place
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -383,10 +383,13 @@ def test_runner_puts_one_micro_batch_at_a_time_through_the_pixel_stage(tiny_mode
     options = {"batch_size": 8, "speedups": True}
     classify(folder, tmp_path / "whole", tiny_model, **options)  # 64x64 inputs: the whole batch is one call
     sizes = []
-    stage = device.PixelStage.__call__
-    monkeypatch.setattr(device.PixelStage, "__call__", lambda self, pixels: sizes.append(len(pixels)) or stage(self, pixels))
-    monkeypatch.setattr(speedups, "CPU_MICRO_BATCH_PIXELS", 2 * 64 * 64)
-    classify(folder, tmp_path / "micro", tiny_model, **options)
+
+    def two_image_micro_batches(job, local_rank=None):  # 64x64 inputs; each pixel-stage call's size recorded
+        placement = place(job, local_rank, micro_batch_pixels=2 * 64 * 64)
+        stage = placement.pixel_stage
+        return replace(placement, pixel_stage=lambda pixels: sizes.append(len(pixels)) or stage(pixels))
+
+    classify(folder, tmp_path / "micro", tiny_model, parts=LocalParts(place=two_image_micro_batches), **options)
     assert sorted(sizes) == [1, 2, 2, 2]  # in any order: the all set runs micro-batches on parallel streams
     micro, whole = read_rows(tmp_path / "micro"), read_rows(tmp_path / "whole")
     assert [row["topk_ids"] for row in micro] == [row["topk_ids"] for row in whole]

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from mv2batch.runner import placement
 from mv2batch.loading import resources
+from mv2batch.loading.decode import decode_image
+from mv2batch.model import device
 from mv2batch.runner import shards
 from mv2batch.out import writer
 from mv2batch.runner.batch_loop import ProgressCallback
@@ -27,6 +29,8 @@ class LocalParts:
     place: Callable[..., Any] = placement.place  # (job, local_rank) -> Placement
     choose_loader_settings: Callable[..., resources.LoaderSettings] = resources.choose_loader_settings
     part_writer: type = writer.PartWriter  # what writes a shard's part (a test's fails as a full disk does)
+    decode: Callable[..., Any] = decode_image  # the workers' decoding (a test's logs when each image begins)
+    float32_math: Callable[..., Any] = device.float32_math  # what every batch runs inside (a test passes a spy)
 
 
 def run(config: RunConfig, progress: ProgressCallback | None = None, parts: LocalParts = LocalParts()) -> Report:
@@ -43,7 +47,7 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
             lock.acquire()
         rundir = open_out(job, rank, group, batch_size=placed.batch_size)
         counters = shards.run_shards(job, placed, rundir, rank.owns, rank.rank, progress, parts.choose_loader_settings,
-                                     parts.part_writer)
+                                     parts.part_writer, decode=parts.decode, float32_math=parts.float32_math)
         group.barrier()
         return shards.finish(job, rundir, counters.done, time.perf_counter() - started,
                              write=rank.is_first or not group.active)

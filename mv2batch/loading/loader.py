@@ -84,8 +84,9 @@ class ImageDataset:
 
     def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
                  reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None,
-                 fetches: int = FETCHES_AT_ONCE):
+                 fetches: int = FETCHES_AT_ONCE, decode: Callable[..., Any] = decode_image):
         self.read = read
+        self.decode = decode  # (raw, max_pixels, fast) -> decoded image (a test's logs when each image begins)
         self.fetches = fetches  # GETs in flight for a batch's objects (1: one after the other)
         self.transform = transform
         self.fast = fast  # --decode fast: the protocol's ResizeCrop, which reduced JPEG decoding must cover
@@ -129,7 +130,7 @@ class ImageDataset:
         if record.error is not None:
             return Sample(index, None, None, None, record.path, record.label, record.error, id=record.id)
         try:
-            decoded = decode_image(record.raw, self.max_pixels, self.fast)
+            decoded = self.decode(record.raw, self.max_pixels, self.fast)
         except DecodeError as exc:
             return Sample(index, None, None, None, record.path, record.label, str(exc), id=record.id)
         sample = Sample(index, None, decoded.width, decoded.height, record.path, record.label, None, id=record.id,

@@ -138,23 +138,6 @@ def _divides_in_half_precision(x: Any, factor: float | None, dtype: Any) -> bool
     return x.device.type == "cpu" and factor == 1 / 255 and dtype in (torch.bfloat16, torch.float16)
 
 
-def rescale(x: Any, factor: float | None) -> Any:
-    """uint8 to float32, bit-identical to transformers' numpy rescale (float64 product, cast to float32)."""
-    import torch
-
-    if factor is None:
-        return x.to(torch.float32)
-    if x.device.type != "cpu":
-        # CUDA divides by a Python number as a multiplication by its float32 reciprocal, which misses the
-        # correctly rounded quotient for 126 of the 256 values (by one ulp: 1e-4 in a probability end to end,
-        # measured on an H200), and float64 is slow on most GPUs: look the 256 exact values up instead.
-        return rescale_by_lookup(x, factor)
-    if factor == 1 / 255:
-        # On the CPU a correctly rounded float32 division gives the same 256 values as the float64 route, faster.
-        return x.to(torch.float32).div_(255)
-    return (x.to(torch.float64) * factor).to(torch.float32)
-
-
 def rescale_by_lookup(x: Any, factor: float) -> Any:
     """rescale through a table of the 256 values computed as transformers computes them; keeps x's layout."""
     import torch
@@ -167,6 +150,26 @@ def _rescale_table(factor: float, device: Any) -> Any:
     import torch
 
     return (torch.arange(256, dtype=torch.float64) * factor).to(torch.float32).to(device)
+
+
+def rescale(x: Any, factor: float | None, lookup: Callable[[Any, float], Any] = rescale_by_lookup) -> Any:
+    """uint8 to float32, bit-identical to transformers' numpy rescale (float64 product, cast to float32).
+
+    lookup: how the values are found off the CPU (a test passes a spy, to see it used where no kernel runs).
+    """
+    import torch
+
+    if factor is None:
+        return x.to(torch.float32)
+    if x.device.type != "cpu":
+        # CUDA divides by a Python number as a multiplication by its float32 reciprocal, which misses the
+        # correctly rounded quotient for 126 of the 256 values (by one ulp: 1e-4 in a probability end to end,
+        # measured on an H200), and float64 is slow on most GPUs: look the 256 exact values up instead.
+        return lookup(x, factor)
+    if factor == 1 / 255:
+        # On the CPU a correctly rounded float32 division gives the same 256 values as the float64 route, faster.
+        return x.to(torch.float32).div_(255)
+    return (x.to(torch.float64) * factor).to(torch.float32)
 
 
 def to_host_later(tensors: list) -> Callable[[], list]:

@@ -53,7 +53,8 @@ class Speedups:
         return asdict(self)
 
 
-def default_speedups(device: Any, dtype: Any, compile: bool = False) -> Speedups:
+def default_speedups(device: Any, dtype: Any, compile: bool = False,
+                     micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
     """Every rewrite on the CPU; elsewhere no oneDNN and no channels_last (reported to slow MobileViT on CUDA).
 
     A model that torch.compile will see gets neither the fused oneDNN calls nor micro-batches: inductor fuses
@@ -61,28 +62,29 @@ def default_speedups(device: Any, dtype: Any, compile: bool = False) -> Speedups
     On the CPU the micro-batches run as parallel single-threaded streams: no OpenMP barrier per layer, so a
     loader worker that takes a core for a moment delays one stream instead of stalling every thread (and the
     outputs are bit-identical to one stream's; measured). The exact set keeps one stream: transformers'
-    fp32 NCHW convolutions round differently with one thread than with several.
+    fp32 NCHW convolutions round differently with one thread than with several. micro_batch_pixels: a CPU
+    micro-batch's input pixels (a test passes a few images' worth, so that a small run is cut up).
     """
     import torch
 
     on_cpu = getattr(device, "type", str(device)) == "cpu"
     eager_cpu = on_cpu and not compile
     return Speedups(fuse_convolutions=eager_cpu and fusion_available(), channels_last=on_cpu,
-                    micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None,
+                    micro_batch_pixels=micro_batch_pixels if eager_cpu else None,
                     streams=torch.get_num_threads() if eager_cpu else 1)
 
 
-def exact_speedups(device: Any, compile: bool = False) -> Speedups:
+def exact_speedups(device: Any, compile: bool = False, micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
     """The rewrites that change no arithmetic: reshapes, in-place activations, micro-batches (eager CPU only).
 
     Micro-batches change which images share a convolution call, not how any output element is summed
     (oneDNN's direct kernels accumulate each output the same way for batches of 4 or more: 32 in one call =
     8 calls of 4 = 4 calls of 8, every bit; calls of 1 or 2 images may take other kernels, as transformers'
-    own calls of that size do).
+    own calls of that size do). micro_batch_pixels: as default_speedups's.
     """
     eager_cpu = getattr(device, "type", str(device)) == "cpu" and not compile
     return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
-                    channels_last_prefix=eager_cpu, micro_batch_pixels=CPU_MICRO_BATCH_PIXELS if eager_cpu else None,
+                    channels_last_prefix=eager_cpu, micro_batch_pixels=micro_batch_pixels if eager_cpu else None,
                     keep_bits=True)
 
 
@@ -99,12 +101,15 @@ def speedups_mode(requested: bool | None, dtype: Any) -> str:
     return "all" if requested else "none"
 
 
-def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bool = False) -> Speedups | None:
-    """The rewrites of speedups_mode for this device (None: none)."""
+def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bool = False,
+                    micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups | None:
+    """The rewrites of speedups_mode for this device (None: none); micro_batch_pixels: as default_speedups's."""
     mode = speedups_mode(requested, dtype)
     if mode == "none":
         return None
-    return exact_speedups(device, compile) if mode == "exact" else default_speedups(device, dtype, compile)
+    if mode == "exact":
+        return exact_speedups(device, compile, micro_batch_pixels)
+    return default_speedups(device, dtype, compile, micro_batch_pixels)
 
 
 @dataclass(frozen=True)

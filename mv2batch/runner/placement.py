@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from mv2batch.model.speedups import Speedups
 
 from mv2batch.model import checkpoints
+from mv2batch.model.speedups import CPU_MICRO_BATCH_PIXELS
 from mv2batch.loading import resources
 from mv2batch.runner.job import Job
 from mv2batch.loading.preprocess import HostPixels
@@ -34,8 +35,13 @@ class Placement:
     queued: bool  # a batch's work is queued on the device and read back later (CUDA), not done when started
 
 
-def place(job: Job, local_rank: int | None = None) -> Placement:
-    """Pick the device, load the weights, apply the speed-ups, build the pixel stages."""
+def place(job: Job, local_rank: int | None = None, load_weights: Callable[..., Any] = checkpoints.load_weights,
+          micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Placement:
+    """Pick the device, load the weights, apply the speed-ups, build the pixel stages.
+
+    load_weights: (folder, task, model, embeddings) -> module (a test passes a stand-in model of its own);
+    micro_batch_pixels: a CPU micro-batch's input pixels (a test passes a few small images' worth).
+    """
     from mv2batch.model.allocator import keep_freed_memory, limit_kernel_cache
     from mv2batch.model.device import PixelStage, check_dtype, pick_device
     from mv2batch.model.speedups import wants_channels_last_input
@@ -49,9 +55,9 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
     height, width = resources.typical_size(job.preprocessing.resize_crop)
     batch_size = config.batch_size or resources.default_batch_size(
         job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0), height * width)
-    module = checkpoints.load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
+    module = load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
     model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
-                                          (height, width))
+                                          (height, width), micro_batch_pixels)
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
     pixel_stage = PixelStage(device_norm, device, job.dtype, channels_last=wants_channels_last_input(speedups))
@@ -60,14 +66,14 @@ def place(job: Job, local_rank: int | None = None) -> Placement:
 
 
 def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, compile: bool,
-               input_size: tuple[int, int]) -> tuple:
+               input_size: tuple[int, int], micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> tuple:
     """(model, speed-ups applied, stream pool) for --speedups / --no-speedups / the default, and --compile;
     input_size: a typical input's (height, width), which the exact set's probe runs at."""
     import torch
 
     from mv2batch.model.speedups import choose_speedups, optimize_for_inference
 
-    chosen = choose_speedups(requested, device, dtype, compile)
+    chosen = choose_speedups(requested, device, dtype, compile, micro_batch_pixels)
     if chosen is None:
         module, applied, streams = module.to(device=device, dtype=dtype), None, None
     else:

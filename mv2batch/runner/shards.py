@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from mv2batch.runner.placement import Placement
 
 from mv2batch.loading import resources
+from mv2batch.loading.decode import decode_image
+from mv2batch.model.device import float32_math as ieee_float32_math
 from mv2batch.runner import runinfo
 from mv2batch.runner.batch_loop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
 from mv2batch.config import Decode
@@ -34,17 +36,18 @@ Reader = Callable[[int], Record]  # an item's record by its index
 def run_shards(job: Job, placement: Placement, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
                progress: ProgressCallback | None = None,
                choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
-               part_writer: type | None = None) -> Counters:
+               part_writer: type | None = None, decode: Callable = decode_image,
+               float32_math: Callable = ieee_float32_math) -> Counters:
     """Run this process's shards that are not done yet (and, with --retry-errors, the failed rows of done ones).
 
     owns: which shards are this process's; rank: its number, recorded in the markers. choose_loader_settings: how
     the loader runs (resources.choose_loader_settings; a test passes its own to change one decision). part_writer:
-    what writes a shard's part (out.writer.PartWriter; a test passes one that fails).
+    what writes a shard's part (out.writer.PartWriter; a test passes one that fails). decode: what the workers
+    decode each image with (loading.decode.decode_image; a test's logs when it begins). float32_math: the block
+    every batch runs in, given the device and dtype (model.device.float32_math; a test's spy sees it entered).
     """
-    from mv2batch.model import device
-
-    loop = build_loop(job, placement, rundir, rank, progress, choose_loader_settings, part_writer)
-    with device.float32_math(placement.device, placement.dtype):
+    loop = build_loop(job, placement, rundir, rank, progress, choose_loader_settings, part_writer, decode)
+    with float32_math(placement.device, placement.dtype):
         done = rundir.committed(job.fingerprint)
         if job.config.retry_errors and not is_sharded(job.source):
             _retry_errors(job, loop, rundir, done, owns)
@@ -59,15 +62,16 @@ def run_shards(job: Job, placement: Placement, rundir: RunDir, owns: Callable[[i
 
 def build_loop(job: Job, placement: Placement, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
                choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
-               part_writer: type | None = None) -> BatchLoop:
-    """The batch loop of a job from its real parts: the task, the placement, a loader and a writer."""
+               part_writer: type | None = None, decode: Callable = decode_image) -> BatchLoop:
+    """The batch loop of a job from its real parts: the task, the placement, a loader (whose workers decode with
+    decode) and a writer."""
     from mv2batch.out.writer import BackgroundWriter
 
     settings = choose_loader_settings(job.config.workers, placement, job.preprocessing.resize_crop)
     schema = prediction_schema(job)
     factory = shard_loader_factory if is_sharded(job.source) else loader_factory
     return BatchLoop(
-        task=job.task, placement=placement, make_loader=partial(factory, job, placement, settings),
+        task=job.task, placement=placement, make_loader=partial(factory, job, placement, settings, decode=decode),
         make_writer=lambda: BackgroundWriter(rundir, schema, job.task.prepare_columns, job.task.reorder_rows,
                                              part_writer=part_writer),
         item_id=job.source.item_id, shard_size=job.shard_size,
@@ -76,27 +80,30 @@ def build_loop(job: Job, placement: Placement, rundir: RunDir, rank: int = 0, pr
 
 
 def loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
-                   gate: DecodeGate | None, shards: Shards) -> Iterator[Batch]:
-    """A DataLoader over the records `read` gives, decoding and resizing in settings.workers workers."""
-    return make_loader(_images(job, placement, read, gate), _index_batches(job, placement, shards, read),
+                   gate: DecodeGate | None, shards: Shards, decode: Callable = decode_image) -> Iterator[Batch]:
+    """A DataLoader over the records `read` gives, decoding (with decode) and resizing in settings.workers
+    workers."""
+    return make_loader(_images(job, placement, read, gate, decode), _index_batches(job, placement, shards, read),
                        settings.workers, settings.pin_memory, batch_bytes=settings.batch_bytes,
                        shared=settings.shared_memory)
 
 
 def shard_loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
-                         gate: DecodeGate | None, shards: Shards) -> Iterator[Batch]:
-    """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time)."""
+                         gate: DecodeGate | None, shards: Shards, decode: Callable = decode_image) -> Iterator[Batch]:
+    """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time),
+    decoding each image with decode."""
     from mv2batch.loading.shard_loader import make_shard_loader
 
-    return make_shard_loader(job.source, [number for number, _ in shards], _images(job, placement, None, None),
+    return make_shard_loader(job.source, [number for number, _ in shards], _images(job, placement, None, None, decode),
                              placement.batch_size, settings.workers, settings.pin_memory, settings.batch_bytes, gate,
                              settings.shared_memory)
 
 
-def _images(job: Job, placement: Placement, read: Reader | None, gate: DecodeGate | None) -> ImageDataset:
+def _images(job: Job, placement: Placement, read: Reader | None, gate: DecodeGate | None,
+            decode: Callable = decode_image) -> ImageDataset:
     fast = placement.host_pixels.resize_crop if job.config.decode is Decode.fast else None
     return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
-                        reduce_labels=reduces_labels(job.config.source.value), gate=gate, fast=fast)
+                        reduce_labels=reduces_labels(job.config.source.value), gate=gate, fast=fast, decode=decode)
 
 
 def _index_batches(job: Job, placement: Placement, shards: Shards, read: Callable) -> Iterator[list[int]]:
