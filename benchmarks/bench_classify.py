@@ -204,7 +204,7 @@ def report(args, how, pipe, others, e2e, alone, shares, loader, exact) -> None:
     for result, share, end_to_end in rows:
         speed_rows.append([result.name, result.dtype, str(result.images),
                            *common.speed_columns(result, pipe, end_to_end), _share_cell(share)])
-    for key, result in e2e.items():
+    for result in e2e.values():
         diff, top1, top5 = agreement(read_topk(result.data["out"]), pipe.data["topk"])
         agree_rows.append([f"{result.name} ({result.dtype})", f"{diff:.2e}", f"{top1:.3f}", f"{top5:.3f}"])
     print("\n" + common.table(["run", "dtype", "images", *common.SPEED_HEADERS, "of model alone"], speed_rows))
@@ -246,7 +246,8 @@ def shared_core_bounds(alone, loader) -> list[str]:
         if key[1] is not False:
             model_ms, input_ms = 1000 * cores / alone[key].steady, 1000 / loader.steady
             lines.append(f"bound on {cores} shared cores, {key[0]} {label}: model {model_ms:.1f} + input "
-                         f"{input_ms:.1f} CPU ms per image -> {100 * model_ms / (model_ms + input_ms):.0f}% of the model alone")
+                         f"{input_ms:.1f} CPU ms per image -> "
+                         f"{100 * model_ms / (model_ms + input_ms):.0f}% of the model alone")
     return lines
 
 

@@ -53,8 +53,8 @@ def end_to_end(folder: Path, model: str, mode: str, dtype: str) -> tuple[float, 
 
 
 def resize_of(model: str):
-    from mv2batch.model.checkpoints import load_processor
     from mv2batch.loading.preprocess import hf_preprocessing
+    from mv2batch.model.checkpoints import load_processor
 
     return hf_preprocessing(load_processor(Path(model), model)).resize_crop
 
@@ -86,7 +86,8 @@ def agreement(exact_out: Path, fast_out: Path) -> tuple[float, float, float]:
     """Top-1 equal, top-5 sets equal (shares of images), largest top-1 probability difference."""
     import pyarrow.parquet as pq
 
-    rows = [sorted(pq.read_table(out / "predictions").to_pylist(), key=lambda r: r["id"]) for out in (exact_out, fast_out)]
+    rows = [sorted(pq.read_table(out / "predictions").to_pylist(), key=lambda r: r["id"])
+            for out in (exact_out, fast_out)]
     pairs = list(zip(*rows))
     top1 = np.mean([a["topk_ids"][0] == b["topk_ids"][0] for a, b in pairs])
     top5 = np.mean([set(a["topk_ids"]) == set(b["topk_ids"]) for a, b in pairs])
@@ -122,8 +123,8 @@ def main() -> None:
     rows = []
     for name, dtype, mode in runs:
         exact = rates[(name, dtype, "exact")]
-        rows.append([name, dtype, mode, f"{rates[(name, dtype, mode)]:.2f}", f"{rates[(name, dtype, mode)] / exact:.2f}x",
-                     f"{alone[(name, mode)]:.2f}"])
+        rate = rates[(name, dtype, mode)]
+        rows.append([name, dtype, mode, f"{rate:.2f}", f"{rate / exact:.2f}x", f"{alone[(name, mode)]:.2f}"])
     print(common.table(["photos", "dtype", "decode", "end to end img/s", "of exact", "input alone img/s (1 process)"],
                        rows))
     differences = input_difference(photos, resize)

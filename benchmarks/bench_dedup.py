@@ -154,8 +154,8 @@ def main() -> None:
         return child(args)
     with tempfile.TemporaryDirectory() as temporary:
         root = args.keep or Path(temporary)
-        print(f"{'N':>10} {'D':>4} {'write s':>8} {'read s':>7} {'search s':>9} {'page s':>7} {'dedup s':>8} {'peak RSS':>9} "
-              f"{'N*D*4':>8}  recall  false groups  search")
+        print(f"{'N':>10} {'D':>4} {'write s':>8} {'read s':>7} {'search s':>9} {'page s':>7} {'dedup s':>8} "
+              f"{'peak RSS':>9} {'N*D*4':>8}  recall  false groups  search")
         for n in args.sizes:
             out = root / f"run-{n}x{args.d}"
             written = in_child("write", out, n, args.d)

@@ -43,8 +43,8 @@ def register_distant(round_trip_s: float) -> None:
 
 def input_alone(folder: str, spec: dict, fetches: int, workers: int) -> float:
     """Images per second through mv2batch's loader, listing excluded (it is the same either way)."""
-    from mv2batch.loading.loader import ImageDataset, make_loader
     from mv2batch.inputs.sources import FolderSource
+    from mv2batch.loading.loader import ImageDataset, make_loader
 
     _, task, preprocessing = common.task_preprocessing(spec)
     source = FolderSource.open(folder)

@@ -69,16 +69,16 @@ def model_alone(folder: str, device: Any, dtype_name: str, batch: int, seconds: 
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), float32_math(device, dtype):  # fp32 in IEEE float32, as mv2batch.run computes it
         for _ in range(3):  # compiles (with --compile), autotunes (cudnn.benchmark), warms the allocator
-            module(pixel_values=pixels).logits
+            _ = module(pixel_values=pixels).logits
         sync(device)
         first_s = time.perf_counter() - placed
         once = time.perf_counter()
-        module(pixel_values=pixels).logits
+        _ = module(pixel_values=pixels).logits
         sync(device)
         iterations = max(3, int(seconds / max(1e-4, time.perf_counter() - once)))
         timed = time.perf_counter()
         for _ in range(iterations):
-            module(pixel_values=pixels).logits
+            _ = module(pixel_values=pixels).logits
         sync(device)
         elapsed = time.perf_counter() - timed
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -367,8 +367,8 @@ def segment_limits(args: argparse.Namespace, device: Any) -> None:
 
 
 def main() -> None:
-    from mv2batch.model.device import pick_device
     from mv2batch.errors import ConfigError
+    from mv2batch.model.device import pick_device
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=common.DEFAULT_PHOTOS, help="photos, cycled up to -n")

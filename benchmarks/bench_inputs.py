@@ -91,10 +91,10 @@ def end_to_end(spec: dict, clock: common.Clock) -> dict:
 
 def input_alone(spec: dict, clock: common.Clock) -> dict:
     """The input kind's loader alone (read, decode, resize, crop in the workers mv2batch uses), no model."""
-    from mv2batch.runner.job import describe_job
-    from mv2batch.loading.resources import LoaderSettings
-    from mv2batch.runner.shards import ChunkReader, loader_factory, shard_loader_factory
     from mv2batch.inputs.sources import is_sharded
+    from mv2batch.loading.resources import LoaderSettings
+    from mv2batch.runner.job import describe_job
+    from mv2batch.runner.shards import ChunkReader, loader_factory, shard_loader_factory
 
     job = describe_job(_config(spec))
     placed = _Placed(job)

@@ -85,7 +85,8 @@ def varied(seed: pa.Table, rows: int, start: int, rng: np.random.Generator, clas
         scores = np.sort(rng.dirichlet(np.ones(6), rows)[:, :5].astype(np.float32), axis=1)[:, ::-1]
         labels = [[f"class_{i:04d}" for i in row] for row in ids.tolist()]
         for name, value in (("topk_ids", ids.tolist()), ("topk_scores", scores.tolist()), ("topk_labels", labels)):
-            table = table.set_column(table.column_names.index(name), name, pa.array(value, table.schema.field(name).type))
+            column = pa.array(value, table.schema.field(name).type)
+            table = table.set_column(table.column_names.index(name), name, column)
         if table.column("label").null_count == 0:  # eval: the top-1 right about half the time
             right = rng.random(rows) < 0.5
             gold = np.where(right, ids[:, 0], rng.integers(0, classes, rows)).astype(np.int32)
@@ -135,8 +136,8 @@ def fake_out(seed_out: Path, out: Path, n: int, shard_size: int) -> None:
 
 
 def measure(out: Path) -> dict:
-    from mv2batch.report.tables import load_report, write_html
     from mv2batch.out.rundir import RunDir
+    from mv2batch.report.tables import load_report, write_html
 
     started = time.perf_counter()
     report = load_report(out)

@@ -42,8 +42,8 @@ def reference_masks(spec: dict, clock: common.Clock) -> dict:
     import numpy as np
     import torch
 
-    from mv2batch.model import checkpoints
     from mv2batch.loading.decode import decode_image
+    from mv2batch.model import checkpoints
     from mv2batch.model.device import PixelStage
     from mv2batch.tasks.postprocess import upsample_argmax
 
@@ -157,7 +157,7 @@ def report(args, how, folder, pipe, e2e, alone, loader, masks) -> None:
         speed_rows.append([result.name, result.dtype, str(result.images), f"{result.steady * per_image / 1e6:.2f}",
                            *common.speed_columns(result, pipe, end_to_end), share])
     agree_rows = []
-    for (protocol, dtype, _), result in e2e.items():
+    for (protocol, _, _), result in e2e.items():
         if protocol == "paper":
             share, identical, compared = mask_agreement(result.data["out"], masks)
             agree_rows.append([f"{result.name} ({result.dtype})", f"{share:.6f}", f"{identical} / {compared}"])
@@ -169,7 +169,8 @@ def report(args, how, folder, pipe, e2e, alone, loader, masks) -> None:
     for protocol in PROTOCOLS:
         ratio = e2e[protocol, "fp32", None].steady / pipe.steady
         print(f"{'MET    ' if ratio >= 3 else 'NOT MET'} fp32 segmentation ({PROTOCOLS[protocol]}) >= 3x pipeline "
-              f"in images/s, fp32 default: {ratio:.2f} (in input pixels/s: {ratio * pixels[protocol] / pixels['hf']:.2f})")
+              f"in images/s, fp32 default: {ratio:.2f} "
+              f"(in input pixels/s: {ratio * pixels[protocol] / pixels['hf']:.2f})")
     common.write_json(args.json, {"how": how, "machine": common.machine(), "speed": speed_rows,
                                   "agreement": agree_rows})
 

@@ -50,8 +50,8 @@ def stages(spec: dict, clock: common.Clock) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from mv2batch.model import checkpoints
     from mv2batch.loading.decode import decode_image
+    from mv2batch.model import checkpoints
     from mv2batch.model.device import PixelStage
     from mv2batch.tasks.masks import encode_png
     from mv2batch.tasks.postprocess import class_counts, upsample_argmax

@@ -59,8 +59,8 @@ def classify_run(source: str, out: str, model: str, options: dict | None) -> tup
 
 def input_alone(source: str, options: dict | None) -> tuple[float, float, int]:
     """Seconds to list the input and to read every image's bytes (one process, one at a time), and the count."""
-    from mv2batch.loading.decode import _read
     from mv2batch.inputs.sources import FolderSource
+    from mv2batch.loading.decode import _read
 
     started = time.perf_counter()
     folder = FolderSource.open(source, options=options)
@@ -130,7 +130,8 @@ def main() -> None:
                 assert rows == args.n, rows
                 seconds[name].append(took)
                 server_cpu[name].append(cpu_seconds(server.pid) - before)
-                print(f"  {name}: {args.n / took:.1f} img/s, moto's server {server_cpu[name][-1]:.1f} CPU s", flush=True)
+                print(f"  {name}: {args.n / took:.1f} img/s, moto's server {server_cpu[name][-1]:.1f} CPU s",
+                      flush=True)
         alone = {name: input_alone(source, opts) for name, (source, _, opts) in runs.items()}
         created, raw, listed = list_many(fs, options, args.keys) if args.keys else (0.0, 0.0, 0.0)
     finally:

@@ -285,9 +285,9 @@ def common_arguments(parser: argparse.ArgumentParser, default_n: int, default_ba
 def mv2batch_run(spec: dict, clock: Clock) -> dict:
     """mv2batch.run end to end (decode, model, post-process, Parquet), as a user would call it; what it applied is
     observed through the local engine's parts (the real steps, wrapped)."""
-    from mv2batch.runner.batch_loop import ProgressUpdate
     from mv2batch.config import RunConfig
     from mv2batch.engines import local
+    from mv2batch.runner.batch_loop import ProgressUpdate
 
     out = Path(spec["out"])
     config = RunConfig(task=spec["task"], source="folder", input=spec["images"], out=out, model=spec["model"],
@@ -315,8 +315,8 @@ def _observing_parts(seen: dict, gate: bool | None = None) -> Any:
 
     from mv2batch.engines.local import LocalParts
     from mv2batch.loading.gate_trial import GateTrial
-    from mv2batch.runner.placement import place
     from mv2batch.loading.resources import choose_loader_settings
+    from mv2batch.runner.placement import place
 
     def placed(*args: Any) -> Any:
         placement = place(*args)
@@ -345,7 +345,8 @@ def task_preprocessing(spec: dict) -> tuple[Path, Any, Any]:
     labels = checkpoints.label_names(checkpoints.read_config(folder))
     task = (ClassifyTask if spec["task"] == "classify" else SegmentTask)(labels)
     protocol = spec.get("preprocess") or task.default_protocol
-    preprocessing = task.preprocessing(protocol, lambda: checkpoints.load_processor(folder, spec["model"]), spec["model"])
+    processor = lambda: checkpoints.load_processor(folder, spec["model"])  # loaded only if the protocol needs it
+    preprocessing = task.preprocessing(protocol, processor, spec["model"])
     return folder, task, preprocessing
 
 
@@ -448,8 +449,8 @@ def model_alone_over_shapes(spec: dict, clock: Clock) -> dict:
     import torch
 
     from mv2batch.loading.decode import decode_image
-    from mv2batch.model.device import float32_math
     from mv2batch.loading.loader import grouped_batches
+    from mv2batch.model.device import float32_math
     from mv2batch.model.speedups import micro_batch_images
     from mv2batch.model.streams import one_ahead, start_in_streams
 
@@ -487,9 +488,9 @@ def input_limit(spec: dict, clock: Clock) -> dict:
     spec's device): the input limit."""
     import torch
 
-    from mv2batch.model.device import PixelStage, pick_dtype
-    from mv2batch.loading.loader import ImageDataset, make_loader
     from mv2batch.inputs.sources import FolderSource
+    from mv2batch.loading.loader import ImageDataset, make_loader
+    from mv2batch.model.device import PixelStage, pick_dtype
 
     _, task, preprocessing = task_preprocessing(spec)
     source = FolderSource.open(spec["images"])

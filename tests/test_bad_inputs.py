@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import classify, read_rows, segment, skimage_photos, write_odd_images
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import classify, read_rows, segment, skimage_photos, write_odd_images
 from mv2batch.errors import InputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

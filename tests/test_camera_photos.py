@@ -6,14 +6,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import CAMERA_PHOTOS, classify, read_rows, segment
 from PIL import Image, ImageOps
 
-from conftest import CAMERA_PHOTOS, classify, read_rows, segment
-from mv2batch.loading.decode import decode_image
 from mv2batch.errors import OutputError
-from mv2batch.tasks.masks import decode_png
-from mv2batch.loading.preprocess import ResizeCrop
 from mv2batch.inputs.sources import FolderSource
+from mv2batch.loading.decode import decode_image
+from mv2batch.loading.preprocess import ResizeCrop
+from mv2batch.tasks.masks import decode_png
 
 # After EXIF orientation, as the folder's README gives them (camera-canon is stored 2048x1536, orientation 6).
 UPRIGHT = {"camera-canon.jpg": (1536, 2048), "camera-portrait.jpg": (1704, 2272), "phone-iphone.jpg": (3264, 2448),

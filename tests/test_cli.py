@@ -15,9 +15,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import typer
+from conftest import read_rows, skimage_photos
 from typer.testing import CliRunner
 
-from conftest import read_rows, skimage_photos
 from mv2batch.cli.app import STRICT_EXIT, app
 from mv2batch.errors import ConfigError, OutputError
 
@@ -450,8 +450,9 @@ def test_crashed_shard_is_redone_and_its_temporary_removed(sharded_run, inputs, 
 
 
 def test_the_readme_names_every_option_that_makes_a_different_run():
-    """docs/bad-inputs-and-resuming.md's "Resuming" lists what goes into the fingerprint: every RunConfig field declared with _outputs()
-    (those a command takes as an option) by its option's name, so a user knows what a resume may change."""
+    """docs/bad-inputs-and-resuming.md's "Resuming" lists what goes into the fingerprint: every RunConfig field
+    declared with _outputs() (those a command takes as an option) by its option's name, so a user knows what a
+    resume may change."""
     import dataclasses
 
     from mv2batch.config import OUTPUTS, RunConfig

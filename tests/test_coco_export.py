@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from conftest import classify, read_rows, real_photos, segment
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from conftest import classify, read_rows, real_photos, segment
 from mv2batch.cli.app import app
 from mv2batch.tasks.masks import decode_png
 
@@ -63,7 +63,8 @@ def test_a_classify_run_or_no_run_is_one_line(tmp_path, tiny_model):
     folder.mkdir()
     real_photos(1)[0].save(folder / "a.jpg")
     classify(folder, tmp_path / "out", tiny_model)
-    for target, words, code in [(tmp_path / "out", "holds a classify run, not a segment run", 2), (tmp_path / "nothing", "no such", 5)]:
+    refusals = [(tmp_path / "out", "holds a classify run, not a segment run", 2), (tmp_path / "nothing", "no such", 5)]
+    for target, words, code in refusals:
         result = CliRunner().invoke(app, ["export", "coco", str(target), "-o", str(tmp_path / "r.json")])
         assert result.exit_code == code and words in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1

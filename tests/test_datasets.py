@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import classify, read_rows, skimage_photos
-from mv2batch.errors import InputError
 from test_models import assert_one_line_error, cli, deadline, one_line_error
+
+from mv2batch.errors import InputError
 
 CLASSES = ["cat", "coffee", "rocket"]
 LABELS = [0, 1, 2, 0, 2, 1]  # the gold label of each photo file, in file order

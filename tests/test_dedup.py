@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mv2batch.dedup import duplicates
-from mv2batch.dedup import vector_search
+from mv2batch.dedup import duplicates, vector_search
 from mv2batch.errors import Mv2batchError, OutputError
 from mv2batch.out.rundir import RunDir, fingerprint_of
 from mv2batch.out.writer import BackgroundWriter, prediction_schema

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    CAMERA_PHOTOS,
+    classify,
+    classify_on_ray,
+    imagenet_photo_paths,
+    kill_during_a_shard,
+    noisy_photos,
+    read_rows,
+    skimage_photos,
+    write_odd_images,
+)
 
-from conftest import (CAMERA_PHOTOS, classify, classify_on_ray, imagenet_photo_paths, kill_during_a_shard, noisy_photos, read_rows,
-                      skimage_photos, write_odd_images)
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, OutputError
 

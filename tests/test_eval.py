@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import classify, read_rows, skimage_photos
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import classify, read_rows, skimage_photos
 from mv2batch.cli.app import app
 from mv2batch.errors import ModelError
 from mv2batch.inputs.eval_layouts import imagenet_val_labels, imagenet_wnids
@@ -62,8 +62,8 @@ def _write_layouts(root: Path) -> dict[str, Path]:
     with simple.open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(wnids))})
-    data = datasets.Dataset.from_dict({"image": [str(flat / n) for n, _ in rows], "label": [l for _, l in rows]},
-                                      features=features)
+    columns = {"image": [str(flat / n) for n, _ in rows], "label": [label for _, label in rows]}
+    data = datasets.Dataset.from_dict(columns, features=features)
     data.save_to_disk(str(root / "hf"))
     return {"class_folders": class_folders, "flat": flat, "kaggle": kaggle, "simple": simple, "hf": root / "hf"}
 
@@ -271,7 +271,8 @@ def test_ade20k_layout_end_to_end_with_reduced_labels(tmp_path, calibration_phot
     targets = [np.where(t == 0, 255, t - 1).astype(np.uint8) for t in raw]  # label 0 ignored, k -> k - 1
     summary = pq.read_table(tmp_path / "out" / "report" / "summary.parquet").to_pylist()[0]
     assert summary["miou"] == pytest.approx(_miou_from_rows(tmp_path / "out", targets, 150))
-    gt_pixels = sum(r["gt_pixels"] for r in pq.read_table(tmp_path / "out" / "report" / "per_class.parquet").to_pylist())
+    per_class = pq.read_table(tmp_path / "out" / "report" / "per_class.parquet").to_pylist()
+    gt_pixels = sum(r["gt_pixels"] for r in per_class)
     assert gt_pixels == sum(int((t != 255).sum()) for t in targets)
 
 

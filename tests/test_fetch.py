@@ -13,11 +13,11 @@ import time
 import fsspec
 import numpy as np
 import pytest
+from conftest import classify, read_rows, real_photos
 from fsspec.implementations.local import LocalFileSystem
 
-from conftest import classify, read_rows, real_photos
-from mv2batch.loading.loader import ImageDataset
 from mv2batch.inputs.sources import Record
+from mv2batch.loading.loader import ImageDataset
 from mv2batch.storage import RemoteFile
 
 

@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import classify, read_rows, real_photos, segment
 from PIL import Image
 
-from conftest import classify, read_rows, real_photos, segment
 from mv2batch.inputs.eval_layouts import imagenet_wnids
 from mv2batch.tasks.masks import decode_png, voc_palette
 
 # Runs before anything else on the page: records script errors and resources that fail to load.
 WATCH = """<script>window.__errors = [];
-window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && (e.target.src || e.target.href)))), true);
+window.addEventListener('error',
+    e => window.__errors.push(String(e.message || (e.target && (e.target.src || e.target.href)))), true);
 window.addEventListener('load', () => {
   const images = [...document.images];
   const figures = {};
@@ -174,7 +175,8 @@ def test_eval_charts_of_many_classes_stay_bounded():
 
     per_class = [{"class_id": c, "class_name": f"class {c}", "top1_acc": (c % 7) / 7} for c in range(100)]
     (only,) = per_class_charts(per_class, "top1_acc", "top-1 accuracy")
-    assert only["title"] == f"Per-class top-1 accuracy: the {TOP_CLASSES} worst and the {TOP_CLASSES} best of 100 classes"
+    title = f"Per-class top-1 accuracy: the {TOP_CLASSES} worst and the {TOP_CLASSES} best of 100 classes"
+    assert only["title"] == title
     cells = [{"gt_class": c, "pred_class": (c * 7) % 150, "pixels": 1000 - c} for c in range(150)]
     heat = confusion_heat_map(cells, [f"class {c}" for c in range(150)])
     assert heat["title"].endswith(f"the {HEAT_MAP_CLASSES} of 150 classes with the most ground-truth pixels")

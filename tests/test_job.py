@@ -7,8 +7,8 @@ import shutil
 from dataclasses import fields, replace
 
 import pytest
-
 from conftest import real_photos, run_config
+
 from mv2batch.config import RunConfig, output_fields
 from mv2batch.errors import ConfigError, ModelError
 from mv2batch.runner.job import describe_job

@@ -10,11 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import read_rows, real_photos, segment
-from mv2batch.inputs.listing import (NO_DECODER, NOT_IMAGES, NOT_REGULAR, OPTIONAL_FORMATS, REPEATED, UNREADABLE,
-                              list_folder)
-from mv2batch.inputs.listing import image_extensions
+
+from mv2batch.inputs.listing import (
+    NO_DECODER,
+    NOT_IMAGES,
+    NOT_REGULAR,
+    OPTIONAL_FORMATS,
+    REPEATED,
+    UNREADABLE,
+    image_extensions,
+    list_folder,
+)
 
 
 def _photos(folder: Path, names: list[str]) -> None:

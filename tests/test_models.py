@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import classify, read_rows, skimage_photos
-from mv2batch.model import checkpoints
+
 from mv2batch.errors import ModelError
+from mv2batch.model import checkpoints
 
 REPO_ID = "tiny-org/mobilevitv2-tiny"
 COMMIT = hashlib.sha1(b"commit one").hexdigest()
@@ -256,7 +256,8 @@ def test_cached_main_resolves_when_the_hub_is_unreachable(hub_cache, unreachable
 def test_unreachable_hub_nothing_cached(hub_cache, no_hub):
     started = time.perf_counter()
     with deadline(FAST_S):
-        message = model_error(lambda: checkpoints.resolve_model("someone/not-cached"), "'someone/not-cached'", "--model")
+        message = model_error(lambda: checkpoints.resolve_model("someone/not-cached"), "'someone/not-cached'",
+                              "--model")
     assert "reach" in message and "cache" in message
     assert time.perf_counter() - started < FAST_S
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import classify, classify_on_ray, read_rows, segment
+
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import OutputError
 from mv2batch.out.files import PART_TEMPS
-from mv2batch.runner.placement import place
 from mv2batch.report.tables import load_report
+from mv2batch.runner.placement import place
 from mv2batch.testing import write_tar
 
 KEY, SECRET = "testing-key", "testing-secret"
@@ -157,8 +157,8 @@ def test_segment_with_masks_on_s3_writes_the_local_masks(s3, photos, tiny_segmen
     segment(photos, tmp_path / "local", tiny_segmenter, masks_dir=tmp_path / "masks")
     bucket = s3.bucket()
     source = s3.upload(photos, bucket + "/photos")
-    report = segment(source, bucket + "/out", tiny_segmenter, masks_dir=bucket + "/masks", overlays_dir=bucket + "/over",
-                     storage_options=s3.options)
+    report = segment(source, bucket + "/out", tiny_segmenter, masks_dir=bucket + "/masks",
+                     overlays_dir=bucket + "/over", storage_options=s3.options)
     assert report.complete and report.n_errors == 0
     _same_rows(_rows_at(s3, bucket + "/out", tmp_path / "fetched"), read_rows(tmp_path / "local"))
     local_masks = sorted(p.relative_to(tmp_path / "masks").as_posix() for p in (tmp_path / "masks").rglob("*.png"))
@@ -178,6 +178,7 @@ def test_segment_with_masks_on_s3_writes_the_local_masks(s3, photos, tiny_segmen
 
 def test_eval_imagenet_val_from_s3_gives_the_local_report(s3, imagenet_model, tmp_path):
     from conftest import real_photos
+
     from mv2batch.inputs.eval_layouts import imagenet_wnids
 
     wnids = imagenet_wnids()
@@ -209,8 +210,8 @@ def _assert_committed_output(s3: S3, out: str, reference: Path, scratch: Path) -
     _same_rows(got, read_rows(reference))
     prefix = out.split("/", 3)[3]
     names = sorted(k[len(prefix) + 1:] for k in s3.keys(out))
-    expected = ["report/summary.parquet", "report/index.html", "run.json", *(f"predictions/part-{i:05d}.parquet" for i in range(7)),
-                *(f"shards/{i:05d}.json" for i in range(7))]
+    expected = ["report/summary.parquet", "report/index.html", "run.json",
+                *(f"predictions/part-{i:05d}.parquet" for i in range(7)), *(f"shards/{i:05d}.json" for i in range(7))]
     assert names == sorted(expected)
 
 

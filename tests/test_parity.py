@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import classify, imagenet_photo_paths, read_rows, skimage_photos, write_odd_images
 
 

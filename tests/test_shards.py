@@ -17,12 +17,12 @@ from threading import Barrier
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import classify, classify_on_ray, kill_during_a_shard, noisy_photos, read_rows
+
 from mv2batch.errors import OutputError
-from mv2batch.runner.shard_plan import Rank, rank_from_env
-from mv2batch.report.tables import load_report, write_report
 from mv2batch.out.rundir import RunDir
+from mv2batch.report.tables import load_report, write_report
+from mv2batch.runner.shard_plan import Rank, rank_from_env
 
 STABLE_SUMMARY = ["task", "dataset", "model", "n_images", "n_errors"]
 

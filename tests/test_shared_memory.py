@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import classify, read_rows, real_photos
-from mv2batch.loading import loader
+
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import Mv2batchError
+from mv2batch.loading import loader
 from mv2batch.loading.resources import choose_loader_settings
 from mv2batch.loading.shared_batches import SharedMemory
 
@@ -58,7 +58,10 @@ class FullSharedMemory(SharedMemory):
 
 def with_shared_memory(shared: SharedMemory) -> LocalParts:
     """LocalParts whose loader puts its batches in `shared`."""
-    return LocalParts(choose_loader_settings=lambda *args, **kwargs: replace(choose_loader_settings(*args, **kwargs), shared_memory=shared))
+    def settings(*args, **kwargs):
+        return replace(choose_loader_settings(*args, **kwargs), shared_memory=shared)
+
+    return LocalParts(choose_loader_settings=settings)
 
 
 def test_short_shared_memory_means_fewer_workers_and_a_warning(tmp_path, tiny_model, caplog):

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import classify, read_rows
-from mv2batch.errors import InputError
 from test_webdataset import _as_folder, _photos
+
+from mv2batch.errors import InputError
 
 
 def _classify_table(table: Path, out: Path, model: Path, **options):

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import classify, imagenet_photo_paths, read_rows, real_photos, segment
 from PIL import Image
 
-from conftest import classify, imagenet_photo_paths, read_rows, real_photos, segment
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, InputError
-from mv2batch.testing import write_tar
 from mv2batch.inputs.tars import TarShards, expand_braces, split_key
+from mv2batch.testing import write_tar
 
 PER_TAR = 4
 
@@ -120,9 +120,8 @@ def test_brace_patterns_and_keys_expand_as_webdataset_does():
 
 def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tmp_path):
     """ImageNet's WebDataset layout (imagenet-val-{000000..000009}.tar, .jpg + .cls) against val/<wnid>/."""
-    from mv2batch.inputs.eval_layouts import imagenet_wnids
-
     import mv2batch
+    from mv2batch.inputs.eval_layouts import imagenet_wnids
 
     photos = _photos(20)
     index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
@@ -133,7 +132,8 @@ def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tm
     shards = tmp_path / "wds"
     shards.mkdir()
     for number in range(10):
-        samples = [(key, {"jpg": data, "cls": str(index[wnid]).encode()}) for wnid, key, data in photos[2 * number:][:2]]
+        pair = photos[2 * number:][:2]
+        samples = [(key, {"jpg": data, "cls": str(index[wnid]).encode()}) for wnid, key, data in pair]
         write_tar(shards / f"imagenet-val-{number:06d}.tar", samples)
 
     def evaluate(name: str, out: str):

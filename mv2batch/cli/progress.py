@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 KNOWN_MODELS = [
     *(f"apple/mobilevitv2-{w}-imagenet1k-256" for w in ("0.5", "0.75", "1.0", "1.25", "1.5", "1.75", "2.0")),
@@ -156,7 +156,8 @@ def print_report(report: Any, console: Console | None = None) -> None:
     if report.ran_now:
         rows.append(("this run", f"{report.ran_now} images in {report.elapsed_s:.1f} s (start-up included)"))
     rows += [(name, _fmt(value)) for name, value in report.metrics.items()]
-    rows.append(("shards", f"{report.shards_done}/{report.shards_total}" + ("" if report.complete else " (incomplete)")))
+    incomplete = "" if report.complete else " (incomplete)"
+    rows.append(("shards", f"{report.shards_done}/{report.shards_total}{incomplete}"))
     rows.append(("output", str(report.out)))
     for name, value in rows:
         table.add_row(name, Text(str(value)))  # a path or label is never rich markup

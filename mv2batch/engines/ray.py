@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mv2batch.runner.batch_loop import ProgressCallback, ProgressUpdate
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError
+from mv2batch.inputs.sources import is_sharded
+from mv2batch.out.rundir import OutLock
+from mv2batch.report.tables import Report
+from mv2batch.runner.batch_loop import ProgressCallback, ProgressUpdate
 from mv2batch.runner.job import Job, describe_job, open_out, owner
 from mv2batch.runner.shard_plan import Group, Rank
-from mv2batch.report.tables import Report
-from mv2batch.out.rundir import OutLock
-from mv2batch.inputs.sources import is_sharded
 
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
 

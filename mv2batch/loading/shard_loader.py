@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mv2batch.loading.loader import DecodeGate, ImageDataset, loader_batches, fit_workers
+from mv2batch.loading.loader import DecodeGate, ImageDataset, fit_workers, loader_batches
 from mv2batch.loading.shared_batches import Batch, BufferPool, collate
 
 

@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from mv2batch.report.page_parts import bar_chart, bar_chart_pair, chart, gallery, heat_map, legend, overlay_src, table, thumb
+from mv2batch.report.page_parts import (
+    bar_chart,
+    bar_chart_pair,
+    chart,
+    gallery,
+    heat_map,
+    legend,
+    overlay_src,
+    table,
+    thumb,
+)
 
 GALLERY = 24  # thumbnails per gallery (the worst-IoU gallery: GALLERY // 2 pairs)
 TOP_CLASSES = 30  # the worst and the best classes of a per-class chart

@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from mv2batch.report.eval_views import GALLERY, classify_eval_views, is_classify_eval, is_segment_eval, segment_eval_views
+from mv2batch.report.eval_views import (
+    GALLERY,
+    classify_eval_views,
+    is_classify_eval,
+    is_segment_eval,
+    segment_eval_views,
+)
 from mv2batch.report.page_parts import THUMB_EDGE, bar_chart, chart, gallery, histogram, overlay_thumb, thumb
 
 ERRORS_SHOWN = 100

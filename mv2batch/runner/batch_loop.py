@@ -238,7 +238,8 @@ class BatchLoop:
         from mv2batch.out.writer import POSITION
 
         common = {
-            "id": sample.id if sample.id is not None else self.item_id(sample.index), "path": sample.path, "shard": state.number,
+            "id": sample.id if sample.id is not None else self.item_id(sample.index), "path": sample.path,
+            "shard": state.number,
             "width": sample.width, "height": sample.height, "status": "ok" if output is not None else "error",
             "error": sample.error, "sha256": sample.sha256, POSITION: sample.index,
         }

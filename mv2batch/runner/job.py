@@ -15,14 +15,14 @@ if TYPE_CHECKING:
     from mv2batch.inputs.sources import Source
     from mv2batch.tasks.task import Task
 
-from mv2batch.inputs import openers
-from mv2batch.model import checkpoints
-from mv2batch.runner import runinfo
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError, OutputError
-from mv2batch.runner.shard_plan import Group, Rank, ShardPlan
+from mv2batch.inputs import openers
 from mv2batch.loading.preprocess import Preprocessing
+from mv2batch.model import checkpoints
 from mv2batch.out.rundir import RunDir
+from mv2batch.runner import runinfo
+from mv2batch.runner.shard_plan import Group, Rank, ShardPlan
 
 
 @dataclass(frozen=True)

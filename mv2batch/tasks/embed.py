@@ -14,10 +14,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mv2batch.model.device import to_host_later
 from mv2batch.loading.loader import consecutive_batches
-from mv2batch.tasks.metrics import ClassifyCounts
 from mv2batch.loading.preprocess import Preprocessing, ResizeCrop, fixed_size_preprocessing
+from mv2batch.model.device import to_host_later
+from mv2batch.tasks.metrics import ClassifyCounts
 
 ARROW_TYPES = {"fp32": pa.float32(), "fp16": pa.float16()}
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
