@@ -87,7 +87,7 @@ LAYERS = [
     {"model"},
     {"tasks"},
     {"report"},
-    {"dedup", "runner"},
+    {"dedup", "filter", "runner"},
     {"engines"},
     {"cli"},
 ]
