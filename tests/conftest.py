@@ -191,6 +191,22 @@ def read_rows(out: Path) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda row: row["id"])
 
 
+ROUNDING = 1e-6  # float32 probabilities of one image computed in batches of another size
+
+
+def assert_same_rows_across_batches(got: list[dict], expected: list[dict], columns: set[str] | None = None) -> None:
+    """Rows equal in every column (or those named), scores within ROUNDING: a run whose batches hold other
+    images than another's agrees to float32 rounding, not always to the bit. oneDNN picks its kernels per CPU
+    and batch size: an AMD EPYC gives a batch of 4 the bits of a batch of 8, an Intel Xeon with AMX does not
+    (transformers' own calls differ the same way there)."""
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected):
+        names = columns or set(want)
+        assert {k: row[k] for k in names if k != "topk_scores"} == {k: want[k] for k in names if k != "topk_scores"}
+        if "topk_scores" in names:
+            np.testing.assert_allclose(row["topk_scores"], want["topk_scores"], rtol=0, atol=ROUNDING)
+
+
 @pytest.fixture(scope="session")
 def tiny_segmenter(tmp_path_factory, calibration_photos) -> Path:
     """A tiny MobileViTV2 + DeepLabV3 (21 VOC-like classes, input 64) with decisive per-pixel outputs."""

@@ -17,7 +17,8 @@ from threading import Barrier
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import classify, classify_on_ray, kill_during_a_shard, noisy_photos, read_rows
+from conftest import (assert_same_rows_across_batches, classify, classify_on_ray, kill_during_a_shard, noisy_photos,
+                      read_rows)
 
 from mv2batch.errors import OutputError
 from mv2batch.out.rundir import RunDir
@@ -79,7 +80,8 @@ def _free_port() -> int:
 
 def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(tiny_model, tmp_path):
     """Batch size and workers change how fast, not what: a crashed run resumed with others continues, and every
-    row is the uninterrupted run's to the bit (batches of 4 or more: oneDNN sums calls of 1 or 2 images apart)."""
+    row is the uninterrupted run's (to the bit on CPUs whose kernels round batches of 4 and 8 alike; within
+    float32 rounding where they do not: assert_same_rows_across_batches)."""
     folder = noisy_photos(tmp_path / "images", 24)
     expected, out = tmp_path / "reference", tmp_path / "out"
     classify(folder, expected, tiny_model, shard_size=8, batch_size=8)
@@ -89,7 +91,7 @@ def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterru
     shutil.rmtree(out / "report")
     report = classify(folder, out, tiny_model, shard_size=8, batch_size=4, workers=1)
     assert report.ran_now == 8 and report.complete
-    assert read_rows(out) == read_rows(expected)
+    assert_same_rows_across_batches(read_rows(out), read_rows(expected))
     assert _summary(out) == _summary(expected)
 
 

@@ -98,7 +98,7 @@ def _exact_logits(folder: Path, task: str, pixels: torch.Tensor, per_call: int) 
     with torch.inference_mode():
         reference = _load(folder, task)(pixel_values=pixels).logits
         model = _rewritten(_load(folder, task), torch.device("cpu"), torch.float32, speedups=speedups,
-                           probe_size=tuple(pixels.shape[-2:]))
+                           probe_size=tuple(pixels.shape[-2:]), probe_batch=len(pixels))
         return reference, model(pixel_values=pixels).logits
 
 
@@ -111,7 +111,7 @@ def test_micro_batches_that_round_differently_here_are_dropped(tiny_model):
         reference = _load(tiny_model)(pixel_values=pixels).logits
         unchecked = _rewritten(_load(tiny_model), cpu, torch.float32, speedups=replace(two_per_call, keep_bits=False))
         checked = optimize_for_inference(_load(tiny_model), cpu, torch.float32, speedups=two_per_call,
-                                         probe_size=(64, 64))
+                                         probe_size=(64, 64), probe_batch=len(pixels))
         assert torch.equal(checked.module(pixel_values=pixels).logits, reference)
         if not torch.equal(unchecked(pixel_values=pixels).logits, reference):  # this CPU sums them apart
             assert checked.speedups.micro_batch_pixels is None

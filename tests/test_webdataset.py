@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import classify, imagenet_photo_paths, read_rows, real_photos, segment
+from conftest import (assert_same_rows_across_batches, classify, imagenet_photo_paths, read_rows, real_photos,
+                      segment)
 from PIL import Image
 
 from mv2batch.config import RunConfig
@@ -85,7 +86,8 @@ def test_tars_give_the_folders_scores_with_tar_keys_paths_and_cls_labels(referen
     for row in rows:
         tar, key = row["id"].split("/")
         want = expected[key]
-        assert row["topk_ids"] == want["topk_ids"] and row["topk_scores"] == want["topk_scores"]
+        # a tar's batches end with the tar: other batch sizes than the folder's (conftest.ROUNDING says why)
+        assert_same_rows_across_batches([row], [want], {"topk_ids", "topk_scores"})
         assert (row["width"], row["height"], row["label"]) == (want["width"], want["height"], 3)
         assert row["path"] == f"{tars[int(tar[-3:])]}#{key}.jpg"
         assert row["shard"] == int(tar[-3:])

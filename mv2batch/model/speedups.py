@@ -77,10 +77,11 @@ def default_speedups(device: Any, dtype: Any, compile: bool = False,
 def exact_speedups(device: Any, compile: bool = False, micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
     """The rewrites that change no arithmetic: reshapes, in-place activations, micro-batches (eager CPU only).
 
-    Micro-batches change which images share a convolution call, not how any output element is summed
-    (oneDNN's direct kernels accumulate each output the same way for batches of 4 or more: 32 in one call =
-    8 calls of 4 = 4 calls of 8, every bit; calls of 1 or 2 images may take other kernels, as transformers'
-    own calls of that size do). micro_batch_pixels: as default_speedups's.
+    Micro-batches change which images share a convolution call, not how any output element is summed where
+    oneDNN's kernels accumulate each output the same way whatever the batch (an AMD EPYC: 32 in one call = 8
+    calls of 4 = 4 calls of 8, every bit, for batches of 4 or more). Where they do not (an Intel Xeon with AMX
+    rounds 4 apart from 8), the keep_bits probe finds it and the run's batches go in whole, as transformers runs
+    them. micro_batch_pixels: as default_speedups's.
     """
     eager_cpu = getattr(device, "type", str(device)) == "cpu" and not compile
     return Speedups(fold_batchnorm=False, fuse_convolutions=False, channels_last=False,
@@ -123,15 +124,17 @@ class Optimized:
 
 def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: bool | None = None,
                            speedups: Speedups | None = None, compile: bool = False,
-                           probe_size: tuple[int, int] = (256, 256)) -> Optimized:
+                           probe_size: tuple[int, int] = (256, 256), probe_batch: int | None = None) -> Optimized:
     """Rewrite a MobileViTV2 model in place for inference on device in dtype; call `.module` as before.
 
     The module is inference-only (no dropout, no gradients) and keeps `module(pixel_values=x)`, its output
     class and its hidden states. BatchNorm is folded in float64 before any cast, so bf16 loses nothing extra.
     compile=True: the caller will torch.compile the result (see default_speedups). The result says what was
     really applied (micro-batches or a channels-last prefix a probe refused are recorded as off). probe_size:
-    the (height, width) of the inputs the model will get, for the keep_bits probe. Rewrite a module only once:
-    a second pass would stack more hooks.
+    the (height, width) of the inputs the model will get, for the keep_bits probe; probe_batch: the batch size
+    it will get (the probe's one call has as many images: oneDNN may round a batch of 32 apart from 4, as on an
+    Intel Xeon with AMX, where 2 and 4 images share bits and 8, 16 and 32 share others). Rewrite a module only
+    once: a second pass would stack more hooks.
     """
     import torch
 
@@ -156,7 +159,7 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
     if chosen.micro_batch_pixels:
         pool, batching = use_micro_batches(module, chosen.micro_batch_pixels, chosen.streams)
     if chosen.keep_bits and batching is not None and not _micro_batches_keep_bits(module, batching, probe_size,
-                                                                                     device, dtype):
+                                                                                     device, dtype, probe_batch):
         batching.pixels = None  # whole batches, as transformers runs them
         chosen = replace(chosen, micro_batch_pixels=None)
     if chosen.channels_last_prefix:  # a model that is channels-last throughout needs none
@@ -166,11 +169,12 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
 
 
 def _micro_batches_keep_bits(module: Any, batching: "MicroBatches", size: tuple[int, int], device: Any,
-                             dtype: Any) -> bool:
-    """Whether the model gives the same logits micro-batched as in one call, on a probe of two micro-batches of
-    images of the given size. In one call the exact set computes what transformers computes (its other rewrites
-    move values, never round them); run before the prefix, which has a probe of its own. The model itself is the
-    reference: a copy of transformers' unmodified one would raise the run's peak memory (measured: +200 MB).
+                             dtype: Any, batch: int | None = None) -> bool:
+    """Whether the model gives the same logits micro-batched as in one call, on a probe batch of images of the
+    given size: the run's batch (at least two micro-batches), so that the one call is the one transformers
+    makes. In one call the exact set computes what transformers computes (its other rewrites move values, never
+    round them); run before the prefix, which has a probe of its own. The model itself is the reference: a copy
+    of transformers' unmodified one would raise the run's peak memory (measured: +200 MB).
 
     Micro-batches of one image (whole photos for segmentation) are kept unprobed: one image per call is what
     transformers computes for one image, as its pipeline runs it, and no batch of them is more its own.
@@ -180,7 +184,8 @@ def _micro_batches_keep_bits(module: Any, batching: "MicroBatches", size: tuple[
     per_call = _images_per_call(batching.pixels, *size)
     if per_call < 2:
         return True
-    probe = torch.rand(2 * per_call, 3, *size, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    images = max(2 * per_call, batch or 0)
+    probe = torch.rand(images, 3, *size, generator=torch.Generator().manual_seed(1)) * 4 - 2
     probe = probe.to(device=device, dtype=dtype)
     with torch.inference_mode():
         micro = module(pixel_values=probe)

@@ -57,7 +57,7 @@ def place(job: Job, local_rank: int | None = None, load_weights: Callable[..., A
         job.task.name, device, job.dtype, job.model_config.get("width_multiplier", 1.0), height * width)
     module = load_weights(job.resolved.folder, job.task.name, job.model_name, job.config.embeddings)
     model, speedups, streams = _optimized(module, device, job.dtype, config.speedups, config.compile,
-                                          (height, width), micro_batch_pixels)
+                                          (height, width), micro_batch_pixels, batch_size)
     host_pixels, device_norm = job.preprocessing.stages(flip_on_host=device.type == "cpu")
     # The pixel stage emits the memory layout the optimized model runs in, so its stem need not convert.
     pixel_stage = PixelStage(device_norm, device, job.dtype, channels_last=wants_channels_last_input(speedups))
@@ -66,9 +66,11 @@ def place(job: Job, local_rank: int | None = None, load_weights: Callable[..., A
 
 
 def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, compile: bool,
-               input_size: tuple[int, int], micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> tuple:
+               input_size: tuple[int, int], micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS,
+               batch_size: int | None = None) -> tuple:
     """(model, speed-ups applied, stream pool) for --speedups / --no-speedups / the default, and --compile;
-    input_size: a typical input's (height, width), which the exact set's probe runs at."""
+    input_size and batch_size: a typical input's (height, width) and the run's batch, which the exact set's probe
+    runs at."""
     import torch
 
     from mv2batch.model.speedups import choose_speedups, optimize_for_inference
@@ -79,6 +81,6 @@ def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, com
     else:
         # BatchNorm is folded (where chosen) in float64 before the cast; compile changes which rewrites pay.
         optimized = optimize_for_inference(module, device, dtype, speedups=chosen, compile=compile,
-                                           probe_size=input_size)
+                                           probe_size=input_size, probe_batch=batch_size)
         module, applied, streams = optimized.module, optimized.speedups, optimized.streams
     return (torch.compile(module) if compile else module), applied, streams
