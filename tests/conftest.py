@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,77 @@ def kill_during_a_shard(process: subprocess.Popen, out: Path, after_markers: int
         time.sleep(0.002)
     process.kill()
     return False
+
+
+# ---- shared by the tests of several folders -------------------------------------------------------
+
+
+def encoded_photos(count: int) -> list[tuple[str, str, bytes]]:
+    """(class folder, key, JPEG bytes) of real photos: the shared ImageNet ones, else scikit-image's crops."""
+    paths = imagenet_photo_paths(count)
+    if len(paths) >= count:
+        return [(p.parent.name, p.stem, p.read_bytes()) for p in paths]
+    encoded = []
+    for i, photo in enumerate(real_photos(count)):
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=90)
+        encoded.append(("n01440764", f"photo_{i:03d}", buffer.getvalue()))
+    return encoded
+
+
+def photo_folder(photos: list, folder: Path) -> Path:
+    """encoded_photos written as KEY.jpg files in a folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for _, key, data in photos:
+        (folder / f"{key}.jpg").write_bytes(data)
+    return folder
+
+
+class Hung(BaseException):
+    """Raised by the deadline alarm; a BaseException so that no `except Exception/OSError` swallows it."""
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Fail (instead of hanging) when the block runs longer than seconds."""
+    def alarm(signum, frame):
+        raise Hung(f"still running after {seconds} s: the look-up hangs instead of failing fast")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cli(*args: str):
+    """Invoke the CLI in-process; returns click's Result."""
+    from typer.testing import CliRunner
+
+    from mv2batch.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A failed CLI call: non-zero exit, one `mv2batch: error:` line naming the fragments, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("mv2batch: error:")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def one_line_error(error: type, call, *fragments: str) -> str:
+    """call() raises a one-line error of that type whose message names every fragment."""
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message

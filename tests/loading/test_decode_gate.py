@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-
-from dataclasses import replace
-from functools import partial
-from types import SimpleNamespace
-
 from conftest import classify, read_rows, real_photos
+
 from mv2batch.engines.local import LocalParts
 from mv2batch.loading.decode import decode_image
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.loading.loader import DecodeGate
-from mv2batch.runner.placement import place
-from mv2batch.loading.resources import decode_between_passes, default_workers, choose_loader_settings
 from mv2batch.loading.preprocess import ResizeCrop
+from mv2batch.loading.resources import choose_loader_settings, decode_between_passes, default_workers
 from mv2batch.model.speedups import Speedups, optimize_for_inference
+from mv2batch.runner.placement import place
 
 PASS_S = 0.15  # each forward pass is stretched to this, so that a worker left free would decode during it
 BATCH = 4  # more images than workers: a free worker decodes more than one image per pass
@@ -109,7 +108,7 @@ def timed_run(tmp_path):
     clock, the same in every process)."""
     decode_log = tmp_path / "decodes.log"
     passes: list[tuple[float, float]] = []
-    always = lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=GateTrial(chosen=True))  # no trial: every pass gated
+    always = lambda *args: replace(TWO_CORE_TEAM(*args), gate_trial=GateTrial(chosen=True))  # every pass gated
     gated = LocalParts(place=lambda job, rank=None: _stretched(place(job, rank), passes), choose_loader_settings=always,
                        decode=partial(_logged_decode, decode_log))
     free = replace(gated, choose_loader_settings=lambda *args: replace(TWO_CORE_TEAM(*args), gate=False))
@@ -195,9 +194,8 @@ def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_
     decoding, between passes adds it. The trial, run on the real loop, must see that and choose 'beside'."""
     import json
 
-    from PIL import Image
-
     from conftest import real_photos
+    from PIL import Image
 
     folder = tmp_path / "in"
     folder.mkdir()

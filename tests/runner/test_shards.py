@@ -17,8 +17,14 @@ from threading import Barrier
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import (assert_same_rows_across_batches, classify, classify_on_ray, kill_during_a_shard, noisy_photos,
-                      read_rows)
+from conftest import (
+    assert_same_rows_across_batches,
+    classify,
+    classify_on_ray,
+    kill_during_a_shard,
+    noisy_photos,
+    read_rows,
+)
 
 from mv2batch.errors import OutputError
 from mv2batch.out.rundir import RunDir
@@ -231,7 +237,7 @@ def test_the_lock_of_a_dead_process_is_taken_over(reference, tiny_model, tmp_pat
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]);"
                            "from mv2batch.out.rundir import OutLock; OutLock(sys.argv[2]).acquire(); os._exit(9)",
-                           str(Path(__file__).resolve().parents[1]), str(out)])
+                           str(Path(__file__).resolve().parents[2]), str(out)])
     assert dead.returncode == 9 and "pid" in (out / ".mv2batch.lock").read_text()
     classify(folder, out, tiny_model, shard_size=3, batch_size=1)
     _assert_same_output(out, expected)

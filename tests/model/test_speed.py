@@ -11,11 +11,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import built_loop, classify, read_rows, real_photos, run_config
+
 from mv2batch.config import Dtype
-from mv2batch.model.speedups import (Speedups, choose_speedups, default_speedups, exact_speedups, fold_batchnorm,
-                            fold_patches, optimize_for_inference, speedups_mode, unfold_patches)
+from mv2batch.model.speedups import (
+    Speedups,
+    choose_speedups,
+    default_speedups,
+    exact_speedups,
+    fold_batchnorm,
+    fold_patches,
+    optimize_for_inference,
+    speedups_mode,
+    unfold_patches,
+)
+
 
 def _rewritten(*args, **kwargs) -> torch.nn.Module:
     """optimize_for_inference's rewritten module."""
@@ -263,8 +273,8 @@ def test_bf16_runs_and_keeps_float_outputs_finite(tiny_model):
 
 def _segment_pixels(short_side: int, count: int) -> torch.Tensor:
     """Photos of one size resized as mv2batch segments them (short side = input size, no crop): odd shapes."""
-    from mv2batch.model.device import PixelStage
     from mv2batch.loading.preprocess import PixelNorm, ResizeCrop
+    from mv2batch.model.device import PixelStage
 
     resize = ResizeCrop(shortest_edge=short_side, crop_height=None, crop_width=None, resample=2)
     batch = torch.from_numpy(np.stack([resize(p) for p in real_photos(count, size=(500, 375))]))

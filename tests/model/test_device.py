@@ -9,13 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import classify, placed_with, read_rows, real_photos
-from mv2batch.model import device as device_module
-from mv2batch.model.device import float32_math
+
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import Mv2batchError
 from mv2batch.loading.resources import MAX_GPU_WORKERS, default_batch_size, default_workers
+from mv2batch.model import device as device_module
+from mv2batch.model.device import float32_math
 from mv2batch.runner.job import describe_job
 
 CUDA = torch.device("cuda")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import imagenet_photo_paths, read_rows, segment, skimage_photos
 from PIL import Image
 
-from conftest import imagenet_photo_paths, read_rows, segment, skimage_photos
 from mv2batch.engines.local import LocalParts
 from mv2batch.runner.placement import place
 from mv2batch.tasks.masks import decode_png

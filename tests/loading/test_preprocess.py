@@ -7,9 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
+from mv2batch.loading.preprocess import (
+    FULL_RESIZE_MAX_PIXELS,
+    PixelNorm,
+    ResizeCrop,
+    hf_preprocessing,
+    paper_preprocessing,
+)
 from mv2batch.model.device import PixelStage, rescale, rescale_by_lookup
-from mv2batch.loading.preprocess import (FULL_RESIZE_MAX_PIXELS, PixelNorm, ResizeCrop, hf_preprocessing,
-                                 paper_preprocessing)
 
 
 def _processor(shortest_edge: int, crop: int, resample: int):

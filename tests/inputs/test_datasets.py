@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import classify, read_rows, skimage_photos
-from test_models import assert_one_line_error, cli, deadline, one_line_error
+from conftest import assert_one_line_error, classify, cli, deadline, one_line_error, read_rows, skimage_photos
 
 from mv2batch.errors import InputError
 

@@ -6,13 +6,11 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import classify, read_rows, skimage_photos
+from conftest import assert_one_line_error, classify, cli, deadline, one_line_error, read_rows, skimage_photos
 
 from mv2batch.errors import ModelError
 from mv2batch.model import checkpoints
@@ -26,25 +24,6 @@ TINY = {"width_multiplier": 0.25, "n_attn_blocks": [1, 1, 1], "base_attn_unit_di
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-
-class Hung(BaseException):
-    """Raised by the deadline alarm; a BaseException so that no `except Exception/OSError` swallows it."""
-
-
-@contextmanager
-def deadline(seconds: float):
-    """Fail (instead of hanging) when the block runs longer than seconds."""
-    def alarm(signum, frame):
-        raise Hung(f"still running after {seconds} s: the look-up hangs instead of failing fast")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def repo_folder(cache: Path, repo_id: str) -> Path:
@@ -91,40 +70,9 @@ def save_model(model, folder: Path, tiny_model: Path) -> Path:
     return folder
 
 
-def cli(*args: str):
-    """Invoke the CLI in-process; returns click's Result."""
-    from typer.testing import CliRunner
-
-    from mv2batch.cli.app import app
-
-    return CliRunner().invoke(app, list(args))
-
-
 def cli_classify(images: Path, out: Path, model: str, *extra: str):
     return cli("classify", "folder", str(images), "-o", str(out), "--model", model, "--device", "cpu",
                "--workers", "0", "--quiet", *extra)
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    """A failed CLI call: non-zero exit, one `mv2batch: error:` line naming the fragments, no traceback."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("mv2batch: error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def one_line_error(error: type, call, *fragments: str) -> str:
-    """call() raises a one-line error of that type whose message names every fragment."""
-    with pytest.raises(error) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 def model_error(call, *fragments: str) -> str:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-from dataclasses import replace
-
 from conftest import classify, placed_with, read_rows, real_photos, segment
+
 from mv2batch.model.device import to_host_later
-from mv2batch.tasks.postprocess import class_counts, confusion_cells, confusion_counts, present_counts, upsample_argmax
 from mv2batch.runner.job import describe_job
+from mv2batch.tasks.postprocess import class_counts, confusion_cells, confusion_counts, present_counts, upsample_argmax
 from mv2batch.tasks.segment import SegmentTask
 
 CLASSES = 21

@@ -14,8 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import classify, read_rows
-from test_webdataset import _as_folder, _photos
+from conftest import classify, encoded_photos, photo_folder, read_rows
 
 from mv2batch.errors import InputError
 
@@ -30,13 +29,13 @@ def _by_key(rows: list[dict], key=lambda row: Path(row["id"]).stem) -> dict[str,
 
 @pytest.fixture(scope="module")
 def photos():
-    return _photos(8)
+    return encoded_photos(8)
 
 
 @pytest.fixture(scope="module")
 def folder_rows(tmp_path_factory, photos, tiny_model):
     root = tmp_path_factory.mktemp("tables")
-    classify(_as_folder(photos, root / "folder"), root / "out", tiny_model)
+    classify(photo_folder(photos, root / "folder"), root / "out", tiny_model)
     return _by_key(read_rows(root / "out"))
 
 
@@ -72,7 +71,7 @@ def test_a_struct_of_bytes_and_path_is_found_and_ids_default_to_split_and_index(
 def test_a_column_of_relative_paths_points_from_the_tables_folder(photos, folder_rows, tiny_model, tmp_path,
                                                                   monkeypatch):
     data = tmp_path / "data"
-    _as_folder(photos, data / "images")
+    photo_folder(photos, data / "images")
     pacsv.write_csv(pa.table({"file": [f"images/{key}.jpg" for _, key, _ in photos]}), data / "index.csv")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative to the table, not to where the command runs
@@ -85,7 +84,7 @@ def test_a_column_of_relative_paths_points_from_the_tables_folder(photos, folder
 @pytest.fixture
 def served(tmp_path, photos):
     """The photos over HTTP on loopback (a real server; nothing leaves the machine)."""
-    root = _as_folder(photos, tmp_path / "served")
+    root = photo_folder(photos, tmp_path / "served")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -463,7 +463,7 @@ def test_the_readme_names_every_option_that_makes_a_different_run():
         for name in path:
             command = command.commands[name]
         options.update({param.name: param.opts[0] for param in command.params if param.param_type_name == "option"})
-    page = (Path(__file__).parents[1] / "docs" / "bad-inputs-and-resuming.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "bad-inputs-and-resuming.md").read_text()
     resuming = page[page.index("## Resuming"):]  # the page's last section
     declared = [f.name for f in dataclasses.fields(RunConfig) if f.metadata == OUTPUTS and f.name in options]
     assert len(declared) >= 20  # the test reads the fields it should

@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import (assert_same_rows_across_batches, classify, imagenet_photo_paths, read_rows, real_photos,
-                      segment)
+from conftest import (
+    assert_same_rows_across_batches,
+    classify,
+    encoded_photos,
+    photo_folder,
+    read_rows,
+    segment,
+)
 from PIL import Image
 
 from mv2batch.config import RunConfig
@@ -24,19 +30,6 @@ from mv2batch.testing import write_tar
 PER_TAR = 4
 
 
-def _photos(count: int) -> list[tuple[str, str, bytes]]:
-    """(class folder, key, JPEG bytes) of real photos: the shared ImageNet ones, else scikit-image's crops."""
-    paths = imagenet_photo_paths(count)
-    if len(paths) >= count:
-        return [(p.parent.name, p.stem, p.read_bytes()) for p in paths]
-    encoded = []
-    for i, photo in enumerate(real_photos(count)):
-        buffer = io.BytesIO()
-        photo.save(buffer, format="JPEG", quality=90)
-        encoded.append(("n01440764", f"photo_{i:03d}", buffer.getvalue()))
-    return encoded
-
-
 def _as_tars(photos: list, folder: Path, label: int = 3, pattern: str = "part-{:03d}.tar") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     tars = []
@@ -44,13 +37,6 @@ def _as_tars(photos: list, folder: Path, label: int = 3, pattern: str = "part-{:
         samples = [(key, {"jpg": data, "cls": str(label).encode()}) for _, key, data in photos[start : start + PER_TAR]]
         tars.append(write_tar(folder / pattern.format(start // PER_TAR), samples))
     return tars
-
-
-def _as_folder(photos: list, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for _, key, data in photos:
-        (folder / f"{key}.jpg").write_bytes(data)
-    return folder
 
 
 def _run(shards, out: Path, model: Path, **options):
@@ -64,7 +50,7 @@ def _run(shards, out: Path, model: Path, **options):
 
 @pytest.fixture(scope="module")
 def photos():
-    return _photos(12)
+    return encoded_photos(12)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +58,7 @@ def reference(tmp_path_factory, photos, tiny_model):
     """The photos as three tars and as a folder, and the folder's rows."""
     root = tmp_path_factory.mktemp("webdataset")
     tars = _as_tars(photos, root / "tars")
-    folder = _as_folder(photos, root / "folder")
+    folder = photo_folder(photos, root / "folder")
     classify(folder, root / "folder-out", tiny_model)
     return tars, {Path(row["id"]).stem: row for row in read_rows(root / "folder-out")}
 
@@ -125,7 +111,7 @@ def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tm
     import mv2batch
     from mv2batch.inputs.eval_layouts import imagenet_wnids
 
-    photos = _photos(20)
+    photos = encoded_photos(20)
     index = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
     val = tmp_path / "val"
     for wnid, key, data in photos:
@@ -274,7 +260,7 @@ def test_resume_skips_done_tars_and_retry_errors_runs_only_the_tars_with_errors(
 
 def test_segment_tars_give_the_folders_masks_and_overlays(photos, tiny_segmenter, tmp_path):
     tars = _as_tars(photos[:6], tmp_path / "tars")
-    folder = _as_folder(photos[:6], tmp_path / "folder")
+    folder = photo_folder(photos[:6], tmp_path / "folder")
     segment(folder, tmp_path / "folder-out", tiny_segmenter)
     _run([str(t) for t in tars], tmp_path / "out", tiny_segmenter, task="segment", workers=2,
          masks_dir=tmp_path / "masks", overlays_dir=tmp_path / "overlays")
