@@ -6,19 +6,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mv2batch.runner import placement
+from mv2batch.config import RunConfig
+from mv2batch.errors import Mv2batchError
 from mv2batch.loading import resources
 from mv2batch.loading.decode import decode_image
 from mv2batch.model import device
-from mv2batch.runner import shards
 from mv2batch.out import writer
+from mv2batch.out.rundir import OutLock
+from mv2batch.report.tables import Report
+from mv2batch.runner import placement, shards
 from mv2batch.runner.batch_loop import ProgressCallback
-from mv2batch.config import RunConfig
-from mv2batch.errors import Mv2batchError
 from mv2batch.runner.job import Job, describe_job, open_out
 from mv2batch.runner.shard_plan import Group, rank_from_env
-from mv2batch.report.tables import Report
-from mv2batch.out.rundir import OutLock
 
 
 @dataclass(frozen=True)

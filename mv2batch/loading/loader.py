@@ -13,11 +13,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mv2batch.loading.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from mv2batch.errors import Mv2batchError
-from mv2batch.loading.shared_batches import Batch, BufferPool, SharedMemory, collate, giving_buffers_back
 from mv2batch.inputs.eval_layouts import TargetError, read_target
 from mv2batch.inputs.sources import Record
+from mv2batch.loading.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from mv2batch.loading.shared_batches import Batch, BufferPool, SharedMemory, collate, giving_buffers_back
 
 log = logging.getLogger("mv2batch")
 
@@ -157,7 +157,8 @@ def consecutive_batches(indices: Sequence[int], batch_size: int) -> list[list[in
     return [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
-def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | None], batch_size: int) -> list[list[int]]:
+def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | None],
+                    batch_size: int) -> list[list[int]]:
     """Batches of one shard with equal resized shapes next to each other (so batching changes nothing).
 
     A batch may hold several shapes (collate stacks each shape apart): photos come in many aspect ratios,

@@ -76,11 +76,13 @@ def _download(repo_id: str, revision: str | None) -> Path:
         if not _weight_files(folder):  # older repos carry only pytorch_model.bin
             folder = _snapshot(repo_id, revision, LEGACY_WEIGHT_PATTERNS)
     except hub_errors.RepositoryNotFoundError:
-        raise ModelError(f"no model {repo_id!r} on the Hugging Face hub (or it is private: log in with `hf auth login`)") from None
+        raise ModelError(f"no model {repo_id!r} on the Hugging Face hub (or it is private: log in with "
+                         f"`hf auth login`)") from None
     except hub_errors.RevisionNotFoundError:
         raise ModelError(f"model {repo_id!r} has no revision {revision!r}") from None
     except hub_errors.GatedRepoError:
-        raise ModelError(f"model {repo_id!r} is gated: accept its terms on the hub and log in with `hf auth login`") from None
+        raise ModelError(f"model {repo_id!r} is gated: accept its terms on the hub and log in with "
+                         f"`hf auth login`") from None
     except (hub_errors.LocalEntryNotFoundError, OSError, hub_errors.HfHubHTTPError) as exc:
         raise ModelError(
             f"cannot reach the Hugging Face hub and {repo_id!r} is not in the local cache ({_cache_dir()}): "

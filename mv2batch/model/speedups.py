@@ -17,8 +17,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from mv2batch.model.channels_last import apply_channels_last_prefix, same_outputs, use_channels_last
-from mv2batch.model.rewrites import (fold_batchnorm, fold_patches, fuse_convolutions, fusion_available, unfold_patches,
-                       use_inplace_activations, use_reshape_patches)
+from mv2batch.model.rewrites import (
+    fold_batchnorm,
+    fold_patches,
+    fuse_convolutions,
+    fusion_available,
+    unfold_patches,
+    use_inplace_activations,
+    use_reshape_patches,
+)
 from mv2batch.model.streams import start_in_streams, stream_pool
 
 __all__ = ["Speedups", "Optimized", "optimize_for_inference", "choose_speedups", "default_speedups",

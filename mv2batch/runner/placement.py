@@ -13,11 +13,11 @@ if TYPE_CHECKING:
     from mv2batch.model.device import PixelStage
     from mv2batch.model.speedups import Speedups
 
+from mv2batch.loading import resources
+from mv2batch.loading.preprocess import HostPixels
 from mv2batch.model import checkpoints
 from mv2batch.model.speedups import CPU_MICRO_BATCH_PIXELS
-from mv2batch.loading import resources
 from mv2batch.runner.job import Job
-from mv2batch.loading.preprocess import HostPixels
 
 
 @dataclass(frozen=True)

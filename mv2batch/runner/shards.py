@@ -14,20 +14,20 @@ if TYPE_CHECKING:
     from mv2batch.loading.shared_batches import Batch
     from mv2batch.runner.placement import Placement
 
+from mv2batch.config import Decode
+from mv2batch.errors import ConfigError
+from mv2batch.inputs.eval_layouts import reduces_labels
+from mv2batch.inputs.sources import Record, is_sharded
 from mv2batch.loading import resources
 from mv2batch.loading.decode import decode_image
+from mv2batch.loading.gate_trial import GateTrial
+from mv2batch.loading.loader import ImageDataset, make_loader
 from mv2batch.model.device import float32_math as ieee_float32_math
+from mv2batch.out.rundir import RunDir
+from mv2batch.report.tables import Report, build_report, write_report
 from mv2batch.runner import runinfo
 from mv2batch.runner.batch_loop import BatchLoop, Counters, ProgressCallback, Shards, ShardState
-from mv2batch.config import Decode
-from mv2batch.inputs.eval_layouts import reduces_labels
-from mv2batch.errors import ConfigError
-from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.runner.job import Job
-from mv2batch.loading.loader import ImageDataset, make_loader
-from mv2batch.report.tables import Report, build_report, write_report
-from mv2batch.out.rundir import RunDir
-from mv2batch.inputs.sources import Record, is_sharded
 
 LoaderSettingsChoice = Callable[..., resources.LoaderSettings]  # resources.choose_loader_settings's signature
 Reader = Callable[[int], Record]  # an item's record by its index
