@@ -16,7 +16,7 @@ from mv2batch.errors import ConfigError
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Bytes bound too: an image fetched from a URL or read from a tar member larger than this is an error row, not read
 # whole into memory (a 2 GB body, a 1.5 GB member).
-DEFAULT_MAX_IMAGE_BYTES = 256 << 20
+DEFAULT_MAX_IMAGE_BYTES = 256_000_000
 # An image URL's whole fetch (connecting, headers, body) must end within this many seconds: a server that sends a
 # byte every few seconds would pass any per-read timeout.
 DEFAULT_URL_TIMEOUT_S = 60.0

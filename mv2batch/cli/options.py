@@ -63,7 +63,7 @@ MaxPixels = Annotated[int | None, typer.Option(
     help="Refuse images larger than this many pixels (default: Pillow's limit).", rich_help_panel=INPUT)]
 MaxImageBytes = Annotated[int | None, typer.Option(
     help="Refuse an image URL's body or a tar's image member larger than this many bytes, without reading it "
-         "(default: 256 MiB).", rich_help_panel=INPUT)]
+         "(default: 256 MB).", rich_help_panel=INPUT)]
 UrlTimeout = Annotated[float | None, typer.Option(
     help="Seconds an image URL's whole fetch may take: connecting, headers and body together (default: 60).",
     rich_help_panel=INPUT)]
