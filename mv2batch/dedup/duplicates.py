@@ -237,8 +237,8 @@ def find_duplicates(out: Path | str, threshold: float = DEFAULT_THRESHOLD, k: in
                     say: Callable[[str], None] | None = None, exact: bool | None = None) -> DedupResult:
     """Group a finished run's near-duplicates and byte-identical items; write OUT/report/duplicates.parquet.
 
-    memory_available: bytes (None: available_memory(), and no check where that cannot tell). exact: None chooses the search by
-    size (vector_search.uses_exact). say: gets the memory line before reading (the CLI's echo).
+    memory_available: bytes (None: available_memory(), and no check where that cannot tell). exact: None chooses
+    the search by size (vector_search.uses_exact). say: gets the memory line before reading (the CLI's echo).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq

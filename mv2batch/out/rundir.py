@@ -106,7 +106,8 @@ class RunDir:
         except ValueError:
             raise OutputError(f"{self.run_json} is unreadable: remove it or use --overwrite") from None
 
-    def prepare(self, run_info: dict, overwrite: bool, resume: bool, owns: Callable[[int], bool] = lambda s: True) -> None:
+    def prepare(self, run_info: dict, overwrite: bool, resume: bool,
+                owns: Callable[[int], bool] = lambda s: True) -> None:
         """Start a new run, or continue the same one; refuse another run's directory unless overwriting.
 
         `owns` tells which shards this process runs: only their leftovers are removed, since another

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from mv2batch.config import RunConfig, output_fields
-from mv2batch.runner.shard_plan import DEFAULT_SHARD_SIZE, ShardPlan
-from mv2batch.loading.preprocess import Preprocessing
-from mv2batch.out.rundir import fingerprint_of
 from mv2batch.inputs.sources import is_sharded
+from mv2batch.loading.preprocess import Preprocessing
 from mv2batch.model.speedups import speedups_mode
+from mv2batch.out.rundir import fingerprint_of
+from mv2batch.runner.shard_plan import DEFAULT_SHARD_SIZE, ShardPlan
 
 
 def _versions() -> dict[str, str]:
@@ -68,7 +68,8 @@ def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocess
         "dtype": lambda: str(dtype).replace("torch.", ""), "speedups": lambda: speedups_mode(config.speedups, dtype),
         "shard_size": lambda: None if is_sharded(source) else shard_size(config),
         "labels_file": lambda: _file_digest(config.labels_file, config.storage_options),
-        "real_labels": lambda: _file_digest(config.real_labels, config.storage_options), "masks_dir": lambda: _folder(config.masks_dir),
+        "real_labels": lambda: _file_digest(config.real_labels, config.storage_options),
+        "masks_dir": lambda: _folder(config.masks_dir),
         "overlays_dir": lambda: _folder(config.overlays_dir),
     }
     return {name: resolved_values[name]() if name in resolved_values else _plain(getattr(config, name))
@@ -98,7 +99,8 @@ def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: P
         "options": {"batch_size": config.batch_size, "device": config.device, "dtype": config.dtype.value,
                     "workers": config.workers, "labels_file": config.labels_file, "real_labels": config.real_labels,
                     "compile": config.compile, "top_k": config.top_k, "max_pixels": config.max_pixels,
-                    "masks_dir": config.masks_dir, "overlays_dir": config.overlays_dir},
+                    "masks_dir": config.masks_dir, "overlays_dir": config.overlays_dir,
+                    "max_image_bytes": config.max_image_bytes, "url_timeout": config.url_timeout},
         "plan": plan,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
