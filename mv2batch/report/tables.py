@@ -143,10 +143,18 @@ def refresh_html(rundir: RunDir, run_info: dict) -> None:
     write_html(report, rundir)
 
 
+# A thumbnail read again from an image URL: a short deadline and cap, so that a slow or huge answer costs the page
+# a caption, never an endless or memory-filling `mv2batch report`.
+THUMBNAIL_URL_LIMITS = {"timeout_s": 5.0, "max_bytes": 32_000_000}
+
+
 def _read_photo(path: str, options: dict | None) -> bytes:
     """One attempt: a thumbnail is not worth the retries' waits."""
     from mv2batch import storage
+    from mv2batch.inputs.urls import UrlLimits, fetch, is_http
 
+    if is_http(path):
+        return fetch(path, UrlLimits(**THUMBNAIL_URL_LIMITS))
     where = storage.location(path)
     if isinstance(where, Path):
         return where.read_bytes()
