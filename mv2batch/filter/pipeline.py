@@ -121,7 +121,8 @@ def _write_shards(run: FinishedRun, judge: Judge, layout: Layout, destination: D
     counts, total = Counter(), Outcome()
     finished = destination.finished_shards()
     window: deque[_InFlight] = deque()
-    pool = ThreadPoolExecutor(threads or _default_threads(run, destination), thread_name_prefix="mv2batch-filter")
+    threads = threads or _default_threads(run, destination)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="mv2batch-filter")
     final = storage.join(destination.meta, PREDICTIONS)
     try:
         with write_file(destination, final) as handle, _PredictionsWriter(handle, run.schema) as predictions:
@@ -132,7 +133,7 @@ def _write_shards(run: FinishedRun, judge: Judge, layout: Layout, destination: D
                 tally.add(judged=n_rows, kept=work.kept.num_rows)
                 window.append(_start(work, layout, pool, finished.get(shard), tally))
                 first_row += n_rows
-                while window and (_done(window[0]) or len(window) > 1 and sum(f.nbytes for f in window) > HELD_BYTES):
+                while window and (_done(window[0]) or _full(window, threads)):
                     _add(total, _finish(window.popleft(), destination, predictions, counts))
             while window:
                 _add(total, _finish(window.popleft(), destination, predictions, counts))
@@ -144,6 +145,12 @@ def _write_shards(run: FinishedRun, judge: Judge, layout: Layout, destination: D
     finally:
         pool.shutdown(wait=True)
     return counts, total
+
+
+def _full(window: deque[_InFlight], threads: int) -> bool:
+    """Enough shards in flight to keep every thread busy (a tar is one task), or their kept rows past HELD_BYTES:
+    the oldest is waited for before the next part is read."""
+    return len(window) > threads or len(window) > 1 and sum(flight.nbytes for flight in window) > HELD_BYTES
 
 
 def _add(total: Outcome, outcome: Outcome, examples: int = 5) -> None:
@@ -165,6 +172,8 @@ def _judged(run: FinishedRun, judge: Judge, shard: int, first_row: int) -> tuple
 
 def _start(work: ShardWork, layout: Layout, pool: ThreadPoolExecutor, marker: dict | None, tally: Tally) -> _InFlight:
     futures: list[Future] = []
+    if marker is not None and marker.get("kept") != work.kept.num_rows:
+        marker = None  # the run's rows changed since (a shard retried): its items are written again where missing
     if marker is None:
         for task in layout.tasks(work):
             future = pool.submit(task) if layout.parallel else _ran(task)

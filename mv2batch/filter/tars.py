@@ -63,6 +63,7 @@ class TarLayout:
                                                            format=tarfile.PAX_FORMAT))
                 for info, data in members:
                     tar.addfile(info, io.BytesIO(data))
+                tar.members = []  # a writing TarFile keeps every header too
                 written += 1
         return Outcome(_missing(ids, keys, copier.found, copier.problem), items=written,
                        files=int(tar is not None))
