@@ -380,3 +380,21 @@ def test_a_table_streamed_from_and_to_s3(s3, tiny_model, tmp_path):
     got = fetched(fs, dest, tmp_path / "fetched")
     kept = pa.concat_tables(pq.read_table(p) for p in sorted((got / "data").glob("*.parquet")))
     assert kept.to_pylist() == source.take([0, 3]).to_pylist() and result.kept == 2
+
+
+def test_a_saved_dataset_keeps_its_features(tiny_model, tmp_path):
+    """A save_to_disk folder with a datasets.Image column: the kept rows' parts load back with the same features."""
+    import datasets
+
+    table = image_table(5)
+    features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(),
+                                  "caption": datasets.Value("string"), "label": datasets.Value("int64")})
+    rows = [{**row, "image": {"bytes": row["image"], "path": None}} for row in table.to_pylist()]
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    classify(tmp_path / "saved", tmp_path / "out", tiny_model, source="dataset")
+    filter_run(tmp_path / "out", tmp_path / "kept", where="id <> 'train/1'")
+    loaded = datasets.load_dataset(str(tmp_path / "kept"), split="train")
+    assert loaded.features == features
+    kept = loaded.cast_column("image", datasets.Image(decode=False)).to_list()
+    assert [row["key"] for row in kept] == ["k0", "k2", "k3", "k4"]
+    assert [row["image"]["bytes"] for row in kept] == [table.column("image")[i].as_py() for i in (0, 2, 3, 4)]
