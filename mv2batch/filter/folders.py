@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -61,6 +62,8 @@ class FolderLayout:
     def place_all(self, ids: list[str], paths: list[str]) -> Outcome:
         outcome = Outcome()
         for item, source in zip(ids, paths):
+            if source and not storage.is_url(source) and not os.path.lexists(source):
+                item, source = real_name(item), real_name(source)  # a name that is not UTF-8, as the run wrote it
             final = self.destination.item(item)
             if self.destination.resuming and self.destination.exists(final):
                 outcome.present += 1
@@ -81,6 +84,15 @@ class FolderLayout:
         reader = _open_source(source, self.options)
         with reader, self.write_file(self.destination, final) as handle:
             _copy(reader, handle, source)
+
+
+def real_name(text: str) -> str:
+    """A name as ids and paths hold it (bytes that are not UTF-8 written as `\\xHH`: inputs.listing.printable) back
+    to the name the file system gave, for reading the file and naming its copy."""
+    if "\\x" not in text:
+        return text
+    escaped = text.encode("utf-8", "surrogatepass")
+    return os.fsdecode(re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), escaped))
 
 
 def _open_source(source: str | None, options: dict | None) -> BinaryIO:

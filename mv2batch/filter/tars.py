@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 from mv2batch import storage
 from mv2batch.filter.destination import Destination, FileWriter
 from mv2batch.filter.work import Outcome, ShardWork
+from mv2batch.inputs.listing import printable
 from mv2batch.inputs.tars import split_key
 
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, storage.StoreReadError)
@@ -62,7 +63,7 @@ class TarLayout:
                     tar = stack.enter_context(tarfile.open(fileobj=handle, mode=_write_mode(final),
                                                            format=tarfile.PAX_FORMAT))
                 for info, data in members:
-                    tar.addfile(info, io.BytesIO(data))
+                    tar.addfile(info, io.BytesIO(data) if data is not None else None)
                 tar.members = []  # a writing TarFile keeps every header too
                 written += 1
         return Outcome(_missing(ids, keys, copier.found, copier.problem), items=written,
@@ -114,13 +115,15 @@ class SampleCopier:
                 if member is None:
                     return
                 tar.members = []  # tarfile keeps every header it has read: memory would grow with the tar
-                split = split_key(member.name) if member.isfile() else None
-                data = tar.extractfile(member).read() if split and split[0] in self.wanted else None
+                split = split_key(member.name) if member.isfile() or member.islnk() or member.issym() else None
+                key = printable(split[0]) if split else None  # as the run's ids write it
+                wanted = key in self.wanted and member.isfile()  # a link member is copied as it is: a header
+                data = tar.extractfile(member).read() if wanted else None
             except READ_ERRORS as exc:
                 self.problem = f"{self.path} is cut short or corrupt: {exc}"
                 return
-            if split is not None:
-                yield split[0], member, data
+            if key is not None:
+                yield key, member, data
 
 
 def _open(path: str, options: dict | None) -> Any:
@@ -136,7 +139,7 @@ def _write_mode(final: Any) -> str:
 def _keys_in(final: Any, options: dict | None) -> set[str]:
     """The sample keys of a tar this filter wrote."""
     with _open(str(final), options) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-        return {split[0] for member in tar if member.isfile() and (split := split_key(member.name))}
+        return {printable(split[0]) for member in tar if (split := split_key(member.name))}
 
 
 def _missing(ids: list[str], keys: dict[str, str], found: set[str], problem: str | None) -> dict[str, str]:

@@ -128,6 +128,20 @@ def test_hard_and_symbolic_links_point_at_the_sources(folder_run, tmp_path):
         assert os.readlink(tmp_path / "soft" / name) == str((photos / name).resolve())
 
 
+def test_a_file_name_that_is_not_utf8_is_copied_under_its_own_bytes(tiny_model, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    odd = os.fsdecode(b"caf\xe9_\xff.jpg")  # Latin-1 bytes: the run's id writes them as \xHH
+    for name, photo in zip([odd, "plain.jpg"], real_photos(2)):
+        photo.save(photos / name, quality=85)
+    classify(photos, tmp_path / "out", tiny_model)
+    ids = [row["id"] for row in predictions(tmp_path / "out")]
+    assert "caf\\xe9_\\xff.jpg" in ids
+    filter_run(tmp_path / "out", tmp_path / "kept")
+    assert sorted(os.listdir(tmp_path / "kept")) == sorted(["_mv2batch", odd, "plain.jpg"])
+    assert (tmp_path / "kept" / odd).read_bytes() == (photos / odd).read_bytes()
+
+
 def crashing_after(files: int):
     """A file writer that writes `files` files of kept items, then leaves half of the next in its temporary file and
     fails, as a process killed mid-copy would (the filter's own files, under _mv2batch/, are written)."""
