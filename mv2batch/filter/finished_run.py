@@ -36,7 +36,9 @@ class FinishedRun:
 
     @property
     def out(self) -> str:
-        return str(self.rundir.root)
+        """OUT as filter.json records it (a local one absolute: the same run, whatever folder the command ran in)."""
+        root = self.rundir.root
+        return str(root.resolve()) if isinstance(root, Path) else root
 
     def judged_columns(self, shard: int, columns: set[str]) -> Any:
         """The part's columns the judge reads (a column the part lacks: nulls), and each row's position."""

@@ -251,12 +251,14 @@ class _PredictionsWriter:
         self.writer.close()
 
 
-REASON_WORDS = {ERROR: "error rows", WHERE: "by --where", DUPLICATE: "duplicates", UNAVAILABLE: "unreadable now"}
+REASON_WORDS = {ERROR: ("error row", "error rows"), WHERE: ("by --where", "by --where"),
+                DUPLICATE: ("duplicate", "duplicates"), UNAVAILABLE: ("unreadable now", "unreadable now")}
 
 
 def format_summary(result: FilterResult) -> list[str]:
     """The lines the CLI prints: kept and dropped by reason, where they went, and a few unreadable items."""
-    dropped = ", ".join(f"{count:,} {REASON_WORDS[reason]}" for reason, count in result.dropped.items() if count)
+    dropped = ", ".join(f"{count:,} {REASON_WORDS[reason][count != 1]}" for reason, count in result.dropped.items()
+                        if count)
     already = f", {result.items_present:,} kept items already there" if result.items_present else ""
     lines = [f"filter: kept {result.kept:,} of {result.rows:,} ({'dropped: ' + dropped if dropped else 'none dropped'})"
              f" -> {result.dest} ({result.layout}): {result.files_written:,} files written{already}, "

@@ -210,7 +210,7 @@ def test_the_cli_prints_kept_and_dropped_by_reason(folder_run, tmp_path):
     _, out = folder_run
     result = cli(out, "-o", tmp_path / "dest", "--where", "id NOT LIKE 'c/%'", "--unique")
     assert result.exit_code == 0, result.output
-    assert "filter: kept " in result.stdout and "1 error rows" in result.stdout and "by --where" in result.stdout
+    assert "filter: kept " in result.stdout and "1 error row," in result.stdout and "by --where" in result.stdout
 
 
 def test_unique_needs_a_dedup_as_new_as_the_run(folder_run, tmp_path):
