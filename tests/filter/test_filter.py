@@ -25,6 +25,7 @@ from mv2batch.dedup.duplicates import find_duplicates
 from mv2batch.errors import ConfigError, OutputError
 from mv2batch.filter.destination import written_whole
 from mv2batch.filter.pipeline import FilterParts, filter_run
+from mv2batch.out.files import PART_TEMPS
 from mv2batch.testing import write_tar
 
 
@@ -359,7 +360,13 @@ def test_the_same_from_and_to_s3_folder_and_tars(s3, folder_run, tiny_model, tmp
     out, dest = "s3://filter-bucket/out", "s3://filter-bucket/kept"
     classify("s3://filter-bucket/photos", out, tiny_model, embeddings=True, shard_size=4, storage_options=options)
     find_duplicates(out, storage_options=options)
+    with pytest.raises(OutputError, match="killed"):
+        filter_run(out, dest, where=f"topk_scores[1] >= {threshold}", unique=True, storage_options=options,
+                   threads=1, parts=FilterParts(write_file=crashing_after(2)))
+    for leftover in PART_TEMPS.glob(f"{os.getpid()}-*"):  # the crashed PUT's local file (a killed run's: its pid's)
+        leftover.unlink()
     result = filter_run(out, dest, where=f"topk_scores[1] >= {threshold}", unique=True, storage_options=options)
+    assert result.items_present == 2 and result.files_written == result.kept - 2
     got = fetched(fs, dest, tmp_path / "fetched")
     assert files_under(got) == files_under(tmp_path / "local") and result.kept == len(files_under(got))
     kept_rows = pq.read_table(got / "_mv2batch" / "predictions.parquet").column("id").to_pylist()
