@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mv2batch import storage
-from mv2batch.errors import ConfigError
+from mv2batch.errors import ConfigError, OutputError
 from mv2batch.filter.destination import PREDICTIONS, Destination, FileWriter, written_whole
 from mv2batch.filter.finished_run import FinishedRun, duplicates_of, open_finished
 from mv2batch.filter.folders import LINKS, FolderLayout, folder_root
@@ -91,7 +91,9 @@ def filter_run(out: Path | str, dest: Path | str, where: str | None = None, uniq
 def open_layout(run: FinishedRun, destination: Destination, write_file: FileWriter, link: str,
                 options: dict | None) -> Layout:
     """The input's layout, from run.json: tars (the run names its tars), a table (it names a split), a folder."""
-    given = run.info["input"]
+    given = run.info.get("input")
+    if not isinstance(given, dict):
+        raise OutputError(f"{run.out}'s run.json does not say what its input was: filter cannot find its items")
     if link != "copy" and (given.get("shards") or given.get("split")):
         raise ConfigError(f"--link {link} applies to folder inputs (tars and tables are rewritten): use --link copy")
     if given.get("shards"):
