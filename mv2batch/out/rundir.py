@@ -254,10 +254,13 @@ class OutLock:
             self.handle = None
 
 
-def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunDir, dict]:
+def open_run(out: Path | str, storage_options: dict | None = None,
+             needs: tuple[str, ...] = ()) -> tuple[RunDir, dict]:
     """An existing OUT and its run.json, checked: the one reader of a run for the commands that read one (report,
     export, dedup, filter). Each problem is one line: no OUT, no run.json, a store that refuses the read or cannot
     be reached (said as a read, not a write), a run.json of another version or of a task this one does not run.
+    needs: what the reader takes beyond the task, fingerprint and plan ("model": its id and labels, "input": its
+    description), checked too.
     """
     rundir = RunDir(out, storage_options)
     with storage.start_up_errors("OUT", str(rundir.root), OutputError):
@@ -271,20 +274,21 @@ def open_run(out: Path | str, storage_options: dict | None = None) -> tuple[RunD
         run_info = json.loads(data)
     except ValueError as exc:
         raise OutputError(f"{rundir.run_json} is not JSON ({exc}): not a run this mv2batch can read") from None
-    problem = run_problem(run_info)
+    problem = run_problem(run_info, needs)
     if problem is not None:
         raise OutputError(f"{rundir.run_json} is not a run this mv2batch version reads: {problem} (written by "
                           "another version? run it again into a new OUT, or with --overwrite)")
     return rundir, run_info
 
 
-# What every reader of a run takes from run.json, by key: the type of its value.
-RUN_FIELDS = {"task": str, "fingerprint": str, "plan": dict, "model": dict, "input": dict}
+# What every reader of a run takes from run.json, by key: the type of its value; and what some readers take.
+RUN_FIELDS = {"task": str, "fingerprint": str, "plan": dict}
+NEEDED_FIELDS = {"model": ("id", "labels"), "input": ("description",)}
 
 
-def run_problem(run_info: Any) -> str | None:
-    """What makes a run.json unreadable to this version (None: nothing): a missing or mistyped field, or a task
-    this version does not run."""
+def run_problem(run_info: Any, needs: tuple[str, ...] = ()) -> str | None:
+    """What makes a run.json unreadable to this version (None: nothing): a missing or mistyped field, a task this
+    version does not run, or a part a reader needs (see open_run) missing."""
     from mv2batch.config import Task
 
     if not isinstance(run_info, dict):
@@ -294,11 +298,12 @@ def run_problem(run_info: Any) -> str | None:
             return f"no {key!r}" if key not in run_info else f"{key!r} is not a {kind.__name__}"
     if run_info["task"] not in {task.value for task in Task}:
         return f"its task is {run_info['task']!r}, which this version does not run"
-    if not isinstance(run_info["model"].get("labels"), list) or not isinstance(run_info["model"].get("id"), str):
-        return "the model's id or labels are missing"
     n_shards = run_info["plan"].get("n_shards")
     if "n_shards" not in run_info["plan"] or not (n_shards is None or isinstance(n_shards, int)):
         return "the shard plan has no shard count"
-    if not isinstance(run_info["input"].get("description"), str):
-        return "the input is not described"
+    for part in needs:
+        found = run_info.get(part)
+        missing = [key for key in NEEDED_FIELDS[part] if not isinstance(found, dict) or key not in found]
+        if missing:
+            return f"no {part} {', '.join(missing)}"
     return None

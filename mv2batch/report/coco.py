@@ -51,7 +51,7 @@ def export_coco(out: Path | str, results: Path | str, storage_options: dict | No
     still to do is refused, saying how many, unless allow_incomplete (then its committed shards are exported)."""
     mask_utils = _pycocotools_mask()
     results = storage.location(results)
-    rundir, run_info = open_run(out, storage_options)
+    rundir, run_info = open_run(out, storage_options, needs=("model",))
     if run_info["task"] != "segment":
         raise ConfigError(f"{out} holds a {run_info['task']} run, not a segment run: export coco needs its masks")
     labels = run_info["model"]["labels"]

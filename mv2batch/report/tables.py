@@ -171,7 +171,7 @@ def report_of_committed(rundir: RunDir, run_info: dict) -> Report:
 
 def load_report(out: Path | str, storage_options: dict | None = None) -> Report:
     """Rebuild the report of a run from its markers, and rewrite OUT/report/ when every shard is done."""
-    rundir, run_info = open_run(out, storage_options)
+    rundir, run_info = open_run(out, storage_options, needs=("model", "input"))
     report = report_of_committed(rundir, run_info)
     if report.complete:
         write_report(report, rundir)
