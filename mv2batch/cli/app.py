@@ -10,6 +10,7 @@ import typer
 
 from mv2batch.cli import options as o
 from mv2batch.cli.embed import dedup_command, embed_app
+from mv2batch.cli.filter import filter_command
 from mv2batch.cli.options import STRICT_EXIT
 from mv2batch.cli.run_command import INTERRUPTED_EXIT, fail, run_command
 from mv2batch.cli.run_options import CLASSIFY, DATASET, EMBEDDINGS, EVAL_SPLIT, IMAGENET, MASKS, TARS, run_options
@@ -35,6 +36,8 @@ app.add_typer(export_app, name="export")
 
 app.add_typer(embed_app, name="embed")
 app.command("dedup", epilog="Example: mv2batch dedup out/ --threshold 0.95")(dedup_command)
+app.command("filter", epilog='Example: mv2batch filter out/ -o kept/ --where "topk_scores[1] >= 0.8" --unique')(
+    filter_command)
 __all__ = ["INTERRUPTED_EXIT", "STRICT_EXIT", "app", "main"]
 
 
