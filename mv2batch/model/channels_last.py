@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+    from transformers.models.mobilevitv2.modeling_mobilevitv2 import (
+        MobileViTV2InvertedResidual,
+        MobileViTV2MobileNetLayer,
+        MobileViTV2Model,
+    )
+    from transformers.utils import ModelOutput
 
 
-def use_channels_last(module: Any) -> None:
+def use_channels_last(module: torch.nn.Module) -> None:
     """Channels-last weights, and an input converted once at the stem, so that every layer runs NHWC."""
     import torch
 
@@ -16,7 +25,7 @@ def use_channels_last(module: Any) -> None:
     stem.register_forward_pre_hook(_to_channels_last)
 
 
-def _to_channels_last(module: Any, args: tuple) -> tuple:
+def _to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
     import torch
 
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
@@ -48,10 +57,11 @@ class PrefixSwitch:
     on: bool = True
 
 
-StemHook = Callable[[PrefixSwitch, Any, tuple], tuple]
+StemHook = Callable[[PrefixSwitch, "torch.nn.Module", tuple], tuple]
 
 
-def use_channels_last_prefix(module: Any, stem_hook: "StemHook | None" = None) -> tuple[int, PrefixSwitch | None]:
+def use_channels_last_prefix(module: torch.nn.Module, stem_hook: StemHook | None = None
+                             ) -> tuple[int, PrefixSwitch | None]:
     """Run the leading convolutions that give the same bits in either layout channels-last (see above): how
     many there are and the switch of the stem's hook (0, None: none, nothing changed).
 
@@ -82,25 +92,25 @@ def use_channels_last_prefix(module: Any, stem_hook: "StemHook | None" = None) -
     return count, switch
 
 
-def _same_bits_either_layout(conv: Any) -> bool:
+def _same_bits_either_layout(conv: torch.nn.Conv2d) -> bool:
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels
     products = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
     return depthwise or products <= SAME_BITS_MAX_PRODUCTS
 
 
-def _leading_mobilenet_layers(backbone: Any) -> Iterator[Any]:
+def _leading_mobilenet_layers(backbone: MobileViTV2Model) -> Iterator[MobileViTV2MobileNetLayer]:
     for layer in backbone.encoder.layer:
         if type(layer).__name__ != "MobileViTV2MobileNetLayer":
             return
         yield layer
 
 
-def _leading_inverted_residuals(backbone: Any) -> Iterator[Any]:
+def _leading_inverted_residuals(backbone: MobileViTV2Model) -> Iterator[MobileViTV2InvertedResidual]:
     for layer in _leading_mobilenet_layers(backbone):
         yield from layer.layer
 
 
-def channels_last_if_large(switch: PrefixSwitch, stem: Any, args: tuple) -> tuple:
+def channels_last_if_large(switch: PrefixSwitch, stem: torch.nn.Module, args: tuple) -> tuple:
     """The stem's pre-hook: large inputs channels-last while the switch is on, every other input NCHW."""
     import torch
 
@@ -110,11 +120,12 @@ def channels_last_if_large(switch: PrefixSwitch, stem: Any, args: tuple) -> tupl
     return (pixels.contiguous(memory_format=layout), *args[1:])
 
 
-def _to_nchw(module: Any, args: tuple) -> tuple:
+def _to_nchw(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-def _prefix_keeps_bits(module: Any, switch: PrefixSwitch, device: Any, dtype: Any) -> bool:
+def _prefix_keeps_bits(module: torch.nn.Module, switch: PrefixSwitch, device: torch.device | str,
+                       dtype: torch.dtype) -> bool:
     """Whether the model's outputs on a probe are bit-identical with and without the prefix."""
     import torch
 
@@ -128,7 +139,7 @@ def _prefix_keeps_bits(module: Any, switch: PrefixSwitch, device: Any, dtype: An
     return same_outputs(outputs[False], outputs[True])
 
 
-def same_outputs(first: Any, second: Any) -> bool:
+def same_outputs(first: ModelOutput, second: ModelOutput) -> bool:
     """Whether two model outputs hold the same bits in every tensor a task reads: logits, and the pooled vector
     of embeddings.pooled_model (embed has no logits)."""
     import torch
@@ -137,7 +148,8 @@ def same_outputs(first: Any, second: Any) -> bool:
     return bool(names) and all(torch.equal(getattr(first, name), getattr(second, name)) for name in names)
 
 
-def apply_channels_last_prefix(module: Any, device: Any, dtype: Any, stem_hook: "StemHook | None" = None) -> bool:
+def apply_channels_last_prefix(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype,
+                               stem_hook: StemHook | None = None) -> bool:
     """use_channels_last_prefix, kept only where the probe's logits keep their bits on this machine (the hooks
     stay, switched off: no-ops on NCHW input)."""
     count, switch = use_channels_last_prefix(module, stem_hook)

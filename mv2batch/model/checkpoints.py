@@ -8,9 +8,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mv2batch.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import MobileViTImageProcessorPil, PreTrainedModel
 
 DEFAULT_MODELS = {
     "classify": "apple/mobilevitv2-1.0-imagenet1k-256",
@@ -158,7 +162,7 @@ def label_names(config: dict[str, Any]) -> list[str]:
     return [id2label.get(i, str(i)) for i in range(count)]
 
 
-def load_weights(folder: Path, task: str, model: str, embeddings: bool = False) -> Any:
+def load_weights(folder: Path, task: str, model: str, embeddings: bool = False) -> torch.nn.Module:
     """The checkpoint in float32 eval mode; refused when any weight of the head is missing. embed: the backbone
     of any MobileViTV2 checkpoint; embed and classify --embeddings: a module whose output also has the pooled
     vector (embeddings.pooled_model)."""
@@ -179,7 +183,7 @@ def load_weights(folder: Path, task: str, model: str, embeddings: bool = False) 
     return pooled_model(classification=module.eval()).eval() if embeddings else module.eval()
 
 
-def _from_pretrained(cls: Any, folder: Path, model: str) -> tuple[Any, dict]:
+def _from_pretrained(cls: type[PreTrainedModel], folder: Path, model: str) -> tuple[PreTrainedModel, dict]:
     import transformers
 
     verbosity = transformers.utils.logging.get_verbosity()
@@ -208,7 +212,7 @@ def _say_dropped_head(model: str, info: dict) -> None:
             "backbone's pooled output")
 
 
-def load_processor(folder: Path, model: str) -> Any:
+def load_processor(folder: Path, model: str) -> MobileViTImageProcessorPil:
     """The checkpoint's MobileViTImageProcessor (PIL backend), parsed by transformers itself."""
     from transformers import MobileViTImageProcessorPil
 

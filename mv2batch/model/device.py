@@ -5,16 +5,19 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from mv2batch.config import DEVICE_PATTERN
 from mv2batch.errors import ConfigError
 from mv2batch.loading.preprocess import PixelNorm
 
+if TYPE_CHECKING:
+    import torch
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def pick_device(requested: str, local_rank: int | None = None) -> Any:
+def pick_device(requested: str, local_rank: int | None = None) -> torch.device:
     """auto: cuda (the local rank's GPU under torchrun / Slurm), then mps, then cpu."""
     import torch
 
@@ -36,7 +39,7 @@ def pick_device(requested: str, local_rank: int | None = None) -> Any:
     return device
 
 
-def dtype_of(requested: str) -> Any:
+def dtype_of(requested: str) -> torch.dtype:
     """The torch dtype of --dtype; auto is fp32 everywhere for now: exact parity with transformers is the default
     promise. Needs no device (a job is described before it is placed)."""
     import torch
@@ -48,7 +51,7 @@ def dtype_of(requested: str) -> Any:
     return getattr(torch, DTYPES[requested])
 
 
-def check_dtype(dtype: Any, device: Any) -> None:
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """Refuse a dtype the device cannot run."""
     import torch
 
@@ -56,7 +59,7 @@ def check_dtype(dtype: Any, device: Any) -> None:
         raise ConfigError("--dtype fp16 is not supported on the CPU: use bf16 or fp32")
 
 
-def pick_dtype(requested: str, device: Any) -> Any:
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """dtype_of, checked against the device."""
     dtype = dtype_of(requested)
     check_dtype(dtype, device)
@@ -64,7 +67,7 @@ def pick_dtype(requested: str, device: Any) -> Any:
 
 
 @contextmanager
-def float32_math(device: Any, dtype: Any) -> Iterator[None]:
+def float32_math(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """fp32 on a CUDA GPU computed in IEEE float32 while the block runs; the previous settings come back after.
 
     PyTorch lets cuDNN run float32 convolutions in TF32 (10-bit mantissa) by default. Measured on an H200 over
@@ -87,7 +90,7 @@ def float32_math(device: Any, dtype: Any) -> Iterator[None]:
             setattr(owner, name, value)
 
 
-def _fp32_precision_settings() -> list[tuple[Any, str, Any]]:
+def _fp32_precision_settings() -> list[tuple[object, str, str | bool]]:
     """(object, attribute, IEEE value) for cuDNN convolutions and CUDA matrix products.
 
     torch >= 2.9 has fp32_precision ("ieee" / "tf32") and refuses a mix with the older allow_tf32 flags.
@@ -105,11 +108,11 @@ class PixelStage:
     """uint8 NHWC on the host to model-ready NCHW on the device: rescale, BGR flip, normalise, cast."""
 
     norm: PixelNorm
-    device: Any
-    dtype: Any
+    device: torch.device
+    dtype: torch.dtype
     channels_last: bool = False
 
-    def __call__(self, pixels_u8: Any) -> Any:
+    def __call__(self, pixels_u8: torch.Tensor) -> torch.Tensor:
         import torch
 
         x = pixels_u8.to(self.device, non_blocking=True)
@@ -126,7 +129,7 @@ class PixelStage:
         return x if x.dtype == self.dtype else x.to(self.dtype)
 
 
-def _divides_in_half_precision(x: Any, factor: float | None, dtype: Any) -> bool:
+def _divides_in_half_precision(x: torch.Tensor, factor: float | None, dtype: torch.dtype) -> bool:
     """Whether bf16 / fp16 pixels can come from uint8 in one step: the same bits, in 0.026 instead of 0.064 ms
     per 256x256 image (2 threads), the 16-bit float formats holding every integer up to 255 exactly.
 
@@ -138,7 +141,7 @@ def _divides_in_half_precision(x: Any, factor: float | None, dtype: Any) -> bool
     return x.device.type == "cpu" and factor == 1 / 255 and dtype in (torch.bfloat16, torch.float16)
 
 
-def rescale_by_lookup(x: Any, factor: float) -> Any:
+def rescale_by_lookup(x: torch.Tensor, factor: float) -> torch.Tensor:
     """rescale through a table of the 256 values computed as transformers computes them; keeps x's layout."""
     import torch
 
@@ -146,13 +149,14 @@ def rescale_by_lookup(x: Any, factor: float) -> Any:
 
 
 @lru_cache(maxsize=8)
-def _rescale_table(factor: float, device: Any) -> Any:
+def _rescale_table(factor: float, device: torch.device) -> torch.Tensor:
     import torch
 
     return (torch.arange(256, dtype=torch.float64) * factor).to(torch.float32).to(device)
 
 
-def rescale(x: Any, factor: float | None, lookup: Callable[[Any, float], Any] = rescale_by_lookup) -> Any:
+def rescale(x: torch.Tensor, factor: float | None,
+            lookup: Callable[[torch.Tensor, float], torch.Tensor] = rescale_by_lookup) -> torch.Tensor:
     """uint8 to float32, bit-identical to transformers' numpy rescale (float64 product, cast to float32).
 
     lookup: how the values are found off the CPU (a test passes a spy, to see it used where no kernel runs).
@@ -172,7 +176,7 @@ def rescale(x: Any, factor: float | None, lookup: Callable[[Any, float], Any] = 
     return (x.to(torch.float64) * factor).to(torch.float32)
 
 
-def to_host_later(tensors: list) -> Callable[[], list]:
+def to_host_later(tensors: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
     """Start copying device tensors to the host and return at once; calling the result waits for the copies and
     gives the host tensors. On CUDA the copies go behind the work already queued, so that the next batch can be
     queued before this one's results are read; on the CPU there is nothing to copy or wait for."""
@@ -186,7 +190,7 @@ def to_host_later(tensors: list) -> Callable[[], list]:
     copied = torch.cuda.Event()
     copied.record()
 
-    def wait() -> list:
+    def wait() -> list[torch.Tensor]:
         copied.synchronize()
         return host
 

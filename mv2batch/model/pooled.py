@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
-def pooled_model(classification: Any = None, backbone: Any = None) -> Any:
+def pooled_model(classification: torch.nn.Module | None = None, backbone: torch.nn.Module | None = None
+                 ) -> torch.nn.Module:
     """A module whose output has the backbone's `pooler_output` and, with a classification model, its `logits`
     from the same pass: `classifier(mobilevitv2(x).pooler_output)`, which is exactly
     MobileViTV2ForImageClassification's forward (no dropout there). It keeps the `mobilevitv2` attribute the
@@ -24,15 +28,15 @@ def _pooled_class() -> type:
 
     @dataclass
     class PooledOutput(ModelOutput):
-        logits: Any = None
-        pooler_output: Any = None
+        logits: torch.Tensor | None = None
+        pooler_output: torch.Tensor | None = None
 
     class PooledModel(torch.nn.Module):
-        def __init__(self, backbone: Any, classifier: Any):
+        def __init__(self, backbone: torch.nn.Module, classifier: torch.nn.Module | None):
             super().__init__()
             self.mobilevitv2, self.classifier = backbone, classifier
 
-        def forward(self, pixel_values: Any = None) -> Any:
+        def forward(self, pixel_values: torch.Tensor | None = None) -> PooledOutput:
             pooled = self.mobilevitv2(pixel_values).pooler_output
             logits = self.classifier(pooled) if self.classifier is not None else None
             return PooledOutput(logits=logits, pooler_output=pooled)

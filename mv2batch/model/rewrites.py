@@ -4,7 +4,16 @@ activations, oneDNN's fused convolutions. speed.optimize_for_inference chooses w
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from transformers.models.mobilevitv2.modeling_mobilevitv2 import (
+        MobileViTV2ConvLayer,
+        MobileViTV2InvertedResidual,
+        MobileViTV2LinearSelfAttention,
+        MobileViTV2TransformerLayer,
+    )
 
 # oneDNN's fused convolution applies these activations in its epilogue, while the output is still in cache.
 FUSABLE_ACTIVATIONS = {"SiLU": "swish", "SiLUActivation": "swish", "ReLU": "relu"}
@@ -17,12 +26,12 @@ def fusion_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _conv_layers(module: Any) -> list[Any]:
+def _conv_layers(module: torch.nn.Module) -> list[MobileViTV2ConvLayer]:
     """Every MobileViTV2ConvLayer (convolution + optional normalization + optional activation)."""
     return [m for m in module.modules() if hasattr(m, "convolution") and hasattr(m, "normalization")]
 
 
-def _set_forward(module: Any, forward: Callable) -> None:
+def _set_forward(module: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> None:
     # An instance attribute wins over the class's forward; the transformers classes stay untouched.
     module.forward = functools.partial(forward, module)
 
@@ -30,7 +39,7 @@ def _set_forward(module: Any, forward: Callable) -> None:
 # ---- BatchNorm folding ------------------------------------------------------------------------------------
 
 
-def fold_batchnorm(module: Any) -> int:
+def fold_batchnorm(module: torch.nn.Module) -> int:
     """Fold every eval-mode BatchNorm2d into the convolution before it; return how many were folded."""
     import torch
 
@@ -43,7 +52,7 @@ def fold_batchnorm(module: Any) -> int:
     return folded
 
 
-def _fold_into(conv: Any, bn: Any) -> None:
+def _fold_into(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
     """conv(x) * s + (beta - mean * s) with s = gamma / sqrt(var + eps), computed in float64 then cast back."""
     import torch
 
@@ -59,7 +68,7 @@ def _fold_into(conv: Any, bn: Any) -> None:
 # ---- patches by reshape ------------------------------------------------------------------------------------
 
 
-def use_reshape_patches(module: Any) -> int:
+def use_reshape_patches(module: torch.nn.Module) -> int:
     """Replace unfold / fold in every MobileViTV2Layer by the equivalent reshape + permute; return the count."""
     layers = [m for m in module.modules() if hasattr(m, "unfolding") and hasattr(m, "folding")]
     for layer in layers:
@@ -68,7 +77,7 @@ def use_reshape_patches(module: Any) -> int:
     return len(layers)
 
 
-def unfold_patches(features: Any, patch: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+def unfold_patches(features: torch.Tensor, patch: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(B, C, H, W) -> (B, C, ph*pw, patches), as F.unfold + reshape, in the input's memory layout.
 
     unfold drops the rows and columns that do not fill a whole patch; so does this.
@@ -88,7 +97,7 @@ def unfold_patches(features: Any, patch: tuple[int, int]) -> tuple[Any, tuple[in
     return patches, (height, width)
 
 
-def fold_patches(patches: Any, output_size: tuple[int, int], patch: tuple[int, int]) -> Any:
+def fold_patches(patches: torch.Tensor, output_size: tuple[int, int], patch: tuple[int, int]) -> torch.Tensor:
     """The inverse of unfold_patches, as F.fold: pixels no patch covered are zero."""
     import torch
 
@@ -110,14 +119,14 @@ def fold_patches(patches: Any, output_size: tuple[int, int], patch: tuple[int, i
 # ---- activations and fused convolutions --------------------------------------------------------------------
 
 
-def use_inplace_activations(module: Any) -> None:
+def use_inplace_activations(module: torch.nn.Module) -> None:
     """Apply each convolution layer's activation in place: its input is a fresh tensor nobody else holds."""
     for layer in _conv_layers(module):
         if type(layer.activation).__name__ in FUSABLE_ACTIVATIONS:
             _set_forward(layer, _inplace_conv_forward)
 
 
-def _inplace_conv_forward(layer: Any, features: Any) -> Any:
+def _inplace_conv_forward(layer: MobileViTV2ConvLayer, features: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     features = layer.convolution(features)
@@ -128,7 +137,7 @@ def _inplace_conv_forward(layer: Any, features: Any) -> Any:
     return F.silu(features, inplace=True)
 
 
-def fuse_convolutions(module: Any) -> None:
+def fuse_convolutions(module: torch.nn.Module) -> None:
     """Run every convolution as one oneDNN call with its activation or its residual add (BatchNorm folded first)."""
     for layer in _conv_layers(module):
         if layer.normalization is not None:
@@ -142,7 +151,8 @@ def fuse_convolutions(module: Any) -> None:
             _set_forward(block, _fused_transformer_layer_forward)
 
 
-def _fused_conv_forward(layer: Any, features: Any, residual: Any = None) -> Any:
+def _fused_conv_forward(layer: MobileViTV2ConvLayer, features: torch.Tensor, residual: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """convolution (+ activation) in one call; with residual, convolution + residual (the layer has no activation)."""
     import torch
 
@@ -158,19 +168,20 @@ def _fused_conv_forward(layer: Any, features: Any, residual: Any = None) -> Any:
     return out if residual is None else out + residual
 
 
-def _fused_inverted_residual_forward(block: Any, features: Any) -> Any:
+def _fused_inverted_residual_forward(block: MobileViTV2InvertedResidual, features: torch.Tensor) -> torch.Tensor:
     hidden = block.conv_3x3(block.expand_1x1(features))
     # residual + reduce(x) as transformers writes it; addition commutes exactly, so the fused add is the same.
     return block.reduce_1x1(hidden, residual=features) if block.use_residual else block.reduce_1x1(hidden)
 
 
-def _fused_transformer_layer_forward(layer: Any, hidden: Any) -> Any:
+def _fused_transformer_layer_forward(layer: MobileViTV2TransformerLayer, hidden: torch.Tensor) -> torch.Tensor:
     # Dropout is the identity in eval mode, so it is left out.
     hidden = _fused_attention(layer.attention, layer.layernorm_before(hidden), residual=hidden)
     return layer.ffn.conv2(layer.ffn.conv1(layer.layernorm_after(hidden)), residual=hidden)
 
 
-def _fused_attention(attention: Any, hidden: Any, residual: Any) -> Any:
+def _fused_attention(attention: MobileViTV2LinearSelfAttention, hidden: torch.Tensor, residual: torch.Tensor
+                     ) -> torch.Tensor:
     """MobileViTV2LinearSelfAttention with its output projection and residual add in one convolution."""
     import torch
 

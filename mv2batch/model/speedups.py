@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mv2batch.model.channels_last import apply_channels_last_prefix, same_outputs, use_channels_last
 from mv2batch.model.rewrites import (
@@ -27,6 +27,11 @@ from mv2batch.model.rewrites import (
     use_reshape_patches,
 )
 from mv2batch.model.streams import start_in_streams, stream_pool
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
 
 __all__ = ["Speedups", "Optimized", "optimize_for_inference", "choose_speedups", "default_speedups",
            "exact_speedups", "speedups_mode", "micro_batch_images", "wants_channels_last_input", "fold_batchnorm",
@@ -60,7 +65,7 @@ class Speedups:
         return asdict(self)
 
 
-def default_speedups(device: Any, dtype: Any, compile: bool = False,
+def default_speedups(device: torch.device | str, dtype: torch.dtype, compile: bool = False,
                      micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
     """Every rewrite on the CPU; elsewhere no oneDNN and no channels_last (reported to slow MobileViT on CUDA).
 
@@ -81,7 +86,8 @@ def default_speedups(device: Any, dtype: Any, compile: bool = False,
                     streams=torch.get_num_threads() if eager_cpu else 1)
 
 
-def exact_speedups(device: Any, compile: bool = False, micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
+def exact_speedups(device: torch.device | str, compile: bool = False,
+                   micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups:
     """The rewrites that change no arithmetic: reshapes, in-place activations, micro-batches (eager CPU only).
 
     Micro-batches change which images share a convolution call, not how any output element is summed where
@@ -96,7 +102,7 @@ def exact_speedups(device: Any, compile: bool = False, micro_batch_pixels: int =
                     keep_bits=True)
 
 
-def speedups_mode(requested: bool | None, dtype: Any) -> str:
+def speedups_mode(requested: bool | None, dtype: torch.dtype) -> str:
     """--speedups (True): "all"; --no-speedups (False): "none", transformers' modules as they are; the default
     (None): "exact" for fp32, whose promise is transformers' own numbers, "all" for bf16 / fp16.
 
@@ -109,7 +115,7 @@ def speedups_mode(requested: bool | None, dtype: Any) -> str:
     return "all" if requested else "none"
 
 
-def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bool = False,
+def choose_speedups(requested: bool | None, device: torch.device | str, dtype: torch.dtype, compile: bool = False,
                     micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Speedups | None:
     """The rewrites of speedups_mode for this device (None: none); micro_batch_pixels: as default_speedups's."""
     mode = speedups_mode(requested, dtype)
@@ -124,12 +130,13 @@ def choose_speedups(requested: bool | None, device: Any, dtype: Any, compile: bo
 class Optimized:
     """A rewritten model and what was applied to it: the rewrites, and the pool of parallel streams (None: one)."""
 
-    module: Any
+    module: torch.nn.Module
     speedups: Speedups
-    streams: Any = None
+    streams: ThreadPoolExecutor | None = None
 
 
-def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: bool | None = None,
+def optimize_for_inference(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype,
+                           channels_last: bool | None = None,
                            speedups: Speedups | None = None, compile: bool = False,
                            probe_size: tuple[int, int] = (256, 256), probe_batch: int | None = None) -> Optimized:
     """Rewrite a MobileViTV2 model in place for inference on device in dtype; call `.module` as before.
@@ -175,8 +182,8 @@ def optimize_for_inference(module: Any, device: Any, dtype: Any, channels_last: 
     return Optimized(module, chosen, pool)
 
 
-def _micro_batches_keep_bits(module: Any, batching: "MicroBatches", size: tuple[int, int], device: Any,
-                             dtype: Any, batch: int | None = None) -> bool:
+def _micro_batches_keep_bits(module: torch.nn.Module, batching: MicroBatches, size: tuple[int, int],
+                             device: torch.device | str, dtype: torch.dtype, batch: int | None = None) -> bool:
     """Whether the model gives the same logits micro-batched as in one call, on a probe batch of images of the
     given size: the run's batch (at least two micro-batches), so that the one call is the one transformers
     makes. In one call the exact set computes what transformers computes (its other rewrites move values, never
@@ -202,7 +209,7 @@ def _micro_batches_keep_bits(module: Any, batching: "MicroBatches", size: tuple[
     return same_outputs(micro, whole)
 
 
-def _can_fuse(device: Any, dtype: Any) -> bool:
+def _can_fuse(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN's fused kernels run on the CPU, in float32 and bfloat16."""
     import torch
 
@@ -225,7 +232,8 @@ class MicroBatches:
     pixels: int | None
 
 
-def use_micro_batches(module: Any, pixels_per_call: int, streams: int = 1) -> tuple[Any, MicroBatches]:
+def use_micro_batches(module: torch.nn.Module, pixels_per_call: int, streams: int = 1
+                      ) -> tuple[ThreadPoolExecutor | None, MicroBatches]:
     """Run each batch as micro-batches of about pixels_per_call input pixels, outputs concatenated in order;
     with streams > 1, that many micro-batches at a time on a pool of threads. Returns the pool (None: one
     stream) and the setting, which may be turned off (MicroBatches.pixels = None)."""
@@ -245,8 +253,9 @@ def _images_per_call(pixels_per_call: int, height: int, width: int) -> int:
     return max(1, pixels_per_call // (height * width))
 
 
-def _micro_batched(forward: Callable, batching: MicroBatches, pool: Any, pixel_values: Any = None, *args: Any,
-                   **kwargs: Any) -> Any:
+def _micro_batched(forward: Callable[..., Any], batching: MicroBatches, pool: ThreadPoolExecutor | None,
+                   pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    # returns whatever the model's forward returns (a ModelOutput, a tensor, a tuple): left untyped
     if pixel_values is None or args or kwargs.get("labels") is not None or batching.pixels is None:
         return forward(pixel_values, *args, **kwargs)  # a loss is not a per-image sum: leave such calls whole
     size = _images_per_call(batching.pixels, pixel_values.shape[-2], pixel_values.shape[-1])
@@ -256,7 +265,7 @@ def _micro_batched(forward: Callable, batching: MicroBatches, pool: Any, pixel_v
     return _concatenate(start_in_streams(pool, functools.partial(forward, **kwargs), parts)())
 
 
-def _concatenate(parts: list) -> Any:
+def _concatenate(parts: list[Any]) -> Any:  # the forward's outputs, as _micro_batched's
     """Join per-micro-batch outputs along the batch: tensors, tuples of them (hidden states), ModelOutputs."""
     import torch
 

@@ -7,12 +7,13 @@ parts on it and keeps one piece of work ahead (one_ahead), so that no stream idl
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _STREAM_THREAD = threading.local()  # .active is set in the stream threads: they never wait on their own pool
 
@@ -47,7 +48,8 @@ def stream_pool(streams: int) -> ThreadPoolExecutor:
     return pool
 
 
-def start_in_streams(pool: Any, function: Callable, items: list) -> Callable[[], list]:
+def start_in_streams(pool: ThreadPoolExecutor | None, function: Callable[[T], R], items: list[T]
+                     ) -> Callable[[], list[R]]:
     """Start [function(item) for item in items] side by side on the pool and return at once; calling the result
     waits for the list (and raises the work's errors).
 
@@ -76,13 +78,13 @@ def one_ahead(started: Iterable[T], ahead: bool) -> Iterator[T]:
     yield from pending
 
 
-def in_callers_mode(function: Callable) -> Callable:
+def in_callers_mode(function: Callable[[T], R]) -> Callable[[T], R]:
     """function wrapped in the calling thread's grad / inference mode, which other threads do not inherit."""
     import torch
 
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
-    def call(item: Any) -> Any:
+    def call(item: T) -> R:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             return function(item)
 
