@@ -8,13 +8,16 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps
 
 from mv2batch.config import DEFAULT_MAX_PIXELS
 from mv2batch.inputs.listing import register_plugins
 from mv2batch.storage import RemoteFile, StoreReadError
+
+if TYPE_CHECKING:
+    from mv2batch.loading.preprocess import ResizeCrop
 
 
 class DecodeError(Exception):
@@ -98,7 +101,7 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
 
 
 def decode_image(raw: str | Path | bytes | RemoteFile, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 fast: Any = None) -> Decoded:
+                 fast: ResizeCrop | None = None) -> Decoded:
     """Open, EXIF-transpose and convert to RGB; any failure becomes a DecodeError with a short message.
 
     fast (`--decode fast`: the protocol's preprocess.ResizeCrop): a JPEG is decoded by libjpeg at the smallest
@@ -161,7 +164,7 @@ def _upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(0x0112, 1) in TRANSPOSED_ORIENTATIONS else (width, height)
 
 
-def _draft(image: Image.Image, resize: Any) -> None:
+def _draft(image: Image.Image, resize: ResizeCrop) -> None:
     """Ask libjpeg for a reduced decode that still covers the resize target on the short side."""
     if image.format != "JPEG" or not resize.shortest_edge:
         return

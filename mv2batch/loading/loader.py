@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +18,13 @@ from mv2batch.inputs.eval_layouts import TargetError, read_target
 from mv2batch.inputs.sources import Record
 from mv2batch.loading.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from mv2batch.loading.shared_batches import Batch, BufferPool, SharedMemory, collate, giving_buffers_back
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from mv2batch.loading.decode import Decoded
+    from mv2batch.loading.preprocess import ResizeCrop
 
 log = logging.getLogger("mv2batch")
 
@@ -82,9 +89,10 @@ class DecodeGate:
 class ImageDataset:
     """Map-style dataset over a record reader; __getitem__ runs in a worker and never raises for bad images."""
 
-    def __init__(self, read: Callable[[int], Record], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 reduce_labels: bool = False, gate: DecodeGate | None = None, fast: Any = None,
-                 fetches: int = FETCHES_AT_ONCE, decode: Callable[..., Any] = decode_image):
+    def __init__(self, read: Callable[[int], Record], transform: Callable[[Image.Image], np.ndarray],
+                 max_pixels: int = DEFAULT_MAX_PIXELS, reduce_labels: bool = False, gate: DecodeGate | None = None,
+                 fast: ResizeCrop | None = None, fetches: int = FETCHES_AT_ONCE,
+                 decode: Callable[..., Decoded] = decode_image):
         self.read = read
         self.decode = decode  # (raw, max_pixels, fast) -> decoded image (a test's logs when each image begins)
         self.fetches = fetches  # GETs in flight for a batch's objects (1: one after the other)
@@ -144,7 +152,7 @@ class ImageDataset:
             sample.error = f"preprocessing failed: {type(exc).__name__}: {exc}"
         return sample
 
-    def _target(self, path: str, decoded: Any) -> np.ndarray:
+    def _target(self, path: str, decoded: Decoded) -> np.ndarray:
         target = read_target(path, self.reduce_labels)
         if target.shape != (decoded.height, decoded.width):
             raise TargetError(f"ground-truth mask is {target.shape[1]}x{target.shape[0]} but the image is "
@@ -164,7 +172,7 @@ def grouped_batches(indices: Sequence[int], shape_of: Callable[[int], tuple | No
     A batch may hold several shapes (collate stacks each shape apart): photos come in many aspect ratios,
     and batches of one photo each would leave the loader's prefetch and the model's streams idle.
     """
-    groups: dict[Any, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for index in indices:
         shape = shape_of(index)
         groups.setdefault(shape if shape is not None else ("unknown", index), []).append(index)
@@ -196,7 +204,7 @@ def fit_workers(workers: int, batch_bytes: int | None, shared: SharedMemory | No
                       BufferPool(workers, keep=prefetch + 1, shared=shared), shared)
 
 
-def loader_batches(loader: Any, fitted: FittedWorkers) -> Iterator[Batch]:
+def loader_batches(loader: DataLoader[Batch], fitted: FittedWorkers) -> Iterator[Batch]:
     """A DataLoader's batches, each worker's buffers given back once used; out of shared memory: one line."""
     return reporting_shared_memory_errors(giving_buffers_back(iter(loader), fitted.buffers), fitted.shared)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image
 
 from mv2batch.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import MobileViTImageProcessorPil
+    from transformers.image_utils import SizeDict
 
 # Above this many pixels, the full resize that transformers does before cropping would cost gigabytes
 # (a 1x10000 strip becomes 288x2,880,000); we then resize only the crop window, which can differ from
@@ -135,7 +139,7 @@ def paper_preprocessing() -> Preprocessing:
     )
 
 
-def hf_preprocessing(processor: Any) -> Preprocessing:
+def hf_preprocessing(processor: MobileViTImageProcessorPil) -> Preprocessing:
     """The checkpoint's own MobileViTImageProcessor settings, as transformers applies them."""
     size = _shortest_edge(processor) if processor.do_resize else None
     crop = _crop(processor) if processor.do_center_crop else (None, None)
@@ -151,7 +155,8 @@ def hf_preprocessing(processor: Any) -> Preprocessing:
     )
 
 
-def fixed_size_preprocessing(protocol: str, processor: Any, model: str) -> Preprocessing:
+def fixed_size_preprocessing(protocol: str, processor: Callable[[], MobileViTImageProcessorPil], model: str
+                             ) -> Preprocessing:
     """Classification and embeddings: the paper's protocol, or the checkpoint's processor (called only then),
     which must centre-crop: images are batched at one size."""
     if protocol == "paper":
@@ -162,18 +167,18 @@ def fixed_size_preprocessing(protocol: str, processor: Any, model: str) -> Prepr
     return chosen
 
 
-def _field(size: Any, key: str) -> Any:
+def _field(size: dict[str, int] | SizeDict, key: str) -> int | None:
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
-def _shortest_edge(processor: Any) -> int:
+def _shortest_edge(processor: MobileViTImageProcessorPil) -> int:
     edge = _field(processor.size, "shortest_edge")
     if edge is None:
         raise ModelError(f"unsupported preprocessor size {processor.size!r}: mv2batch expects 'shortest_edge'")
     return int(edge)
 
 
-def _crop(processor: Any) -> tuple[int, int]:
+def _crop(processor: MobileViTImageProcessorPil) -> tuple[int, int]:
     height, width = _field(processor.crop_size, "height"), _field(processor.crop_size, "width")
     if height is None or width is None:
         raise ModelError(f"unsupported crop_size {processor.crop_size!r}: expected height and width")

@@ -9,7 +9,16 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mv2batch.loading.gate_trial import GateTrial
+    from mv2batch.loading.preprocess import ResizeCrop
+    from mv2batch.loading.shared_batches import SharedMemory
 
 # A bound on memory, not a measured optimum: each worker keeps its prefetched batches (50 MB each at batch 256) in
 # shared memory. Measured on a 16-core GPU machine: about 240 images/s per worker, 3,657 images/s with 15.
@@ -36,7 +45,7 @@ def model_threads() -> int:
     return torch.get_num_threads()
 
 
-def decode_between_passes(device_type: str, streams: Any, threads: int | None = None,
+def decode_between_passes(device_type: str, streams: ThreadPoolExecutor | None, threads: int | None = None,
                           available: int | None = None) -> bool:
     """Whether loader workers may decode only between forward passes (loader.DecodeGate); whether they do is
     measured in the run's first batches (gate_trial.GateTrial: on 2 cores of an Intel Xeon the gate cost what
@@ -82,7 +91,7 @@ def _processes_on_this_host(environ: dict) -> int:
     return 1
 
 
-def default_batch_size(task: str, device: Any, dtype: Any, width: float, pixels: int) -> int:
+def default_batch_size(task: str, device: torch.device, dtype: torch.dtype, width: float, pixels: int) -> int:
     """Images per forward pass when --batch-size is not given.
 
     Classification on a GPU: the largest of 256 / 128 / 64 whose activations take at most half the free device
@@ -98,7 +107,7 @@ def default_batch_size(task: str, device: Any, dtype: Any, width: float, pixels:
     return next((size for size in GPU_BATCH_SIZES if size * per_image <= free / 2), DEFAULT_BATCH_SIZE)
 
 
-def typical_size(resize_crop: Any) -> tuple[int, int]:
+def typical_size(resize_crop: ResizeCrop) -> tuple[int, int]:
     """(height, width) of one model input: exact with a crop; else as for a 4:3 photo."""
     if resize_crop.crop_height is not None:
         return resize_crop.crop_height, resize_crop.crop_width
@@ -107,7 +116,7 @@ def typical_size(resize_crop: Any) -> tuple[int, int]:
     return 768, 1024
 
 
-def typical_pixels(resize_crop: Any) -> int:
+def typical_pixels(resize_crop: ResizeCrop) -> int:
     """Pixels of one model input (typical_size)."""
     height, width = typical_size(resize_crop)
     return height * width
@@ -122,12 +131,26 @@ class LoaderSettings:
     batch_bytes: int  # a batch's uint8 pixels: what the workers share
     pin_memory: bool
     # With a gate: what decides whether passes close it (None: a new gate_trial.GateTrial, which measures it).
-    gate_trial: Any = None
-    shared_memory: Any = None  # where workers put their batches (None: shared_batches.SharedMemory(), /dev/shm)
+    gate_trial: GateTrial | None = None
+    # Where workers put their batches (None: shared_batches.SharedMemory(), /dev/shm).
+    shared_memory: SharedMemory | None = None
 
 
-def choose_loader_settings(workers: int | None, placement: Any, resize_crop: Any, threads: int | None = None,
-                available: int | None = None) -> LoaderSettings:
+class LoaderPlacement(Protocol):
+    """What the loader's choices read of a placed model (runner.placement.Placement, a later layer)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def streams(self) -> ThreadPoolExecutor | None: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+
+def choose_loader_settings(workers: int | None, placement: LoaderPlacement, resize_crop: ResizeCrop,
+                           threads: int | None = None, available: int | None = None) -> LoaderSettings:
     """The loader for a placed model. workers: --workers (None: default_workers).
 
     Decoding between passes needs workers enough to use every core of the team then (fewer, as with --workers 1

@@ -3,18 +3,23 @@ workers read N shards at once and no shard is ever read twice or copied; batches
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mv2batch.loading.loader import DecodeGate, ImageDataset, fit_workers, loader_batches
 from mv2batch.loading.shared_batches import Batch, BufferPool, collate
 
+if TYPE_CHECKING:
+    from mv2batch.inputs.sources import ShardedSource
+    from mv2batch.loading.loader import Sample
+    from mv2batch.loading.shared_batches import SharedMemory
+
 
 class ShardStream(IterableDataset):
     """Worker k of n reads shards k, k + n, k + 2n… of the list, each from start to end, as Batches."""
 
-    def __init__(self, source: Any, shards: list[int], images: ImageDataset, batch_size: int,
+    def __init__(self, source: ShardedSource, shards: list[int], images: ImageDataset, batch_size: int,
                  buffers: BufferPool | None = None, gate: DecodeGate | None = None):
         self.source, self.shards, self.images = source, shards, images
         self.batch_size, self.buffers, self.gate = batch_size, buffers, gate
@@ -27,7 +32,7 @@ class ShardStream(IterableDataset):
 
     def _batches(self, number: int) -> Iterator[Batch]:
         """One shard's batches; the last says it ends the shard (a source yields at least one record)."""
-        pending: list[Any] = []
+        pending: list[Sample] = []
         for position, record in enumerate(self.source.records(number)):
             if len(pending) == self.batch_size:
                 yield self._collated(pending, number, ends=False)
@@ -37,7 +42,7 @@ class ShardStream(IterableDataset):
             pending.append(self.images.sample_of(position, record))
         yield self._collated(pending, number, ends=True)
 
-    def _collated(self, samples: list[Any], number: int, ends: bool) -> Batch:
+    def _collated(self, samples: list[Sample], number: int, ends: bool) -> Batch:
         batch = collate(samples, self.buffers)
         batch.shard, batch.ends_shard = number, ends
         return batch
@@ -47,9 +52,9 @@ def _as_is(batch: Batch) -> Batch:
     return batch
 
 
-def make_shard_loader(source: Any, shards: list[int], images: ImageDataset, batch_size: int, workers: int,
+def make_shard_loader(source: ShardedSource, shards: list[int], images: ImageDataset, batch_size: int, workers: int,
                       pin_memory: bool, batch_bytes: int | None = None,
-                      gate: DecodeGate | None = None, shared: Any = None) -> Iterator[Batch]:
+                      gate: DecodeGate | None = None, shared: SharedMemory | None = None) -> Iterator[Batch]:
     """Batches of the given shards, read by up to one worker per shard (more would have nothing to read);
     shared: where the batches go (shared_batches.SharedMemory(), /dev/shm)."""
     fitted = fit_workers(min(workers, len(shards)), batch_bytes, shared)
