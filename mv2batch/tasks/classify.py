@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import pyarrow as pa
 
@@ -12,12 +12,17 @@ from mv2batch.tasks.embed import EmbeddingColumn, FixedSizeImages
 from mv2batch.tasks.metrics import ClassifyCounts
 from mv2batch.tasks.postprocess import topk_on_device
 
+if TYPE_CHECKING:
+    import torch
+
+    from mv2batch.loading.loader import Sample
+
 
 class ClassifyTask(FixedSizeImages):
     """Softmax top-k per image; rows in input order; top-1 / top-5 where gold labels are known."""
 
-    name = "classify"
-    default_protocol = "hf"
+    name: ClassVar[str] = "classify"
+    default_protocol: ClassVar[str] = "hf"
     fields = [
         pa.field("topk_ids", pa.list_(pa.int32())),
         pa.field("topk_labels", pa.list_(pa.string())),
@@ -32,7 +37,7 @@ class ClassifyTask(FixedSizeImages):
         if embedding is not None:
             self.fields = [*ClassifyTask.fields, embedding.field()]
 
-    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
+    def start(self, model: torch.nn.Module, pixels: torch.Tensor, samples: list[Sample]) -> Callable[[], list[dict]]:
         """Queue the model and the top-k on the device; the result waits for them and gives one dict per image."""
         output = model(pixel_values=pixels)
         embedded = [self.embedding.on_device(output.pooler_output)] if self.embedding is not None else []
@@ -51,7 +56,7 @@ class ClassifyTask(FixedSizeImages):
     def _label(self, class_id: int) -> str:
         return self.labels[class_id] if class_id < len(self.labels) else str(class_id)
 
-    def row(self, sample: Any, output: dict | None) -> dict:
+    def row(self, sample: Sample, output: dict | None) -> dict:
         values = output or {"topk_ids": None, "topk_scores": None, "topk_labels": None, "embedding": None}
         row = {**values, "label": sample.label}
         if self.embedding is None:
@@ -61,7 +66,7 @@ class ClassifyTask(FixedSizeImages):
     def new_counts(self) -> ClassifyCounts:
         return ClassifyCounts()
 
-    def count(self, counts: ClassifyCounts, sample: Any, output: dict) -> None:
+    def count(self, counts: ClassifyCounts, sample: Sample, output: dict) -> None:
         if sample.label is None:
             return
         real = self.real.get(Path(sample.path).stem) if self.real is not None and sample.path else None

@@ -9,7 +9,7 @@ first, so an fp16 value is the fp32 one rounded once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,13 @@ from mv2batch.loading.loader import consecutive_batches
 from mv2batch.loading.preprocess import Preprocessing, ResizeCrop, fixed_size_preprocessing
 from mv2batch.model.device import to_host_later
 from mv2batch.tasks.metrics import ClassifyCounts
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import MobileViTImageProcessorPil
+
+    from mv2batch.inputs.sources import Record
+    from mv2batch.loading.loader import Sample
 
 ARROW_TYPES = {"fp32": pa.float32(), "fp16": pa.float16()}
 NUMPY_TYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -42,7 +49,7 @@ class EmbeddingColumn:
     def field(self) -> pa.Field:
         return pa.field("embedding", pa.list_(ARROW_TYPES[self.dtype], self.size))
 
-    def on_device(self, pooled: Any) -> Any:
+    def on_device(self, pooled: torch.Tensor) -> torch.Tensor:
         """(batch, size) pooled outputs as the column stores them, still on their device."""
         import torch
 
@@ -51,7 +58,7 @@ class EmbeddingColumn:
             values = torch.nn.functional.normalize(values, dim=-1)
         return values.to(torch.float16) if self.dtype == "fp16" else values
 
-    def to_arrow(self, rows: list) -> pa.Array:
+    def to_arrow(self, rows: list[np.ndarray | None]) -> pa.Array:
         """Host rows (numpy vectors, None on error rows) as one fixed-size-list array, without Python floats;
         an error row is null (over a slot of zeros: a fixed-size list keeps `size` values for every row)."""
         dense = np.zeros((len(rows), self.size), NUMPY_TYPES[self.dtype])
@@ -67,12 +74,14 @@ class FixedSizeImages:
     """What classification and embeddings share: images cropped to one size, batched in input order, nothing
     re-read after the pass."""
 
-    reorder_rows = False
+    reorder_rows: ClassVar[bool] = False
 
-    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
+    def preprocessing(self, protocol: str, processor: Callable[[], MobileViTImageProcessorPil], model: str
+                      ) -> Preprocessing:
         return fixed_size_preprocessing(protocol, processor, model)
 
-    def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
+    def batches(self, indices: Sequence[int], read: Callable[[int], Record], resize_crop: ResizeCrop,
+                size: int) -> list[list[int]]:
         return consecutive_batches(indices, size)
 
     def reading(self, photo: Callable) -> None:
@@ -82,25 +91,25 @@ class FixedSizeImages:
 class EmbedTask(FixedSizeImages):
     """One embedding per image, in input order; the classification protocols and batching."""
 
-    name = "embed"
-    default_protocol = "hf"
+    name: ClassVar[str] = "embed"
+    default_protocol: ClassVar[str] = "hf"
 
     def __init__(self, labels: list[str], column: EmbeddingColumn | None = None):
         self.labels = labels
         self.column = column or EmbeddingColumn(512)
         self.fields = [pa.field("label", pa.int32()), self.column.field()]
 
-    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
+    def start(self, model: torch.nn.Module, pixels: torch.Tensor, samples: list[Sample]) -> Callable[[], list[dict]]:
         ready = to_host_later([self.column.on_device(model(pixel_values=pixels).pooler_output)])
         return lambda: [{"embedding": vector} for vector in ready()[0].numpy()]
 
-    def row(self, sample: Any, output: dict | None) -> dict:
+    def row(self, sample: Sample, output: dict | None) -> dict:
         return {"label": sample.label, "embedding": output["embedding"] if output else None}
 
     def new_counts(self) -> ClassifyCounts:
         return ClassifyCounts()
 
-    def count(self, counts: ClassifyCounts, sample: Any, output: dict) -> None:
+    def count(self, counts: ClassifyCounts, sample: Sample, output: dict) -> None:
         """Embeddings have no metric."""
 
     counts_from_json = staticmethod(ClassifyCounts.from_json)

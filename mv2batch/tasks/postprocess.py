@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 # Upsampled logits are materialised all at once up to this many float32 values (128 MB); above it (a
 # 6000x4000 photo with 21 classes would need 2 GB) one class at a time.
@@ -11,13 +15,13 @@ UPSAMPLE_CHUNK_VALUES = 32 * 1024 * 1024
 CANDIDATE_STEPS = 4
 
 
-def softmax_topk(logits: Any, k: int) -> tuple[Any, Any]:
+def softmax_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k class ids (int32) and softmax probabilities (float32) per row, on the CPU."""
     ids, scores = topk_on_device(logits, k)
     return ids.cpu(), scores.cpu()
 
 
-def topk_on_device(logits: Any, k: int) -> tuple[Any, Any]:
+def topk_on_device(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax_topk, left on the logits' device (no wait for the device)."""
     import torch
 
@@ -26,7 +30,8 @@ def topk_on_device(logits: Any, k: int) -> tuple[Any, Any]:
     return ids.to(torch.int32), scores
 
 
-def upsample_argmax(logits: Any, height: int, width: int, chunk_values: int = UPSAMPLE_CHUNK_VALUES) -> Any:
+def upsample_argmax(logits: torch.Tensor, height: int, width: int, chunk_values: int = UPSAMPLE_CHUNK_VALUES
+                    ) -> torch.Tensor:
     """argmax over classes of bilinear(align_corners=False) upsampled logits (C, h, w) -> (height, width), int16.
 
     Each channel is interpolated exactly as one full F.interpolate call would, and ties keep the first class,
@@ -42,7 +47,7 @@ def upsample_argmax(logits: Any, height: int, width: int, chunk_values: int = UP
     return _running_argmax(logits, height, width)
 
 
-def _running_argmax(logits: Any, height: int, width: int) -> Any:
+def _running_argmax(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
     # A 12 MP photo with 21 classes: 1 GB of upsampled logits at once, and max(dim=0) over a few channels at a
     # time was 2.5 s on 2 cores. Here each class that can win somewhere costs one interpolation into the same
     # buffer and four passes over 1-byte or 4-byte arrays (docs/benchmarks.md, "Whole camera photos").
@@ -74,7 +79,7 @@ def _running_argmax(logits: Any, height: int, width: int) -> Any:
     return best_class.to(torch.int16)
 
 
-def candidate_classes(logits: Any, steps: int = CANDIDATE_STEPS) -> list[int]:
+def candidate_classes(logits: torch.Tensor, steps: int = CANDIDATE_STEPS) -> list[int]:
     """The classes of logits (1, C, h, w) that can be the argmax of their bilinear upsampling at some pixel.
 
     Between four neighbouring input pixels the upsampled logits are bilinear in the two interpolation weights,
@@ -100,7 +105,7 @@ def candidate_classes(logits: Any, steps: int = CANDIDATE_STEPS) -> list[int]:
     return torch.nonzero(possible).reshape(-1).tolist()
 
 
-def _upsample_into(channel: Any, out: Any) -> None:
+def _upsample_into(channel: torch.Tensor, out: torch.Tensor) -> None:
     """F.interpolate(channel, size=out's, mode="bilinear", align_corners=False), written into out (no new 64 MB
     allocation per class: its page faults cost as much as the interpolation)."""
     import torch
@@ -108,13 +113,13 @@ def _upsample_into(channel: Any, out: Any) -> None:
     torch._C._nn.upsample_bilinear2d(channel, tuple(out.shape[-2:]), False, None, None, out=out)
 
 
-def confusion_cells(mask: Any, target: Any, num_classes: int) -> dict[int, int]:
+def confusion_cells(mask: torch.Tensor, target: np.ndarray, num_classes: int) -> dict[int, int]:
     """Pixels per (ground truth, prediction) pair, as {gt * num_classes + pred: count}; 255 and others ignored."""
     classes, counts = present_counts(confusion_counts(mask, target, num_classes).cpu())
     return dict(zip(classes, counts))
 
 
-def class_counts(mask: Any, num_classes: int) -> Any:
+def class_counts(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Pixels per class (int64, num_classes), on the mask's device without waiting for it."""
     import torch
 
@@ -123,7 +128,7 @@ def class_counts(mask: Any, num_classes: int) -> Any:
     return _count(mask.reshape(-1).to(torch.int64), num_classes)
 
 
-def confusion_counts(mask: Any, target: Any, num_classes: int) -> Any:
+def confusion_counts(mask: torch.Tensor, target: np.ndarray, num_classes: int) -> torch.Tensor:
     """Pixels per gt * num_classes + pred cell (int64, num_classes**2), on the mask's device without waiting
     for it; ground truth of num_classes or more (255: ignore) counts nowhere."""
     import torch
@@ -137,7 +142,7 @@ def confusion_counts(mask: Any, target: Any, num_classes: int) -> Any:
     return _count(cells, num_classes**2 + 1)[: num_classes**2]
 
 
-def present_counts(counts: Any) -> tuple[list[int], list[int]]:
+def present_counts(counts: torch.Tensor) -> tuple[list[int], list[int]]:
     """(indices, counts) of the non-zero entries of a host count vector."""
     import torch
 
@@ -145,7 +150,7 @@ def present_counts(counts: Any) -> tuple[list[int], list[int]]:
     return present.to(torch.int32).tolist(), counts[present].tolist()
 
 
-def _count(indices: Any, bins: int) -> Any:
+def _count(indices: torch.Tensor, bins: int) -> torch.Tensor:
     # Not torch.bincount: on CUDA it reads the largest index back to the host first, which waits for the device.
     import torch
 

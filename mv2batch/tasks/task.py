@@ -3,15 +3,28 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Sequence, TypeVar
 
 from mv2batch.inputs.eval_layouts import has_target_masks, read_real_labels
 from mv2batch.tasks.classify import ClassifyTask
 from mv2batch.tasks.embed import EmbeddingColumn, EmbedTask, embedding_size
 from mv2batch.tasks.segment import MaskFiles, SegmentTask
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
+    from transformers import MobileViTImageProcessorPil
 
-class Task(Protocol):
+    from mv2batch.config import RunConfig
+    from mv2batch.inputs.sources import Record
+    from mv2batch.loading.loader import Sample
+    from mv2batch.loading.preprocess import Preprocessing, ResizeCrop
+    from mv2batch.tasks.metrics import Counters
+
+CountsT = TypeVar("CountsT", bound="Counters")  # a task's own metric partials (tasks.metrics)
+
+
+class Task(Protocol[CountsT]):
     """One kind of run. The loop calls, in order: `batches` (how the job's indices are batched), `start` on each
     batch (device work started; the returned function reads it back), `row` per sample (its columns),
     `count` per sample (metric partials), then `prepare_columns` in the writer thread (costly encoding) and
@@ -21,33 +34,36 @@ class Task(Protocol):
     default_protocol: ClassVar[str]
     reorder_rows: ClassVar[bool]  # rows come back out of input order (shape-grouped batches)
     labels: list[str]
-    fields: list  # the task's pyarrow fields, after the common ones
+    fields: list[pa.Field]  # the task's pyarrow fields, after the common ones
 
-    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Any: ...
+    def preprocessing(self, protocol: str, processor: Callable[[], MobileViTImageProcessorPil], model: str
+                      ) -> Preprocessing: ...
 
-    def batches(self, indices: Sequence[int], read: Callable, resize_crop: Any, size: int) -> list[list[int]]: ...
+    def batches(self, indices: Sequence[int], read: Callable[[int], Record], resize_crop: ResizeCrop,
+                size: int) -> list[list[int]]: ...
 
     def reading(self, photo: Callable) -> None: ...
 
-    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]: ...
+    def start(self, model: torch.nn.Module, pixels: torch.Tensor, samples: list[Sample]
+              ) -> Callable[[], list[dict]]: ...
 
-    def row(self, sample: Any, output: dict | None) -> dict: ...
+    def row(self, sample: Sample, output: dict | None) -> dict: ...
 
-    def new_counts(self) -> Any: ...
+    def new_counts(self) -> CountsT: ...
 
-    def count(self, counts: Any, sample: Any, output: dict) -> None: ...
+    def count(self, counts: CountsT, sample: Sample, output: dict) -> None: ...
 
-    def counts_from_json(self, data: dict) -> Any: ...
+    def counts_from_json(self, data: dict) -> CountsT: ...
 
     def prepare_columns(self, columns: dict[str, list]) -> None: ...
 
-    def summarize(self, counts: Any) -> tuple[dict, list[dict]]: ...
+    def summarize(self, counts: CountsT) -> tuple[dict, list[dict]]: ...
 
 
 TASKS = {"classify": ClassifyTask, "segment": SegmentTask, "embed": EmbedTask}
 
 
-def make_task(config: Any, labels: list[str], model_config: dict | None = None) -> Any:
+def make_task(config: RunConfig, labels: list[str], model_config: dict | None = None) -> Task:
     """The task object (ClassifyTask, SegmentTask or EmbedTask) for a run's configuration and its checkpoint's
     config.json (the embedding's length)."""
     column = EmbeddingColumn(embedding_size(model_config or {}), config.embedding_dtype.value, config.normalize)
