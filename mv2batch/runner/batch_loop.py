@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from mv2batch.loading.gate_trial import GateTrial
 from mv2batch.loading.loader import DecodeGate
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mv2batch.loading.shared_batches import Batch
     from mv2batch.model.device import PixelStage
     from mv2batch.model.speedups import Speedups
+    from mv2batch.tasks.metrics import Counters as MetricCounts
     from mv2batch.tasks.task import Task
 
 Shards = list[tuple[int, Sequence[int]]]  # (shard number, item indices)
@@ -58,7 +59,7 @@ class ShardState:
 
     number: int
     expected_rows: int | None  # None: known once the loader's last batch of the shard comes (sharded sources)
-    counts: Any  # the task's metric partials (tasks.metrics.ClassifyCounts or SegmentCounts)
+    counts: MetricCounts  # the task's metric partials (tasks.metrics.ClassifyCounts or SegmentCounts)
     rows: int = 0
     errors: int = 0
     started: float | None = None  # when the shard's first batch arrived

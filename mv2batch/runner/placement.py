@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
 
     import torch
 
@@ -35,7 +36,8 @@ class Placement:
     queued: bool  # a batch's work is queued on the device and read back later (CUDA), not done when started
 
 
-def place(job: Job, local_rank: int | None = None, load_weights: Callable[..., Any] = checkpoints.load_weights,
+def place(job: Job, local_rank: int | None = None,
+          load_weights: Callable[[Path, str, str, bool], torch.nn.Module] = checkpoints.load_weights,
           micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS) -> Placement:
     """Pick the device, load the weights, apply the speed-ups, build the pixel stages.
 
@@ -65,9 +67,10 @@ def place(job: Job, local_rank: int | None = None, load_weights: Callable[..., A
                      queued=device.type == "cuda")
 
 
-def _optimized(module: Any, device: Any, dtype: Any, requested: bool | None, compile: bool,
-               input_size: tuple[int, int], micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS,
-               batch_size: int | None = None) -> tuple:
+def _optimized(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, requested: bool | None,
+               compile: bool, input_size: tuple[int, int], micro_batch_pixels: int = CPU_MICRO_BATCH_PIXELS,
+               batch_size: int | None = None
+               ) -> tuple[torch.nn.Module, Speedups | None, ThreadPoolExecutor | None]:
     """(model, speed-ups applied, stream pool) for --speedups / --no-speedups / the default, and --compile;
     input_size and batch_size: a typical input's (height, width) and the run's batch, which the exact set's probe
     runs at."""
