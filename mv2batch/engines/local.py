@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from mv2batch.config import RunConfig
 from mv2batch.errors import Mv2batchError
@@ -19,17 +19,26 @@ from mv2batch.runner.batch_loop import ProgressCallback
 from mv2batch.runner.job import Job, describe_job, open_out
 from mv2batch.runner.shard_plan import Group, rank_from_env
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import torch
+
+    from mv2batch.loading.decode import Decoded
+    from mv2batch.runner.placement import Placement
+
 
 @dataclass(frozen=True)
 class LocalParts:
     """The steps a test or a benchmark may replace with its own (wrapping the real one, usually)."""
 
     describe: Callable[[RunConfig], Job] = describe_job  # a test wraps the job's source (reads that fail)
-    place: Callable[..., Any] = placement.place  # (job, local_rank) -> Placement
+    place: Callable[[Job, int | None], Placement] = placement.place  # (job, local_rank) -> Placement
     choose_loader_settings: Callable[..., resources.LoaderSettings] = resources.choose_loader_settings
     part_writer: type = writer.PartWriter  # what writes a shard's part (a test's fails as a full disk does)
-    decode: Callable[..., Any] = decode_image  # the workers' decoding (a test's logs when each image begins)
-    float32_math: Callable[..., Any] = device.float32_math  # what every batch runs inside (a test passes a spy)
+    decode: Callable[..., Decoded] = decode_image  # the workers' decoding (a test's logs when each image begins)
+    # What every batch runs inside, given the device and dtype (a test passes a spy).
+    float32_math: Callable[[torch.device, torch.dtype], AbstractContextManager[None]] = device.float32_math
 
 
 def run(config: RunConfig, progress: ProgressCallback | None = None, parts: LocalParts = LocalParts()) -> Report:
@@ -59,7 +68,7 @@ def run(config: RunConfig, progress: ProgressCallback | None = None, parts: Loca
         group.close()
 
 
-def out_of_memory(placed: Any) -> str:
+def out_of_memory(placed: Placement | None) -> str:
     """One line for a device that ran out of memory: while placing the model, or on a batch."""
     if placed is None:
         return "the device ran out of memory while loading the model: free the GPU, or use a smaller model"

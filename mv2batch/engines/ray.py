@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mv2batch.config import RunConfig
 from mv2batch.errors import ConfigError
@@ -18,10 +18,15 @@ from mv2batch.runner.batch_loop import ProgressCallback, ProgressUpdate
 from mv2batch.runner.job import Job, describe_job, open_out, owner
 from mv2batch.runner.shard_plan import Group, Rank
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from mv2batch.out.rundir import RunDir
+
 TASK_RETRIES = 3  # Ray re-runs a shard whose worker died (node lost, OOM kill); a committed shard is never redone
 
 
-def _ray() -> Any:
+def _ray() -> ModuleType:
     try:
         import ray
     except ImportError:
@@ -69,7 +74,8 @@ def run(config: RunConfig, progress: ProgressCallback | None = None) -> Report:
         lock.release()
 
 
-def _run_tasks(ray: Any, job: Job, rundir: Any, progress: ProgressCallback | None, started: float) -> Report:
+def _run_tasks(ray: ModuleType, job: Job, rundir: RunDir, progress: ProgressCallback | None, started: float
+               ) -> Report:
     """Every pending shard as a Ray task; progress per finished shard; the report once, at the end."""
     from mv2batch.runner import shards
 
