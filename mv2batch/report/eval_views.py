@@ -8,7 +8,7 @@ a heat map of at most HEAT_MAP_CLASSES classes, GALLERY thumbnails per gallery.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from mv2batch.report.page_parts import (
     thumb,
 )
 
+if TYPE_CHECKING:
+    from mv2batch.report.page_parts import PageReport, ThumbnailReader
+
 GALLERY = 24  # thumbnails per gallery (the worst-IoU gallery: GALLERY // 2 pairs)
 TOP_CLASSES = 30  # the worst and the best classes of a per-class chart
 CONFUSIONS = 20
@@ -31,15 +34,16 @@ HEAT_MAP_CLASSES = 30  # more rows and columns than this cannot be read: those w
 NAME_CHARS = 28  # ImageNet's names ("tench, Tinca tinca"): the first synonym, cut, so the bars keep the width
 
 
-def is_classify_eval(report: Any) -> bool:
+def is_classify_eval(report: PageReport) -> bool:
     return report.metrics.get("top1") is not None
 
 
-def is_segment_eval(report: Any) -> bool:
+def is_segment_eval(report: PageReport) -> bool:
     return report.metrics.get("miou") is not None
 
 
-def classify_eval_views(page: dict, report: Any, ok: list[dict], read_photo: Any, labels: list[str]) -> None:
+def classify_eval_views(page: dict, report: PageReport, ok: list[dict], read_photo: ThumbnailReader,
+                        labels: list[str]) -> None:
     """Per-class top-1 (worst and best), the most frequent confusions, the most confident mistakes."""
     page["sections"] += per_class_charts(report.per_class, "top1_acc", "top-1 accuracy")
     wrong = [row for row in ok if row.get("label") is not None and row["topk_ids"][0] != row["label"]]
@@ -56,8 +60,9 @@ def classify_eval_views(page: dict, report: Any, ok: list[dict], read_photo: Any
         for row in shown]))
 
 
-def segment_eval_views(page: dict, report: Any, ok: list[dict], read_photo: Any, read_mask: Any,
-                       read_target: Any, labels: list[str]) -> None:
+def segment_eval_views(page: dict, report: PageReport, ok: list[dict], read_photo: ThumbnailReader,
+                       read_mask: Callable[[dict], bytes], read_target: Callable[[dict], np.ndarray | None],
+                       labels: list[str]) -> None:
     """Per-class IoU, the row-normalised confusion heat map, the worst images beside their ground truth."""
     page["sections"] += per_class_charts(report.per_class, "iou", "IoU")
     page["sections"].append(confusion_heat_map(report.confusion, labels))
@@ -107,7 +112,8 @@ def confusion_heat_map(cells: list[dict], labels: list[str]) -> dict:
     return chart(title, heat_map(shares[np.ix_(chosen, chosen)], names, "predicted", "ground truth"))
 
 
-def _pair(row: dict, read_photo: Any, read_mask: Any, read_target: Any, labels: list[str]) -> dict:
+def _pair(row: dict, read_photo: ThumbnailReader, read_mask: Callable[[dict], bytes],
+          read_target: Callable[[dict], np.ndarray | None], labels: list[str]) -> dict:
     """Prediction and ground truth over the same photo, one legend for the classes of both."""
     from mv2batch.tasks.masks import decode_png
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -23,6 +23,11 @@ from mv2batch.report.eval_views import (
 )
 from mv2batch.report.page_parts import THUMB_EDGE, bar_chart, chart, gallery, histogram, overlay_thumb, thumb
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mv2batch.report.page_parts import PageReport, ThumbnailReader
+
 ERRORS_SHOWN = 100
 TOP_LABELS = 30
 DUPLICATE_GROUPS = 6  # the largest groups shown, each as a gallery of at most DUPLICATES_PER_GROUP
@@ -34,8 +39,9 @@ ROW_COLUMNS = {"classify": ["id", "path", "status", "error", "topk_labels", "top
                "embed": ["id", "path", "status", "error"]}  # embed: the header and the errors (dedup has its own)
 
 
-def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, read_mask: Any = None,
-               read_target: Any = None, duplicates: dict | None = None) -> str:
+def build_page(report: PageReport, run_info: dict, rows: list[dict], read_photo: Callable[[str], bytes],
+               read_mask: Callable[[dict], bytes] | None = None,
+               read_target: Callable[[dict], np.ndarray | None] | None = None, duplicates: dict | None = None) -> str:
     """The page for a report, its run.json, its prediction rows (ROW_COLUMNS, each with its `_shard` and
     `_row`), a reader of their photos (path -> encoded bytes; a failure leaves that thumbnail out) and, for
     segmentation, of a row's mask_png (row -> bytes: only the galleries' masks are read, not a whole run's) and
@@ -67,7 +73,7 @@ def build_page(report: Any, run_info: dict, rows: list[dict], read_photo: Any, r
     return environment.get_template(TEMPLATE.name).render(**page)
 
 
-def _header(report: Any, run_info: dict) -> list[tuple[str, str]]:
+def _header(report: PageReport, run_info: dict) -> list[tuple[str, str]]:
     options, versions = run_info.get("options", {}), run_info.get("versions", {})
     speed = f"{report.images_per_s:.1f}" if report.images_per_s else "-"
     return [("task", report.task), ("input", report.dataset),
@@ -79,7 +85,7 @@ def _header(report: Any, run_info: dict) -> list[tuple[str, str]]:
             ("versions", ", ".join(f"{name} {value}" for name, value in versions.items()))]
 
 
-def _classify_views(page: dict, ok: list[dict], read_photo: Any) -> None:
+def _classify_views(page: dict, ok: list[dict], read_photo: ThumbnailReader) -> None:
     from collections import Counter
 
     top1 = Counter(row["topk_labels"][0] for row in ok)
@@ -95,7 +101,8 @@ def _classify_views(page: dict, ok: list[dict], read_photo: Any) -> None:
             for row in chosen]))
 
 
-def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, labels: list[str]) -> None:
+def _segment_views(page: dict, ok: list[dict], read_photo: ThumbnailReader, read_mask: Callable[[dict], bytes],
+                   labels: list[str]) -> None:
     pixels = np.zeros(len(labels), dtype=np.int64)
     for row in ok:
         np.add.at(pixels, row["classes"], row["class_pixels"])
@@ -110,7 +117,7 @@ def _segment_views(page: dict, ok: list[dict], read_photo: Any, read_mask: Any, 
                                                  for row in chosen]))
 
 
-def _duplicate_views(page: dict, duplicates: dict, shards: list[int], read_photo: Any) -> None:
+def _duplicate_views(page: dict, duplicates: dict, shards: list[int], read_photo: ThumbnailReader) -> None:
     """dedup's groups: a line of figures, then the largest groups, each its own gallery (first item kept)."""
     from collections import defaultdict
 
@@ -140,11 +147,11 @@ class Thumbnails:
     """Each row's photo read once (a photo in two galleries is one read), decoded as the run decoded it and
     shrunk; None where it cannot be had: a thumbnail is decoration, never a reason to fail the page."""
 
-    def __init__(self, read_photo: Any):
+    def __init__(self, read_photo: Callable[[str], bytes]):
         self.read_photo = read_photo
-        self.made: dict[str, tuple | None] = {}
+        self.made: dict[str | None, tuple[tuple[int, int], Image.Image] | None] = {}
 
-    def __call__(self, row: dict, size: tuple[int, int] | None = None) -> Any:
+    def __call__(self, row: dict, size: tuple[int, int] | None = None) -> Image.Image | None:
         path = row.get("path")
         if path not in self.made:
             self.made[path] = self._make(path)
@@ -153,7 +160,7 @@ class Thumbnails:
             return None
         return made[1]
 
-    def _make(self, path: str | None) -> tuple | None:
+    def _make(self, path: str | None) -> tuple[tuple[int, int], Image.Image] | None:
         from mv2batch.loading.decode import decode_image
 
         if not path:

@@ -7,12 +7,37 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
 THUMB_EDGE = 200  # longest side of a thumbnail, in pixels
 BAR_COLOUR = "#4c72b0"
+
+
+class PageReport(Protocol):
+    """What the page reads of a run's report (report.tables.Report, which imports the page: not named here)."""
+
+    task: str
+    dataset: str
+    n_images: int
+    n_errors: int
+    images_per_s: float | None
+    elapsed_s: float
+    metrics: dict[str, Any]  # JSON values: numbers, and the names or counts some tasks add
+    per_class: list[dict]
+    confusion: list[dict]
+    shards: list[int]
+
+
+class ThumbnailReader(Protocol):
+    """A row's photo as a thumbnail (page.Thumbnails); None where it cannot be had, or is not of the size asked."""
+
+    def __call__(self, row: dict, size: tuple[int, int] | None = None) -> Image.Image | None: ...
 
 
 def chart(title: str, svg_text: str) -> dict:
@@ -28,13 +53,13 @@ def gallery(title: str, items: list[dict]) -> dict:
     return {"kind": "gallery", "title": title, "thumbs": items}
 
 
-def thumb(row: dict, read_photo: Any, lines: list[str]) -> dict:
+def thumb(row: dict, read_photo: ThumbnailReader, lines: list[str]) -> dict:
     """A gallery item: the row's photo (None where it cannot be read) and its caption lines."""
     image = read_photo(row)
     return {"id": row["id"], "lines": lines, "src": data_uri(image) if image is not None else None}
 
 
-def overlay_src(photo: Any, mask: np.ndarray) -> str:
+def overlay_src(photo: Image.Image | None, mask: np.ndarray) -> str:
     """A thumbnail of the photo (or the colours alone) blended with a mask of class ids, at thumbnail size."""
     from PIL import Image
 
@@ -54,7 +79,7 @@ def legend(classes: list[int], labels: list[str], void: int | None = None) -> li
             for c in classes if c != void]
 
 
-def overlay_thumb(row: dict, read_photo: Any, mask_png: bytes, labels: list[str]) -> dict:
+def overlay_thumb(row: dict, read_photo: ThumbnailReader, mask_png: bytes, labels: list[str]) -> dict:
     """A segment row's gallery item: its mask over its photo, with the legend of the classes present."""
     from mv2batch.tasks.masks import decode_png
 
@@ -69,13 +94,13 @@ def thumb_size(width: int, height: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def data_uri(image: Any) -> str:
+def data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def svg(figure: Any) -> str:
+def svg(figure: Figure) -> str:
     import matplotlib
 
     buffer = io.StringIO()
@@ -138,7 +163,8 @@ def heat_map(matrix: np.ndarray, names: list[str], xlabel: str, ylabel: str) -> 
     return svg(figure)
 
 
-def new_figure(height: float, width: float = 7, columns: int = 1) -> tuple[Any, Any]:
+def new_figure(height: float, width: float = 7, columns: int = 1) -> tuple[Figure, Any]:
+    # The second: an Axes, or an array of them for columns > 1 (matplotlib's subplots leaves it untyped).
     # A Figure of its own, not pyplot: no backend is chosen or changed in the caller's process.
     from matplotlib.figure import Figure
 
