@@ -6,13 +6,18 @@ import os
 import sys
 import time
 from enum import Enum
-from typing import Annotated, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Callable
 
 import typer
 
 from mv2batch.cli import options as o
 from mv2batch.cli.run_command import INTERRUPTED_EXIT, fail
 from mv2batch.errors import Mv2batchError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from mv2batch.filter.work import FilterProgress
 
 
 class Link(str, Enum):
@@ -63,13 +68,13 @@ class _Progress:
     """A bar on a terminal; a line every MV2BATCH_LOG_INTERVAL seconds (5) in a log; nothing with --quiet."""
 
     def __init__(self, quiet: bool):
-        self.bar: Any = None
-        self.task: Any = None
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
         self.interval = float(os.environ.get("MV2BATCH_LOG_INTERVAL", "5"))
         self.said = time.monotonic()
-        self.update: Callable[[Any], None] = (lambda snapshot: None) if quiet else self._show
+        self.update: Callable[[FilterProgress], None] = (lambda snapshot: None) if quiet else self._show
 
-    def _show(self, snapshot: Any) -> None:
+    def _show(self, snapshot: FilterProgress) -> None:
         if sys.stderr.isatty():
             self._bar(snapshot)
         elif time.monotonic() - self.said >= self.interval:
@@ -77,7 +82,7 @@ class _Progress:
             typer.echo(f"filter: {snapshot.judged:,} / {snapshot.rows:,} rows judged, {snapshot.kept:,} kept, "
                        f"{snapshot.placed:,} in place", err=True)
 
-    def _bar(self, snapshot: Any) -> None:
+    def _bar(self, snapshot: FilterProgress) -> None:
         from rich.progress import Progress
 
         if self.bar is None:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    import logging
+
+    from mv2batch.config import RunConfig
+    from mv2batch.report.tables import Report
+    from mv2batch.runner.batch_loop import ProgressUpdate
 
 KNOWN_MODELS = [
     *(f"apple/mobilevitv2-{w}-imagenet1k-256" for w in ("0.5", "0.75", "1.0", "1.25", "1.5", "1.75", "2.0")),
@@ -22,7 +29,7 @@ KNOWN_MODELS = [
 LOG_INTERVAL_S = 5.0
 
 
-def run_with_progress(config: Any, quiet: bool, console: Console | None = None) -> Any:
+def run_with_progress(config: RunConfig, quiet: bool, console: Console | None = None) -> Report:
     """Run the job and print the summary, unless quiet: a live bar (images/s, ETA) on a terminal, else a progress
     line every LOG_INTERVAL_S seconds."""
     from mv2batch.engines import run
@@ -43,7 +50,7 @@ def run_with_progress(config: Any, quiet: bool, console: Console | None = None) 
 QUIET_ENVIRONMENT = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def log_handler() -> Any:
+def log_handler() -> logging.Handler:
     """The CLI's handler of mv2batch's log: one line each on stderr, beside the bar and the error lines."""
     import logging
 
@@ -86,7 +93,7 @@ class _Bar:
         self.bar, self.name = Progress(*columns, console=console, transient=False), name
         self.started: float | None = None
 
-    def update(self, event: Any) -> None:
+    def update(self, event: ProgressUpdate) -> None:
         if self.started is None:
             self.started = time.perf_counter()
             self.task = self.bar.add_task(self.name, total=event.total, rate="-", errors=0)
@@ -108,9 +115,9 @@ class LogLines:
                                                                                     LOG_INTERVAL_S))
         self.started: float | None = None
         self.printed = 0.0
-        self.last: Any = None
+        self.last: ProgressUpdate | None = None
 
-    def update(self, event: Any) -> None:
+    def update(self, event: ProgressUpdate) -> None:
         now = time.perf_counter()
         if self.started is None:
             self.started = self.printed = now
@@ -141,13 +148,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: object) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def print_report(report: Any, console: Console | None = None) -> None:
+def print_report(report: Report, console: Console | None = None) -> None:
     """The short summary table: images, errors, images/s, metrics, where the output is."""
     console = console or Console()
     table = Table(title=f"mv2batch {report.task}", show_header=False)
