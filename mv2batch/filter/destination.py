@@ -74,7 +74,7 @@ class Destination:
     def release(self) -> None:
         self.lock.release()
 
-    def write_json(self, where: Path | str, data: Any) -> None:
+    def write_json(self, where: Path | str, data: Any) -> None:  # data: a JSON value
         with output_errors(str(where)):
             self.files.write_whole(where, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
@@ -110,7 +110,7 @@ class Destination:
 
 # How a file is written under DEST: a context manager giving a handle to fill, committed when it closes. A test
 # passes its own (one that fails part-way, as a full disk or a killed process would).
-FileWriter = Callable[[Destination, Any], ContextManager[BinaryIO]]
+FileWriter = Callable[[Destination, storage.Location], ContextManager[BinaryIO]]  # (DEST, the file's final location)
 
 
 @contextmanager
@@ -140,7 +140,7 @@ def overlapping(first: Path | str, second: Path | str) -> bool:
     return False
 
 
-def _same(before: Any, now: Any) -> bool:
+def _same(before: Any, now: Any) -> bool:  # JSON values
     return json.dumps(before, sort_keys=True, default=str) == json.dumps(now, sort_keys=True, default=str)
 
 

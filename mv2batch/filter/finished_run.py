@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from mv2batch import storage
 from mv2batch.errors import OutputError
 from mv2batch.filter.predicate import ROW
 from mv2batch.out.rundir import RunDir, open_run
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 READ_BATCH_ROWS = 8192
 FOOTER_READERS = 16  # parts' footers fetched at once (an object store answers each in a round trip)
@@ -32,7 +35,7 @@ class FinishedRun:
     info: dict
     shards: list[int]
     rows: list[int]
-    schema: Any  # pyarrow Schema: the parts' schemas unified (an older part may lack a column)
+    schema: pa.Schema  # the parts' schemas unified (an older part may lack a column)
 
     @property
     def out(self) -> str:
@@ -40,7 +43,7 @@ class FinishedRun:
         root = self.rundir.root
         return str(root.resolve()) if isinstance(root, Path) else root
 
-    def judged_columns(self, shard: int, columns: set[str]) -> Any:
+    def judged_columns(self, shard: int, columns: set[str]) -> pa.Table:
         """The part's columns the judge reads (a column the part lacks: nulls), and each row's position."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -54,7 +57,7 @@ class FinishedRun:
             table = table.append_column(field, pa.nulls(table.num_rows, field.type))
         return table.append_column(ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
-    def kept_rows(self, shard: int, positions: np.ndarray) -> Any:
+    def kept_rows(self, shard: int, positions: np.ndarray) -> pa.Table:
         """Every column of the part's rows at positions (ascending), read a batch at a time, as self.schema."""
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -73,7 +76,7 @@ class FinishedRun:
         return pa.concat_tables(pieces) if pieces else self.schema.empty_table()
 
 
-def _as_schema(table: Any, schema: Any) -> Any:
+def _as_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """table with schema's columns, in its order (a missing one as nulls)."""
     import pyarrow as pa
 
@@ -101,7 +104,7 @@ def open_finished(out: Path | str, options: dict | None = None) -> FinishedRun:
     return FinishedRun(rundir, info, shards, [rows for rows, _ in footers], schema)
 
 
-def _footer(rundir: RunDir, shard: int) -> tuple[int, Any]:
+def _footer(rundir: RunDir, shard: int) -> tuple[int, pa.Schema]:
     import pyarrow.parquet as pq
 
     with rundir.files.open_read(rundir.part_path(shard)) as handle:
@@ -113,7 +116,7 @@ def _footer(rundir: RunDir, shard: int) -> tuple[int, Any]:
 class Duplicates:
     """--unique: the ids to drop (every item of a group but its first) and what dedup read."""
 
-    ids: Any  # pyarrow string array
+    ids: pa.Array  # of strings
     threshold: float | None
     shards: list[int]
 
@@ -167,7 +170,7 @@ def _modified_times(folder: Path | str, options: dict | None) -> dict[str, float
     return found
 
 
-def _seconds(when: Any) -> float:
+def _seconds(when: datetime | str | float) -> float:
     if isinstance(when, datetime):
         return when.timestamp()
     if isinstance(when, str):

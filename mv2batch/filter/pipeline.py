@@ -13,7 +13,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from mv2batch.filter.predicate import DUPLICATE, ERROR, WHERE, Judge, compile_pr
 from mv2batch.filter.tables import TableLayout
 from mv2batch.filter.tars import TarLayout
 from mv2batch.filter.work import FilterProgress, Layout, Outcome, ShardWork, Tally
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 UNAVAILABLE = "unavailable"  # kept by the predicate, but its item could not be read from the input now
 REASONS = (ERROR, WHERE, DUPLICATE, UNAVAILABLE)
@@ -237,12 +240,12 @@ def _default_threads(run: FinishedRun, destination: Destination) -> int:
 class _PredictionsWriter:
     """The kept rows' predictions streamed into one Parquet file, in the run's order."""
 
-    def __init__(self, handle: Any, schema: Any):
+    def __init__(self, handle: BinaryIO, schema: pa.Schema):
         import pyarrow.parquet as pq
 
         self.writer = pq.ParquetWriter(handle, schema)
 
-    def write(self, table: Any) -> None:
+    def write(self, table: pa.Table) -> None:
         if table.num_rows:
             self.writer.write_table(table)
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mv2batch.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ROW = "mv2batch_row"  # the row's position in its part, added before judging: the answer comes back in that order
 DUPLICATES = "mv2batch_duplicates"
@@ -35,7 +38,7 @@ class Predicate:
         return f"status = 'ok' AND ({self.where})" if self.only_ok else self.where
 
 
-def compile_predicate(where: str | None, schema: Any) -> Predicate:
+def compile_predicate(where: str | None, schema: pa.Schema) -> Predicate:
     """The checked predicate; ConfigError in one line (naming the columns there are) when it is not one boolean
     expression over the predictions' columns."""
     if where is None or not where.strip():
@@ -47,7 +50,7 @@ def compile_predicate(where: str | None, schema: Any) -> Predicate:
     return Predicate(where.strip(), frozenset(used | ({"status"} if only_ok else set())), only_ok)
 
 
-def _columns_line(names: Any) -> str:
+def _columns_line(names: list[str]) -> str:
     return f"the predictions' columns are: {', '.join(names)}"
 
 
@@ -71,13 +74,13 @@ def _one_expression(where: str, names: list[str]) -> dict:
     return node["select_list"][0]
 
 
-def _has_subquery(tree: Any) -> bool:
+def _has_subquery(tree: Any) -> bool:  # tree: a JSON value of DuckDB's parse tree
     if isinstance(tree, dict):
         return tree.get("class") == "SUBQUERY" or any(_has_subquery(value) for value in tree.values())
     return isinstance(tree, list) and any(_has_subquery(value) for value in tree)
 
 
-def _column_references(tree: Any) -> set[str]:
+def _column_references(tree: Any) -> set[str]:  # tree: as _has_subquery's
     """Every name a column reference of the tree uses (a struct field's too, and a lambda's parameters: only
     those naming a column are read)."""
     if isinstance(tree, dict):
@@ -88,7 +91,7 @@ def _column_references(tree: Any) -> set[str]:
     return set()
 
 
-def _check_boolean(where: str, schema: Any) -> None:
+def _check_boolean(where: str, schema: pa.Schema) -> None:
     """The predicate bound against the run's columns (no rows read): a missing column or a non-boolean value is
     refused here, before anything is written."""
     import duckdb
@@ -112,7 +115,7 @@ class Judge:
     """The predicate, and --unique's duplicates, applied to one part's columns at a time: for each row the reason
     it is dropped (error, where, duplicate) or null where it is kept, in the part's row order."""
 
-    def __init__(self, predicate: Predicate, duplicates: Any = None):
+    def __init__(self, predicate: Predicate, duplicates: pa.Array | None = None):
         import duckdb
         import pyarrow as pa
 
@@ -125,7 +128,7 @@ class Judge:
         self.query = _judging_query(predicate, self.unique)
         self.columns = set(predicate.columns) | {"id", "status"}  # what a part is read for
 
-    def reasons(self, part: Any) -> Any:
+    def reasons(self, part: pa.Table) -> pa.Array:
         """part: a pyarrow Table of the columns the predicate reads, `id`, `status` and ROW."""
         self.connection.register("part", part)
         try:

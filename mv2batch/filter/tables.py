@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from mv2batch import storage
 from mv2batch.errors import InputError
 from mv2batch.filter.destination import Destination, FileWriter
 from mv2batch.filter.work import Outcome, ShardWork
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
 
 STREAM_BATCH_ROWS = 1024
 
@@ -37,14 +41,14 @@ class TableLayout:
         self.name_given, self.split = str(input_info["name"]), str(input_info.get("split") or "train")
         self.streaming, self.id_column = bool(fields.get("streaming")), fields.get("id_column")
         self.n_shards, self.destination, self.write_file, self.options = n_shards, destination, write_file, options
-        self.source: Any = None
+        self.source: RowReader | None = None
 
-    def locations(self) -> list[tuple[str, Any]]:
+    def locations(self) -> list[tuple[str, storage.Location]]:
         where = storage.location(self.name_given)
         local = isinstance(where, Path) and where.exists()
         return [("the input table", where)] if local or storage.is_url(self.name_given) else []
 
-    def part(self, shard: int) -> Any:
+    def part(self, shard: int) -> storage.Location:
         name = re.sub(r"[^\w.]", "_", self.split)
         return storage.join(self.destination.root, "data", f"{name}-{shard:05d}-of-{self.n_shards:05d}.parquet")
 
@@ -64,7 +68,7 @@ class TableLayout:
             pq.write_table(table, handle)
         return Outcome(items=table.num_rows, files=1)
 
-    def _source(self) -> "RowReader":
+    def _source(self) -> RowReader:
         if self.source is None:
             from mv2batch.inputs.tables import DatasetSpec, load_split
 
@@ -73,7 +77,7 @@ class TableLayout:
             self.source = RowReader(data)
         return self.source
 
-    def _check_ids(self, table: Any, rows: np.ndarray, ids: list[str]) -> None:
+    def _check_ids(self, table: pa.Table, rows: np.ndarray, ids: list[str]) -> None:
         if self.id_column is None:
             found = [f"{self.split}/{row}" for row in rows]
         else:
@@ -89,14 +93,14 @@ class RowReader:
     """Rows of a datasets split by number, as Arrow: picked directly from a map-style dataset, or met in order
     in a streamed one (then numbers must come in ascending order across calls)."""
 
-    def __init__(self, data: Any):
+    def __init__(self, data: datasets.Dataset | datasets.IterableDataset):
         self.data = data.with_format("arrow")
         self.streamed = not hasattr(data, "__len__")
         self.batches = iter(self.data.iter(batch_size=STREAM_BATCH_ROWS)) if self.streamed else None
-        self.batch: Any = None
+        self.batch: pa.Table | None = None
         self.start = 0  # the current batch's first row
 
-    def take(self, rows: np.ndarray) -> Any:
+    def take(self, rows: np.ndarray) -> pa.Table:
         if not self.streamed:
             if len(rows) and rows[-1] >= len(self.data):
                 raise InputError(f"the table has {len(self.data)} rows, fewer than the run read: it changed since")

@@ -14,7 +14,7 @@ import tarfile
 import zlib
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from mv2batch import storage
 from mv2batch.filter.destination import Destination, FileWriter
@@ -37,7 +37,7 @@ class TarLayout:
                  options: dict | None = None):
         self.tars, self.destination, self.write_file, self.options = tars, destination, write_file, options
 
-    def locations(self) -> list[tuple[str, Any]]:
+    def locations(self) -> list[tuple[str, storage.Location]]:
         folders = dict.fromkeys(storage.parent_of(storage.location(tar)) for tar in self.tars)
         return [("the input's tars in", folder) for folder in folders]
 
@@ -101,7 +101,7 @@ class SampleCopier:
                 self.found.add(current)
                 yield members
 
-    def _members(self, handle: Any) -> Iterator[tuple[str, tarfile.TarInfo, bytes | None]]:
+    def _members(self, handle: BinaryIO) -> Iterator[tuple[str, tarfile.TarInfo, bytes | None]]:
         """(key, header, bytes: None where the sample is not kept) of each file member; stops at damage."""
         try:
             tar = tarfile.open(fileobj=handle, mode="r|*")
@@ -126,17 +126,17 @@ class SampleCopier:
                 yield key, member, data
 
 
-def _open(path: str, options: dict | None) -> Any:
+def _open(path: str, options: dict | None) -> BinaryIO:  # a local file, or an fsspec one
     if not storage.is_url(path):
         return open(path, "rb")
     return storage.retrying(lambda: storage.filesystem(path, options).open(path, "rb", block_size=STREAM_BLOCK))
 
 
-def _write_mode(final: Any) -> str:
+def _write_mode(final: storage.Location) -> str:
     return "w|gz" if storage.name_of(final).lower().endswith(COMPRESSED) else "w|"
 
 
-def _keys_in(final: Any, options: dict | None) -> set[str]:
+def _keys_in(final: storage.Location, options: dict | None) -> set[str]:
     """The sample keys of a tar this filter wrote."""
     with _open(str(final), options) as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
         return {printable(split[0]) for member in tar if (split := split_key(member.name))}

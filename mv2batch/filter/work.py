@@ -6,11 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from mv2batch.storage import Location
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass
@@ -18,7 +21,7 @@ class ShardWork:
     """One shard's kept rows, in the run's order."""
 
     shard: int
-    kept: Any  # pyarrow Table: the kept rows' predictions
+    kept: pa.Table  # the kept rows' predictions
     positions: np.ndarray  # their rows in the shard's part
     first_row: int  # the part's first row among the run's rows (a table's row number = first_row + position)
 
