@@ -8,7 +8,12 @@ statistics calibrated on real photos, and a classifier scaled until top-1 probab
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from transformers import MobileViTImageProcessorPil
 
 TINY = {"width_multiplier": 0.25, "n_attn_blocks": [1, 1, 1], "base_attn_unit_dims": [32, 48, 64], "image_size": 64}
 SIZES = {
@@ -20,14 +25,14 @@ SIZES = {
 HEADS = {"classify": "MobileViTV2ForImageClassification", "segment": "MobileViTV2ForSemanticSegmentation"}
 
 
-def _processor(shortest_edge: int, crop: int, resample: int) -> Any:
+def _processor(shortest_edge: int, crop: int, resample: int) -> MobileViTImageProcessorPil:
     from transformers import MobileViTImageProcessorPil
 
     return MobileViTImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop},
                                       resample=resample, do_flip_channel_order=True)
 
 
-def he_init(model: Any) -> None:
+def he_init(model: torch.nn.Module) -> None:
     """Kaiming-normal convolutions and linear layers, zero biases: activations that neither vanish nor explode."""
     import torch
 
@@ -38,7 +43,7 @@ def he_init(model: Any) -> None:
                 torch.nn.init.zeros_(module.bias)
 
 
-def _calibrate_batchnorm(model: Any, pixels: Any) -> None:
+def _calibrate_batchnorm(model: torch.nn.Module, pixels: torch.Tensor) -> None:
     """Running statistics = the statistics of the calibration batch, layer by layer."""
     import torch
 
@@ -55,13 +60,13 @@ def _calibrate_batchnorm(model: Any, pixels: Any) -> None:
             module.momentum = 0.1
 
 
-def _last_layer(model: Any) -> Any:
+def _last_layer(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "classifier"):
         return model.classifier
     return model.segmentation_head.classifier.convolution
 
 
-def _scale_classifier(model: Any, pixels: Any, target_median_top1: float) -> None:
+def _scale_classifier(model: torch.nn.Module, pixels: torch.Tensor, target_median_top1: float) -> None:
     """Scale the last layer until the median top-1 probability on the calibration photos reaches the target."""
     import torch
 
@@ -82,7 +87,7 @@ def _scale_classifier(model: Any, pixels: Any, target_median_top1: float) -> Non
             low, high = (scale, high) if top1 < target_median_top1 else (low, scale)
 
 
-def make_checkpoint(folder: str | Path, photos: Sequence[Any], size: str = "tiny", num_labels: int = 10,
+def make_checkpoint(folder: str | Path, photos: Sequence[Image.Image], size: str = "tiny", num_labels: int = 10,
                     seed: int = 0, resample: int = 2, target_median_top1: float = 0.7,
                     task: str = "classify", width: float | None = None) -> Path:
     """Save a random, calibrated MobileViTV2 classifier or DeepLabV3 segmenter (+ preprocessor) to folder.
