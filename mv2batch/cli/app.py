@@ -126,17 +126,18 @@ def report_command(out: Annotated[str, typer.Argument(help="A run's output direc
 def export_coco_command(out: Annotated[str, typer.Argument(help="A segment run's output directory (or URL).")],
                         results: Annotated[str, typer.Option("--output", "-o",
                                                              help="The results file to write (or URL).")],
-                        storage_options: o.StorageOptions = None) -> None:
+                        storage_options: o.StorageOptions = None, allow_incomplete: o.AllowIncomplete = False) -> None:
     """Masks as COCO results (RLE per class present per image), with the images and categories beside them."""
     from mv2batch.report.coco import export_coco
     from mv2batch.storage import parse_options
 
     try:
-        done = export_coco(out, results, parse_options(storage_options))
+        done = export_coco(out, results, parse_options(storage_options), allow_incomplete=allow_incomplete)
     except Mv2batchError as exc:
         fail(str(exc), exc.exit_code)
+    unfinished = "" if done.complete else f" (run incomplete: {done.shards_done} of {done.shards_total or '?'} shards)"
     typer.echo(f"{done.annotations} masks of {done.images} images -> {done.results} (images and categories: "
-               f"{done.images_file}); {done.skipped_errors} error rows left out")
+               f"{done.images_file}); {done.skipped_errors} error rows left out{unfinished}")
 
 
 @app.command("models", epilog="Example: mv2batch models")

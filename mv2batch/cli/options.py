@@ -16,8 +16,8 @@ STRICT_EXIT = 6
 
 # The inputs of each command.
 # Paths are taken as text: a URL (s3://bucket/photos) is not a pathlib.Path ("s3:/bucket/photos").
-FolderArg = Annotated[str, typer.Argument(help="Folder of images (or an s3:// gs:// ... prefix), searched recursively.", metavar="DIR",
-                                           rich_help_panel=INPUT)]
+FolderArg = Annotated[str, typer.Argument(help="Folder of images (or an s3:// gs:// ... prefix), searched recursively.",
+                                           metavar="DIR", rich_help_panel=INPUT)]
 DatasetArg = Annotated[str, typer.Argument(help="Hub id, save_to_disk folder, data folder or parquet file.",
                                            metavar="NAME|PATH", rich_help_panel=INPUT)]
 ShardsArg = Annotated[list[str], typer.Argument(

@@ -123,12 +123,12 @@ def test_help_has_an_example(path):
 
 COMMON = ("--out -o --model --revision --device --dtype --batch-size --workers --compile --no-compile --speedups "
           "--no-speedups --limit --shard-size --preprocess --resume --overwrite --retry-errors --max-pixels --engine "
-          "--quiet -q --strict --storage-options --decode")
-DATASET = "--split --streaming --image-column --label-column --id-column"
+          "--quiet -q --strict --storage-options --decode --max-image-bytes")
+DATASET = "--split --streaming --image-column --label-column --id-column --url-timeout"
 TARS = " ".join(option for option in COMMON.split() if option not in ("--limit", "--shard-size"))
 # Every run command's options: as they were before the CLI was rewritten in Typer's Annotated style (e4371ad),
 # and those added since (--id-column, --image-ext, the webdataset commands, --storage-options, --decode, the
-# embedding options and the embed commands).
+# embedding options and the embed commands, --max-image-bytes and --url-timeout).
 EMBEDDING = "--embedding-dtype --normalize"
 OPTIONS_BEFORE = {
     ("classify", "folder"): f"INPUT --top-k --embeddings {EMBEDDING} {COMMON}",

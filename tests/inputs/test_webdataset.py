@@ -13,9 +13,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    assert_one_line_error,
     assert_same_rows_across_batches,
     classify,
+    cli,
     encoded_photos,
+    free_port,
     photo_folder,
     read_rows,
     segment,
@@ -154,13 +157,11 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(photos, tiny_mod
 
 
 def test_torchrun_two_processes_equal_one(reference, tiny_model, tmp_path):
-    from test_shards import _free_port
-
     tars, _ = reference
     _run([str(t) for t in tars], tmp_path / "one", tiny_model)
     out = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "mv2batch", "classify", "webdataset", *map(str, tars), "-o", str(out),
+               str(free_port()), "-m", "mv2batch", "classify", "webdataset", *map(str, tars), "-o", str(out),
                "--model", str(tiny_model), "--device", "cpu", "--workers", "0", "--quiet"]
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _assert_same_rows(read_rows(out), read_rows(tmp_path / "one"))
@@ -224,12 +225,11 @@ def test_every_bad_tar_input_is_an_error_row_and_the_other_shards_are_unaffected
 
 
 def test_a_missing_shard_is_one_line_before_any_work(photos, tmp_path):
-    from test_cli import assert_one_line_error, invoke
-
     tar = _as_tars(photos[:2], tmp_path / "tars")[0]
-    result = invoke("classify", "webdataset", tar, tmp_path / "tars" / "gone-{0..1}.tar", "-o", tmp_path / "out",
-                    "--device", "cpu")
-    assert_one_line_error(result, InputError.exit_code, "2 of 3 shard(s) not found", "gone-0.tar")
+    result = cli("classify", "webdataset", str(tar), str(tmp_path / "tars" / "gone-{0..1}.tar"), "-o",
+                 str(tmp_path / "out"), "--device", "cpu")
+    assert result.exit_code == InputError.exit_code
+    assert_one_line_error(result, "2 of 3 shard(s) not found", "gone-0.tar")
     assert not (tmp_path / "out").exists()
 
 

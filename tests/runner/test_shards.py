@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from conftest import (
     assert_same_rows_across_batches,
     classify,
     classify_on_ray,
+    free_port,
     kill_during_a_shard,
     noisy_photos,
     read_rows,
@@ -78,12 +78,6 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(reference, ti
     _assert_same_output(out, expected)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterrupted_output(tiny_model, tmp_path):
     """Batch size and workers change how fast, not what: a crashed run resumed with others continues, and every
     row is the uninterrupted run's (to the bit on CPUs whose kernels round batches of 4 and 8 alike; within
@@ -105,7 +99,7 @@ def test_torchrun_two_processes_give_the_single_process_output(reference, tiny_m
     folder, expected = reference
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), *_cli(folder, out, tiny_model, "--shard-size", "3",
+               "--master-port", str(free_port()), *_cli(folder, out, tiny_model, "--shard-size", "3",
                                                           "--batch-size", "1")]
     subprocess.run(command, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _assert_same_output(out, expected)
