@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 from mv2batch.config import DEFAULT_MAX_PIXELS
 from mv2batch.inputs.listing import register_plugins
+from mv2batch.inputs.urls import HttpFile, is_http
 from mv2batch.storage import RemoteFile, StoreReadError
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ class Decoded:
     sha256: str | None = None  # of the encoded bytes: byte-identical files share it
 
 
-URL_TIMEOUT_S = 60
-
-
 def _read(raw: str | Path | bytes | RemoteFile) -> bytes:
     if isinstance(raw, (bytes, bytearray, memoryview)):
         return bytes(raw)
@@ -45,26 +43,12 @@ def _read(raw: str | Path | bytes | RemoteFile) -> bytes:
             return raw.read()
         except StoreReadError as exc:
             raise DecodeError(f"cannot read {raw.url}: {exc}") from None
-    if isinstance(raw, str) and raw.startswith(("http://", "https://")):
-        return _fetch(raw)
+    if isinstance(raw, str) and is_http(raw):  # a URL as a plain string: fetched within the default limits
+        return _read(HttpFile(raw))
     try:
         return Path(raw).read_bytes()
     except OSError as exc:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
-
-
-def _fetch(url: str) -> bytes:
-    """An image named by an http(s) URL in a table; a failure is this image's error, with the server's reason."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            return response.read()
-    except urllib.error.HTTPError as exc:
-        raise DecodeError(f"cannot fetch {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise DecodeError(f"cannot fetch {url}: {getattr(exc, 'reason', None) or exc}") from None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
