@@ -68,10 +68,13 @@ class Engine(str, Enum):
 # from these fields (runinfo.fingerprint_fields); a resume that changes one of them is refused, naming it.
 # Everything else (where to run, how fast, how much to say) may change between a run and its resume.
 OUTPUTS = {"changes_outputs": True}
+# A field added after runs were made: fingerprinted only when it differs from its default, so that an OUT written
+# before it existed (whose run.json lacks it) is the same run as a default run now, and resumes.
+ADDED_LATER = {"changes_outputs": True, "omitted_at_default": True}
 
 
-def _outputs(default: object = None) -> object:
-    return field(default=default, metadata=OUTPUTS)
+def _outputs(default: object = None, added_later: bool = False) -> object:
+    return field(default=default, metadata=ADDED_LATER if added_later else OUTPUTS)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class RunConfig:
     max_pixels: int = _outputs(DEFAULT_MAX_PIXELS)  # larger images become error rows
     # Larger image URLs' bodies and tar image members become error rows, unread: a bound as --max-pixels is, so
     # it changes which rows error (deterministically) and is fingerprinted.
-    max_image_bytes: int = _outputs(DEFAULT_MAX_IMAGE_BYTES)
+    max_image_bytes: int = _outputs(DEFAULT_MAX_IMAGE_BYTES, added_later=True)
     # Seconds an image URL's whole fetch may take. Not fingerprinted: it says how long to wait for a network, not
     # what a row is, so a resume (--retry-errors) may give a slow server longer.
     url_timeout: float = DEFAULT_URL_TIMEOUT_S
@@ -197,3 +200,9 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 def output_fields() -> list[str]:
     """The RunConfig fields declared as changing what a run writes, in declaration order."""
     return [f.name for f in fields(RunConfig) if f.metadata.get("changes_outputs")]
+
+
+def omitted_at_default(config: RunConfig) -> set[str]:
+    """The fields added later (ADDED_LATER) that are at their default in this config: left out of its fingerprint."""
+    return {f.name for f in fields(RunConfig)
+            if f.metadata.get("omitted_at_default") and getattr(config, f.name) == f.default}

@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from mv2batch.config import RunConfig, output_fields
+from mv2batch.config import RunConfig, omitted_at_default, output_fields
 from mv2batch.inputs.sources import is_sharded
 from mv2batch.loading.preprocess import Preprocessing
 from mv2batch.model.speedups import speedups_mode
@@ -72,8 +72,9 @@ def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocess
         "masks_dir": lambda: _folder(config.masks_dir),
         "overlays_dir": lambda: _folder(config.overlays_dir),
     }
+    left_out = omitted_at_default(config)
     return {name: resolved_values[name]() if name in resolved_values else _plain(getattr(config, name))
-            for name in output_fields()}
+            for name in output_fields() if name not in left_out}
 
 
 def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,

@@ -43,7 +43,18 @@ def test_the_fingerprint_holds_exactly_the_declared_fields(tmp_path, folder, tin
     assert not declared & {"out", "batch_size", "workers", "device", "engine", "resume", "overwrite"}
     assert declared < {f.name for f in fields(RunConfig)}
     job = describe_job(run_config(folder, tmp_path / "out", tiny_model))
-    assert set(job.run_info["fingerprint_fields"]) == declared
+    assert set(job.run_info["fingerprint_fields"]) == declared - {"max_image_bytes"}  # added later: at its default
+
+
+def test_a_field_added_later_leaves_the_fingerprint_of_a_default_run_as_it_was(tmp_path, folder, tiny_model):
+    """--max-image-bytes came after runs were made: at its default a run's fingerprint is the one an older
+    version gave (its run.json lacks the field), so that run resumes; another value makes another run."""
+    config = run_config(folder, tmp_path / "out", tiny_model)
+    default = describe_job(config).run_info
+    assert "max_image_bytes" not in default["fingerprint_fields"]
+    other = describe_job(replace(config, max_image_bytes=1_000_000)).run_info
+    assert other["fingerprint_fields"]["max_image_bytes"] == 1_000_000
+    assert other["fingerprint"] != default["fingerprint"]
 
 
 @pytest.mark.parametrize("change, differs", [
