@@ -17,9 +17,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, TypeVar
 
 from mv2batch.errors import ConfigError, InputError, Mv2batchError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 # The extra that installs each protocol's fsspec package (`pip install 'mv2batch[s3]'`).
@@ -31,21 +34,22 @@ READ_ATTEMPTS = 4
 BACKOFF_S = 0.25
 
 Location = Path | str
-Options = dict[str, Any]
+Options = dict[str, Any]  # fsspec's keyword arguments: JSON values
+T = TypeVar("T")
 
 
-def protocol_of(value: Any) -> str | None:
+def protocol_of(value: object) -> str | None:
     """The URL scheme of value (`s3`, `gs`, ...), or None for a plain path."""
     match = URL.match(value) if isinstance(value, str) else None
     return match.group(1).lower() if match else None
 
 
-def is_url(value: Any) -> bool:
+def is_url(value: object) -> bool:
     """Whether value names an object store (or any fsspec filesystem) rather than a local path."""
     return protocol_of(value) not in (None, "file")
 
 
-def location(value: Any) -> Location | None:
+def location(value: object) -> Location | None:
     """A local Path (`~` expanded, `file://` stripped) or a URL without its trailing slash; None stays None."""
     if value is None or isinstance(value, Path):
         return value.expanduser() if isinstance(value, Path) else None
@@ -74,10 +78,10 @@ def name_of(where: Location) -> str:
     return where.name if isinstance(where, Path) else where.rstrip("/").rsplit("/", 1)[-1]
 
 
-_FILESYSTEMS: dict[tuple, Any] = {}
+_FILESYSTEMS: dict[tuple[int, str | None, str], AbstractFileSystem] = {}
 
 
-def filesystem(url: str, options: Options | None = None) -> Any:
+def filesystem(url: str, options: Options | None = None) -> AbstractFileSystem:
     """This process's fsspec filesystem for url's protocol and the options (`--storage-options`)."""
     protocol = protocol_of(url)
     key = (os.getpid(), protocol, json.dumps(options or {}, sort_keys=True, default=str))
@@ -86,7 +90,7 @@ def filesystem(url: str, options: Options | None = None) -> Any:
     return _FILESYSTEMS[key]
 
 
-def _open_filesystem(protocol: str | None, options: Options) -> Any:
+def _open_filesystem(protocol: str | None, options: Options) -> AbstractFileSystem:
     import fsspec
 
     try:
@@ -144,8 +148,8 @@ class StoreReadError(Exception):
     """An object that could not be read (missing, denied, or still failing after retries)."""
 
 
-def retrying(call: Callable[[], Any], attempts: int = READ_ATTEMPTS, backoff_s: float = BACKOFF_S,
-             sleep: Callable[[float], None] = time.sleep) -> Any:
+def retrying(call: Callable[[], T], attempts: int = READ_ATTEMPTS, backoff_s: float = BACKOFF_S,
+             sleep: Callable[[float], None] = time.sleep) -> T:
     """call(), again after 0.25, 0.5, 1 s on a transient failure; StoreReadError with the store's message."""
     for attempt in range(attempts):
         try:
@@ -181,7 +185,7 @@ class RemoteFile:
     def read(self) -> bytes:
         return read_bytes(self.url, self.options)
 
-    def open(self) -> Any:
+    def open(self) -> BinaryIO:  # fsspec's buffered file
         """A seekable file on the object that fetches ranges as read (for a header)."""
         return retrying(lambda: filesystem(self.url, self.options).open(self.url, "rb", block_size=1 << 16))
 
@@ -246,7 +250,7 @@ def upload(local: Path, url: str, options: Options | None = None) -> None:
     as_os_error(lambda: filesystem(url, options).put_file(str(local), url))
 
 
-def as_os_error(call: Callable[[], Any]) -> Any:
+def as_os_error(call: Callable[[], T]) -> T:
     """A store call whose failures are all OSErrors (botocore's connection errors are not), so that the writers'
     error handling (out_files.output_errors) says each in one line."""
     try:
