@@ -8,7 +8,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -220,7 +220,7 @@ def read_target(path: str, reduce_labels: bool) -> np.ndarray:
     return target
 
 
-def target_reader(run_info: dict, options: dict | None) -> Callable[[dict], Any] | None:
+def target_reader(run_info: dict, options: dict | None) -> Callable[[dict], np.ndarray | None] | None:
     """eval voc / ade20k: row -> its ground-truth class ids (None where unreadable), else None.
 
     The rows carry no target path (the loader turns it into the array the confusion counts), so the layout is
@@ -238,7 +238,7 @@ def target_reader(run_info: dict, options: dict | None) -> Callable[[dict], Any]
         return lambda row: None
     targets = dict(zip(source.ids, source.targets))
 
-    def read(row: dict) -> Any:
+    def read(row: dict) -> np.ndarray | None:
         try:
             return read_target(source.remote(targets[row["id"]]), reduce_labels=reduces_labels(kind))
         except Exception:  # noqa: BLE001  (see the docstring)

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 log = logging.getLogger("mv2batch")
 
@@ -186,7 +186,7 @@ def _add(entry: os.DirEntry, relative: Path, extensions: frozenset[str], listing
     return None
 
 
-def list_prefix(url: str, options: dict | None = None, exclude: Iterable[Any] = ()) -> Listing:
+def list_prefix(url: str, options: dict | None = None, exclude: Iterable[Path | str] = ()) -> Listing:
     """The image objects under a URL prefix, by key in sorted order (hidden keys skipped, as hidden files are;
     keys under this run's outputs left out), each with its size and ETag. Object stores list keys, not
     folders: there are no links, loops or FIFOs to guard against."""

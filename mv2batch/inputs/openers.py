@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mv2batch import storage
 from mv2batch.config import RunConfig, SourceKind
 from mv2batch.errors import ConfigError, InputError, ModelError
 
+if TYPE_CHECKING:
+    from mv2batch.inputs.sources import DatasetSource, FolderSource, Source
+    from mv2batch.inputs.tables import StreamingSource
+    from mv2batch.inputs.tars import TarShards
 
-def _open_dataset(config: RunConfig) -> Any:
+
+def _open_dataset(config: RunConfig) -> DatasetSource | StreamingSource:
     from mv2batch.inputs.tables import DatasetSpec, open_dataset
     from mv2batch.inputs.urls import UrlLimits
 
@@ -20,7 +25,7 @@ def _open_dataset(config: RunConfig) -> Any:
     return open_dataset(spec)
 
 
-def _open_webdataset(config: RunConfig, require_label: bool = False) -> Any:
+def _open_webdataset(config: RunConfig, require_label: bool = False) -> TarShards:
     from mv2batch.inputs.tars import TarShards
 
     names = (config.input,) if isinstance(config.input, str) else config.input
@@ -28,7 +33,7 @@ def _open_webdataset(config: RunConfig, require_label: bool = False) -> Any:
                           max_bytes=config.max_image_bytes)
 
 
-def _open_imagenet(config: RunConfig) -> Any:
+def _open_imagenet(config: RunConfig) -> Source:
     from mv2batch.inputs.eval_layouts import open_imagenet
     from mv2batch.inputs.tables import is_saved_to_disk
     from mv2batch.inputs.tars import looks_like_shards
@@ -53,19 +58,19 @@ def outputs_of(config: RunConfig) -> list[Path | str]:
     return [p for p in (config.out, config.masks_dir, config.overlays_dir) if p is not None]
 
 
-def _open_folder(config: RunConfig) -> Any:
+def _open_folder(config: RunConfig) -> FolderSource:
     from mv2batch.inputs.sources import FolderSource
 
     return FolderSource.open(config.input, exclude=outputs_of(config), options=config.storage_options)
 
 
-def _open_voc(config: RunConfig) -> Any:
+def _open_voc(config: RunConfig) -> FolderSource:
     from mv2batch.inputs.eval_layouts import open_voc
 
     return open_voc(storage.location(config.input), config.split, config.storage_options)
 
 
-def _open_ade20k(config: RunConfig) -> Any:
+def _open_ade20k(config: RunConfig) -> FolderSource:
     from mv2batch.inputs.eval_layouts import open_ade20k
 
     return open_ade20k(storage.location(config.input), config.split, config.storage_options)
@@ -76,7 +81,7 @@ SOURCE_OPENERS = {SourceKind.folder: _open_folder, SourceKind.dataset: _open_dat
                   SourceKind.imagenet: _open_imagenet, SourceKind.voc: _open_voc, SourceKind.ade20k: _open_ade20k}
 
 
-def open_source(config: RunConfig) -> Any:
+def open_source(config: RunConfig) -> Source:
     """The folder, dataset or evaluation layout named by the config."""
     return SOURCE_OPENERS[config.source](config)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Protocol
 
 from mv2batch import storage
 from mv2batch.errors import InputError
 from mv2batch.inputs.listing import image_extensions, list_folder, list_prefix, printable, warn_about
 from mv2batch.inputs.urls import HttpFile, UrlLimits, is_http
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def _size(path: Path) -> int:
 class DatasetColumns:
     """A `datasets` split and the columns that hold the image and the gold label; ids are `split/index`."""
 
-    dataset: Any
+    dataset: datasets.Dataset | datasets.IterableDataset  # read whole (DatasetSource) or streamed
     split: str
     image_column: str
     label_column: str | None
@@ -224,7 +227,7 @@ class IdCheck:
     def __init__(self, column: str):
         self.column, self.seen = column, set()
 
-    def see(self, value: Any, row: int) -> str:
+    def see(self, value: object, row: int) -> str:
         if value is None or value != value:  # None, or NaN (pandas' null of a numeric column)
             raise InputError(f"--id-column {self.column!r} is empty in row {row}: every row needs an id")
         text = str(value)
@@ -234,13 +237,13 @@ class IdCheck:
         return text
 
 
-def id_value(value: Any) -> Any:
+def id_value(value: Any) -> Any:  # a table cell, any type
     """An --id-column cell's value (the image column of paths itself is cast to an undecoded datasets.Image)."""
     return value.get("path") if isinstance(value, dict) else value
 
 
 def cell_record(cell: Any, label: Any, base: Path | str | None = None, options: dict | None = None,
-                urls: UrlLimits | None = None) -> Record:
+                urls: UrlLimits | None = None) -> Record:  # cell, label: table cells, any type
     """An undecoded `datasets.Image` cell ({bytes, path}) and its label as a Record; a relative path points
     from base (the table's folder); an object-store URL is read in the worker with the run's options, an http(s)
     one within urls' deadline and size cap."""

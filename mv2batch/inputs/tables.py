@@ -5,12 +5,18 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from mv2batch import storage
 from mv2batch.errors import InputError
 from mv2batch.inputs.sources import DatasetColumns, DatasetSource, IdCheck, Record, id_value
 from mv2batch.inputs.urls import UrlLimits
+
+if TYPE_CHECKING:
+    import datasets
+
+    Loaded = datasets.Dataset | datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict
+    Split = datasets.Dataset | datasets.IterableDataset  # one split, read whole or streamed
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -35,7 +41,7 @@ def is_saved_to_disk(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _load(spec: DatasetSpec) -> Any:
+def _load(spec: DatasetSpec) -> Loaded:
     import datasets
 
     if storage.is_url(spec.name):
@@ -81,7 +87,7 @@ def _remote_data_files(url: str, options: dict | None) -> list[str]:
     return files
 
 
-def _load_remote(spec: DatasetSpec) -> Any:
+def _load_remote(spec: DatasetSpec) -> Loaded:
     """Data files on an object store, read by datasets through fsspec with the run's storage options."""
     import datasets
 
@@ -102,7 +108,7 @@ def _holds_tars(folder: Path) -> bool:
     return any(p.name.lower().endswith((".tar", ".tar.gz", ".tgz")) for p in folder.iterdir() if p.is_file())
 
 
-def _pick_split(loaded: Any, split: str | None) -> tuple[Any, str]:
+def _pick_split(loaded: Loaded, split: str | None) -> tuple[Split, str]:
     if not hasattr(loaded, "keys"):  # already a single split
         return loaded, split or str(getattr(loaded, "split", None) or "train")
     names = list(loaded.keys())
@@ -115,7 +121,7 @@ def _pick_split(loaded: Any, split: str | None) -> tuple[Any, str]:
     return loaded[split], split
 
 
-def load_split(spec: DatasetSpec) -> tuple[Any, str]:
+def load_split(spec: DatasetSpec) -> tuple[Split, str]:
     """Load the dataset and select the split; loading failures become one-line InputErrors."""
     try:
         loaded = _load(spec)
@@ -141,7 +147,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def find_columns(features: Any, image_column: str | None, label_column: str | None) -> tuple[str, str | None]:
+def find_columns(features: datasets.Features, image_column: str | None,
+                 label_column: str | None) -> tuple[str, str | None]:
     """The image column (a datasets.Image feature, else a {bytes, path} struct, else binary) and the label column
     (a ClassLabel, or an int `label`)."""
     columns = list(features.keys())
@@ -159,7 +166,7 @@ def find_columns(features: Any, image_column: str | None, label_column: str | No
 AUTO_IMAGE_KINDS = ("image", "struct", "bytes")  # found without --image-column, in this order of preference
 
 
-def _guess_image_column(features: Any, columns: list[str]) -> str:
+def _guess_image_column(features: datasets.Features, columns: list[str]) -> str:
     """The first datasets.Image column, else the first {bytes, path} struct, else the first binary column."""
     kinds = {column: _image_column_kind(features[column]) for column in columns}
     for wanted in AUTO_IMAGE_KINDS:
@@ -173,11 +180,11 @@ IMAGE_COLUMN_KINDS = "a datasets.Image feature, binary image bytes, a {bytes, pa
 PEEKED_ROWS = 8
 
 
-def _type_name(feature: Any) -> str:
+def _type_name(feature: object) -> str:
     return getattr(feature, "dtype", None) or type(feature).__name__
 
 
-def _image_column_kind(feature: Any) -> str | None:
+def _image_column_kind(feature: object) -> str | None:
     """image | bytes | struct | strings, or None for a column that cannot hold images."""
     import datasets
 
@@ -193,7 +200,7 @@ def _image_column_kind(feature: Any) -> str | None:
     return None
 
 
-def _looks_like_a_path(value: Any) -> bool:
+def _looks_like_a_path(value: object) -> bool:
     from mv2batch.inputs.listing import image_extensions
 
     if not isinstance(value, str) or not value.strip() or "\n" in value:
@@ -201,12 +208,12 @@ def _looks_like_a_path(value: Any) -> bool:
     return "://" in value or Path(value).suffix.lower() in image_extensions() or Path(value).is_file()
 
 
-def _first_values(data: Any, column: str) -> list[Any]:
+def _first_values(data: Split, column: str) -> list[Any]:  # the column's cells
     rows = data.take(PEEKED_ROWS) if hasattr(data, "take") else data.select(range(min(PEEKED_ROWS, len(data))))
     return [row[column] for row in rows]
 
 
-def check_columns(data: Any, image_column: str, label_column: str | None) -> None:
+def check_columns(data: Split, image_column: str, label_column: str | None) -> None:
     """Before any work: the image column holds images (or their paths), the label column class ids; otherwise
     one line naming the column, its type and what would do."""
     import datasets
@@ -230,7 +237,7 @@ def check_columns(data: Any, image_column: str, label_column: str | None) -> Non
                          "be a datasets.ClassLabel or integers (choose it with --label-column)")
 
 
-def _guess_label_column(features: Any, columns: list[str]) -> str | None:
+def _guess_label_column(features: datasets.Features, columns: list[str]) -> str | None:
     import datasets
 
     class_labels = [c for c in columns if isinstance(features[c], datasets.ClassLabel)]
@@ -243,7 +250,7 @@ def _guess_label_column(features: Any, columns: list[str]) -> str | None:
     return None
 
 
-def _label_names(features: Any, label_column: str | None) -> list[str] | None:
+def _label_names(features: datasets.Features, label_column: str | None) -> list[str] | None:
     import datasets
 
     feature = features.get(label_column) if label_column else None
@@ -280,7 +287,7 @@ def _table_folder(name: str, options: dict | None = None) -> Path | str | None:
     return path.resolve() if path.is_dir() else None
 
 
-def _check_id_column(data: Any, id_column: str | None) -> None:
+def _check_id_column(data: Split, id_column: str | None) -> None:
     """--id-column names a column of ids (not of images); in a table read whole, its values are there and unique
     (a stream's are checked as they come: StreamingSource.records)."""
     if id_column is None:

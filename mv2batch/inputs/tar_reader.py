@@ -14,7 +14,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Generator, Iterator
+from typing import BinaryIO, Generator, Iterator, Protocol
 
 from mv2batch import storage
 from mv2batch.inputs.listing import printable
@@ -55,16 +55,27 @@ def _kind(info: tarfile.TarInfo) -> str:
     return kinds.get(info.type, f"a member of tar type {info.type!r}")
 
 
+class TarsRead(Protocol):
+    """What a reader reads of its source: inputs.tars.TarShards (which imports this module, so not named here)."""
+
+    shards: list[str]
+    names: list[str]
+    image_exts: tuple[str, ...]
+    require_label: bool
+    max_bytes: int
+    options: dict | None
+
+
 class TarReader:
     """One pass over one tar of a source (inputs.tars.TarShards), grouping members into samples."""
 
-    def __init__(self, source: Any, shard: int):
+    def __init__(self, source: TarsRead, shard: int):
         self.source, self.path, self.name = source, source.shards[shard], source.names[shard]
         self.shown = printable(self.path)
         self.yielded = 0
         self.keys: set[str] = set()
         self.targets: dict[str, tuple[int, int]] = {}  # image and label members: name -> (data offset, size)
-        self.again: tuple[Any, tarfile.TarFile] | None = None  # the tar opened again, for hard links' targets
+        self.again: tuple[BinaryIO, tarfile.TarFile] | None = None  # the tar opened again, for hard links' targets
 
     def error(self, offset: int, message: str, key: str | None = None) -> Record:
         self.yielded += 1
@@ -85,7 +96,7 @@ class TarReader:
                 self.again[1].close()
                 self.again[0].close()
 
-    def _read(self, handle: Any) -> Iterator[Record]:
+    def _read(self, handle: BinaryIO) -> Iterator[Record]:
         try:
             tar = tarfile.open(fileobj=handle, mode="r|*", encoding="utf-8", errors="surrogateescape")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -196,7 +207,7 @@ def _too_large(name: str, size: int, limit: int, ext: str) -> str:
     return f"{name} is {human_bytes(size)}, over {cap}: not read"
 
 
-def open_tar_file(path: str, options: dict | None) -> Any:
+def open_tar_file(path: str, options: dict | None) -> BinaryIO:  # a local file, or an fsspec one
     """A tar file, or the object behind a URL (a seekable file that reads ahead in large ranges)."""
     if not storage.is_url(path):
         return open(path, "rb")
@@ -217,7 +228,7 @@ def _label(members: dict[str, Member]) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _tail_problem(handle: Any, tar: tarfile.TarFile) -> str | None:
+def _tail_problem(handle: BinaryIO, tar: tarfile.TarFile) -> str | None:
     """What follows the last member of an uncompressed tar, when it is not the end-of-archive marker.
 
     tarfile ends quietly at a header cut short, or at the end of the file with no marker, so a tar truncated

@@ -16,11 +16,14 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from mv2batch import storage
 from mv2batch.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_URL_TIMEOUT_S
 from mv2batch.storage import human_bytes
+
+if TYPE_CHECKING:
+    import http.client
 
 CHUNK = 1 << 20
 
@@ -34,7 +37,7 @@ class UrlLimits:
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
 
-def is_http(value: Any) -> bool:
+def is_http(value: object) -> bool:
     return storage.protocol_of(value) in ("http", "https")
 
 
@@ -47,7 +50,7 @@ class HttpFile(storage.RemoteFile):
     def read(self) -> bytes:
         return fetch(self.url, self.limits)
 
-    def open(self) -> Any:
+    def open(self) -> BinaryIO:
         # Segmentation probes headers to group shapes: a URL is fetched once, whole, in the worker instead.
         raise storage.StoreReadError("an image URL is not probed")
 
@@ -76,9 +79,9 @@ class _Deadline:
             for sock in self.sockets:
                 _shut(sock)
 
-    def watching(self, kind: Callable[..., Any]) -> Callable[..., Any]:
+    def watching(self, kind: type[http.client.HTTPConnection]) -> Callable[..., http.client.HTTPConnection]:
         """kind (an http.client connection class) whose connections report their socket once connected."""
-        def connection(host: str, **kwargs: Any) -> Any:
+        def connection(host: str, **kwargs: Any) -> http.client.HTTPConnection:
             made = kind(host, **kwargs)
             connect = made.connect
 
@@ -104,9 +107,11 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
-def _watched(base: type, deadline: _Deadline) -> Any:
+def _watched(base: type[urllib.request.AbstractHTTPHandler],
+             deadline: _Deadline) -> urllib.request.AbstractHTTPHandler:
     class Watched(base):
-        def do_open(self, http_class: Any, request: Any, **kwargs: Any) -> Any:
+        def do_open(self, http_class: type[http.client.HTTPConnection], request: urllib.request.Request,
+                    **kwargs: Any) -> http.client.HTTPResponse:
             return super().do_open(deadline.watching(http_class), request, **kwargs)
     return Watched()
 
@@ -132,7 +137,7 @@ def fetch(url: str, limits: UrlLimits) -> bytes:
                                      else str(reason)) from None
 
 
-def _body(response: Any, limits: UrlLimits, deadline: _Deadline) -> bytes:
+def _body(response: http.client.HTTPResponse, limits: UrlLimits, deadline: _Deadline) -> bytes:
     """The body, read in chunks as they come (read1: what one socket read gives), up to the cap."""
     length = response.headers.get("Content-Length")
     length = int(length) if length is not None and length.strip().isdigit() else None
