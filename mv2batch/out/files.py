@@ -15,10 +15,13 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from mv2batch import storage
 from mv2batch.errors import OutputError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 TEMP_SUFFIX = ".tmp"
 # Where parts bound for an object store are made: `<pid>-<random>-<name>`, so that a killed run's leftovers
@@ -139,7 +142,7 @@ class LocalFiles:
     def commit(self, temp: Path, final: Path) -> None:
         commit_file(temp, final)
 
-    def open_read(self, where: Path) -> Any:
+    def open_read(self, where: Path) -> BinaryIO:
         return open(where, "rb")
 
 
@@ -152,7 +155,7 @@ class ObjectFiles:
     def __init__(self, options: dict | None = None):
         self.options = options
 
-    def _fs(self, where: str) -> Any:
+    def _fs(self, where: str) -> AbstractFileSystem:
         return storage.filesystem(where, self.options)
 
     def exists(self, where: str) -> bool:
@@ -215,7 +218,7 @@ class ObjectFiles:
         finally:
             temp.unlink(missing_ok=True)
 
-    def open_read(self, where: str) -> Any:
+    def open_read(self, where: str) -> BinaryIO:  # fsspec's file
         return storage.as_os_error(lambda: self._fs(where).open(where, "rb"))
 
 

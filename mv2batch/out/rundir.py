@@ -10,11 +10,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from mv2batch import storage
 from mv2batch.errors import OutputError
 from mv2batch.out.files import TEMP_SUFFIX, files_for, output_errors
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["OWNED", "LOCK_NAME", "RunDir", "OutLock", "fingerprint_of", "open_run", "output_errors", "part_name",
            "run_problem"]
@@ -23,12 +26,12 @@ OWNED = ("run.json", "predictions", "shards", "report", "masks", "overlays")
 LOCK_NAME = ".mv2batch.lock"
 
 
-def fingerprint_of(fields: dict[str, Any]) -> str:
+def fingerprint_of(fields: dict[str, Any]) -> str:  # JSON values
     """A stable hash of the fields that change a run's outputs."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _json_bytes(data: Any) -> bytes:
+def _json_bytes(data: Any) -> bytes:  # a JSON value
     return json.dumps(data, indent=2, sort_keys=True, default=str).encode()
 
 
@@ -63,7 +66,7 @@ class RunDir:
         """The finished part under its final name: renamed into place, or uploaded whole."""
         self.files.commit(temp, self.part_path(shard))
 
-    def read_part(self, shard: int, columns: list[str] | None = None) -> Any:
+    def read_part(self, shard: int, columns: list[str] | None = None) -> pa.Table:
         """A committed part as a table; columns: only those of them it has (an older run's part may lack one),
         so that a page or an export never reads the masks or vectors it does not show."""
         import pyarrow.parquet as pq
@@ -75,7 +78,7 @@ class RunDir:
             handle.seek(0)
             return pq.read_table(handle, columns=[name for name in columns if name in present])
 
-    def write_json(self, where: Path | str, data: Any) -> None:
+    def write_json(self, where: Path | str, data: Any) -> None:  # data: a JSON value
         """A JSON file written whole (a reader never sees half of it)."""
         with output_errors(str(where)):
             self.files.write_whole(where, _json_bytes(data))
@@ -189,7 +192,7 @@ def _is_run_json_temporary(name: str) -> bool:
     return name.startswith(".run.json.") and name.endswith(TEMP_SUFFIX)
 
 
-def _short(value: Any) -> str:
+def _short(value: Any) -> str:  # a JSON value
     text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -204,7 +207,7 @@ class OutLock:
         where = storage.location(root)
         # An object store has no flock (nor any lock its clients all honour): there, OUT is not locked.
         self.path = where / LOCK_NAME if isinstance(where, Path) else None
-        self.handle: Any = None
+        self.handle: TextIO | None = None
 
     def acquire(self) -> "OutLock":
         """Take the lock, or raise OutputError naming the process that holds it."""
@@ -219,7 +222,7 @@ class OutLock:
         self._write_holder()
         return self
 
-    def _try_lock(self) -> Any:
+    def _try_lock(self) -> TextIO | None:
         """The open, locked file; None where it was removed by its last holder between our open and lock."""
         import fcntl
 
@@ -286,7 +289,7 @@ RUN_FIELDS = {"task": str, "fingerprint": str, "plan": dict}
 NEEDED_FIELDS = {"model": ("id", "labels"), "input": ("description",)}
 
 
-def run_problem(run_info: Any, needs: tuple[str, ...] = ()) -> str | None:
+def run_problem(run_info: object, needs: tuple[str, ...] = ()) -> str | None:
     """What makes a run.json unreadable to this version (None: nothing): a missing or mistyped field, a task this
     version does not run, or a part a reader needs (see open_run) missing."""
     from mv2batch.config import Task

@@ -27,7 +27,7 @@ ROW_GROUP_ROWS = 4096
 POSITION = "_index"  # the item index that travels with each row, used for ordering, never written
 
 
-def prediction_schema(task_fields: list[pa.Field], metadata: dict[str, Any]) -> pa.Schema:
+def prediction_schema(task_fields: list[pa.Field], metadata: dict[str, Any]) -> pa.Schema:  # JSON values
     """The Parquet schema of the README's "Output" section, with the run's identity in the key-value metadata."""
     encoded = {key: json.dumps(value, default=str) for key, value in metadata.items()}
     return pa.schema(COMMON_FIELDS + task_fields, metadata=encoded)
@@ -139,7 +139,7 @@ class BackgroundWriter:
                 self._abort_open()
                 return
 
-    def _handle(self, kind: str, shard: int, payload: Any) -> None:
+    def _handle(self, kind: str, shard: int, payload: dict) -> None:  # rows: the columns; commit: the marker
         if kind == "rows":
             if self.prepare is not None:
                 self.prepare(payload)
