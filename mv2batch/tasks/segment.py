@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import pyarrow as pa
 
@@ -17,6 +17,14 @@ from mv2batch.out.safe_names import MaskNames
 from mv2batch.storage import RemoteFile
 from mv2batch.tasks.metrics import SegmentCounts, segmentation_metrics
 from mv2batch.tasks.postprocess import class_counts, confusion_counts, present_counts, upsample_argmax
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers import MobileViTImageProcessorPil
+
+    from mv2batch.inputs.sources import Record
+    from mv2batch.loading.loader import Sample
 
 REMOTE_PROBES = 16  # image headers on an object store read at once, for segmentation's shape grouping
 
@@ -38,14 +46,14 @@ class MaskFiles:
 class SegmentTask:
     """Per-pixel classes at the original size: upsample + argmax on the device, PNG encoding in the writer."""
 
-    name = "segment"
-    default_protocol = "paper"
+    name: ClassVar[str] = "segment"
+    default_protocol: ClassVar[str] = "paper"
     fields = [
         pa.field("mask_png", pa.binary()),
         pa.field("classes", pa.list_(pa.int32())),
         pa.field("class_pixels", pa.list_(pa.int64())),
     ]
-    reorder_rows = True  # batches group images by shape, so rows arrive out of order
+    reorder_rows: ClassVar[bool] = True  # batches group images by shape, so rows arrive out of order
 
     def __init__(self, labels: list[str], files: MaskFiles | None = None, ground_truth: bool = False):
         self.labels = labels
@@ -54,7 +62,8 @@ class SegmentTask:
         if ground_truth:
             self.fields = [*SegmentTask.fields, pa.field("miou", pa.float32())]
 
-    def preprocessing(self, protocol: str, processor: Callable[[], Any], model: str) -> Preprocessing:
+    def preprocessing(self, protocol: str, processor: Callable[[], MobileViTImageProcessorPil], model: str
+                      ) -> Preprocessing:
         chosen = hf_preprocessing(processor())
         if protocol == "hf":
             return chosen
@@ -64,7 +73,8 @@ class SegmentTask:
                             resample=chosen.resize_crop.resample)
         return Preprocessing(protocol="paper", resize_crop=resize, norm=chosen.norm)
 
-    def batches(self, indices: Sequence[int], read: Callable, resize_crop: ResizeCrop, size: int) -> list[list[int]]:
+    def batches(self, indices: Sequence[int], read: Callable[[int], Record], resize_crop: ResizeCrop,
+                size: int) -> list[list[int]]:
         def shape_of(index: int) -> tuple | None:
             probed = probe_size(read(index).raw)
             return _resized_shape(resize_crop, probed) if probed else None
@@ -81,7 +91,7 @@ class SegmentTask:
         """How the writer thread re-reads a photo for its overlay: (index, path) -> encoded image."""
         self.files.read = photo
 
-    def start(self, model: Any, pixels: Any, samples: list[Any]) -> Callable[[], list[dict]]:
+    def start(self, model: torch.nn.Module, pixels: torch.Tensor, samples: list[Sample]) -> Callable[[], list[dict]]:
         """Queue the model, the masks and their counts on the device; the result waits for them and gives one
         dict per image. Nothing here reads from the device, so a GPU can be given the next batch first."""
         logits = model(pixel_values=pixels).logits
@@ -111,7 +121,7 @@ class SegmentTask:
 
         return outputs
 
-    def row(self, sample: Any, output: dict | None) -> dict:
+    def row(self, sample: Sample, output: dict | None) -> dict:
         if output is None:
             row = {"mask_png": None, "classes": None, "class_pixels": None, "miou": None}
         else:
@@ -124,7 +134,7 @@ class SegmentTask:
     def new_counts(self) -> SegmentCounts:
         return SegmentCounts()
 
-    def count(self, counts: SegmentCounts, sample: Any, output: dict) -> None:
+    def count(self, counts: SegmentCounts, sample: Sample, output: dict) -> None:
         counts.add(output["classes"], output["class_pixels"], output["confusion"])
 
     counts_from_json = staticmethod(SegmentCounts.from_json)
@@ -153,7 +163,7 @@ class SegmentTask:
             self._save_files(columns["id"][position], columns["_index"][position], columns["path"][position], mask)
             columns["mask_png"][position] = encode_png(mask)
 
-    def _save_files(self, item_id: str, index: int, photo_path: str | None, mask: Any) -> None:
+    def _save_files(self, item_id: str, index: int, photo_path: str | None, mask: np.ndarray) -> None:
         from mv2batch import storage
         from mv2batch.out.rundir import output_errors
         from mv2batch.tasks.masks import overlay_jpeg, palette_png
