@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def _missing(done: int, total: int | None) -> str:
     return f"{total - done} of its {total} shards are missing"
 
 
-def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
+def _annotations(image_id: int, row: dict, mask_utils: ModuleType) -> list[dict]:  # pycocotools.mask
     """One result per class present: its pixels as COCO's compressed RLE (column-major, as pycocotools wants),
     `area` its pixels, and its bounding box: FiftyOne's COCO reader makes no label of a result without one
     (detectron2's segmentation results carry one too). pycocotools' loadRes then sets `area` to the box's."""
@@ -99,7 +100,7 @@ def _annotations(image_id: int, row: dict, mask_utils) -> list[dict]:
     return found
 
 
-def _pycocotools_mask():
+def _pycocotools_mask() -> ModuleType:
     try:
         from pycocotools import mask
     except ImportError:

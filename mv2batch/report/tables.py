@@ -28,7 +28,7 @@ class Report:
     n_errors: int
     images_per_s: float | None
     complete: bool
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the task's summary: JSON values
     per_class: list[dict] = field(default_factory=list)
     confusion: list[dict] = field(default_factory=list)  # segmentation eval: non-zero (gt, pred) cells
     shards_done: int = 0
@@ -37,7 +37,7 @@ class Report:
     ran_now: int = 0  # rows processed by this invocation
     elapsed_s: float = 0.0  # wall time of this invocation, start-up included
 
-    def summary_row(self) -> dict[str, Any]:
+    def summary_row(self) -> dict[str, Any]:  # JSON values
         """The one row of summary.parquet."""
         return {"task": self.task, "dataset": self.dataset, "model": self.model, "n_images": self.n_images,
                 "n_errors": self.n_errors, "images_per_s": self.images_per_s, **self.metrics}
@@ -100,7 +100,7 @@ def write_html(report: Report, rundir: RunDir) -> None:
             rows += [{**row, "_shard": shard, "_row": position} for position, row in enumerate(part)]
 
         @functools.lru_cache(maxsize=2)  # gallery rows come shard by shard often enough; a part is not small
-        def masks_of(shard: int) -> Any:
+        def masks_of(shard: int) -> pa.ChunkedArray:
             return rundir.read_part(shard, ["mask_png"]).column("mask_png")
 
         def read_mask(row: dict) -> bytes:
