@@ -17,12 +17,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from mv2batch.dedup import vector_search
 from mv2batch.errors import ConfigError, Mv2batchError, OutputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from mv2batch.out.rundir import RunDir
 
 # Not calibrated (no trained model here; random weights give no invariance to crops or re-encoding): a
 # conservative start, high enough that unrelated images should not pass it. The printed distribution of
@@ -39,9 +44,9 @@ COLUMNS = ["id", "path", "status", "sha256", "embedding"]
 class RunVectors:
     """A run's items in input order (shard, then row), and the matrix of those with an embedding."""
 
-    ids: Any  # pyarrow string array, every row
-    paths: Any  # pyarrow string array, every row: what a user deletes or keeps
-    sha256: Any  # pyarrow string array, every row (null where unreadable)
+    ids: pa.Array  # of strings, every row
+    paths: pa.Array  # of strings, every row: what a user deletes or keeps
+    sha256: pa.Array  # of strings, every row (null where unreadable)
     rows: np.ndarray  # int64: matrix row -> item number
     matrix: np.ndarray  # float32 (len(rows), D), L2-normalised here
     stored_type: str  # "float32" or "float16", as the parts hold it
@@ -50,7 +55,7 @@ class RunVectors:
 
 @dataclass
 class DedupResult:
-    table: Any  # pyarrow Table: duplicates.parquet
+    table: pa.Table  # duplicates.parquet
     threshold: float
     k: int
     method: str
@@ -106,7 +111,7 @@ def _gb(count: int) -> str:
     return f"{count / 1e6:.0f} MB" if count >= 1e6 else f"{count / 1e3:.0f} kB"
 
 
-def _part_shapes(rundir: Any, shards: list[int]) -> tuple[int, int, str]:
+def _part_shapes(rundir: RunDir, shards: list[int]) -> tuple[int, int, str]:
     """(rows, D, stored type) from the parts' footers alone. Every row gets a matrix row: error rows are few,
     and np.empty's pages that are never written are never taken."""
     import pyarrow as pa
@@ -130,7 +135,7 @@ def _part_shapes(rundir: Any, shards: list[int]) -> tuple[int, int, str]:
     return rows, sizes.pop(), "/".join(sorted(types))
 
 
-def read_vectors(rundir: Any, shards: list[int], memory_available: int | None, k: int,
+def read_vectors(rundir: RunDir, shards: list[int], memory_available: int | None, k: int,
                  say: Callable[[str], None] | None = None) -> RunVectors:
     """The parts' ids, hashes and embeddings, streamed into one matrix; refused in one line when it cannot
     fit (memory_available: bytes; None skips the check)."""
@@ -160,14 +165,14 @@ def read_vectors(rundir: Any, shards: list[int], memory_available: int | None, k
     return RunVectors(_joined(ids), _joined(paths), _joined(hashes), rows_with_vectors, matrix, stored, len(shards))
 
 
-def _batches(rundir: Any, shard: int):
+def _batches(rundir: RunDir, shard: int) -> Iterator[pa.RecordBatch]:
     import pyarrow.parquet as pq
 
     with rundir.files.open_read(rundir.part_path(shard)) as handle:
         yield from pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS, columns=COLUMNS)
 
 
-def _embedded_block(batch: Any, d: int) -> tuple[np.ndarray, np.ndarray]:
+def _embedded_block(batch: pa.RecordBatch, d: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows of a batch that carry an embedding (status ok, not null) as (m, d), and their positions."""
     import pyarrow.compute as pc
 
@@ -178,13 +183,13 @@ def _embedded_block(batch: Any, d: int) -> tuple[np.ndarray, np.ndarray]:
     return values, np.flatnonzero(usable.to_numpy(zero_copy_only=False)).astype(np.int64)
 
 
-def _joined(chunks: list) -> Any:
+def _joined(chunks: list[pa.Array]) -> pa.Array:
     import pyarrow as pa
 
     return pa.chunked_array(chunks, type=pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
 
 
-def same_bytes_pairs(sha256: Any) -> tuple[np.ndarray, np.ndarray]:
+def same_bytes_pairs(sha256: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of items with the same sha256 (each to the next with the same hash: enough to join them)."""
     import pyarrow.compute as pc
 
@@ -195,7 +200,7 @@ def same_bytes_pairs(sha256: Any) -> tuple[np.ndarray, np.ndarray]:
     return order[linked].astype(np.int64), order[linked + 1].astype(np.int64)
 
 
-def duplicates_table(vectors: RunVectors, labels: np.ndarray) -> Any:
+def duplicates_table(vectors: RunVectors, labels: np.ndarray) -> pa.Table:
     """duplicates.parquet's rows (see the module's docstring) for every item of a group of 2 or more."""
     import pyarrow as pa
 
