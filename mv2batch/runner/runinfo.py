@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mv2batch.config import RunConfig, omitted_at_default, output_fields
 from mv2batch.inputs.sources import is_sharded
@@ -13,6 +13,12 @@ from mv2batch.loading.preprocess import Preprocessing
 from mv2batch.model.speedups import speedups_mode
 from mv2batch.out.rundir import fingerprint_of
 from mv2batch.runner.shard_plan import DEFAULT_SHARD_SIZE, ShardPlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from mv2batch.inputs.sources import Source
+    from mv2batch.model.checkpoints import ResolvedModel
 
 
 def _versions() -> dict[str, str]:
@@ -33,7 +39,7 @@ def shard_size(config: RunConfig) -> int:
     return config.shard_size or DEFAULT_SHARD_SIZE[config.task.value]
 
 
-def _n_items(config: RunConfig, source: Any) -> int | None:
+def _n_items(config: RunConfig, source: Source) -> int | None:
     if source.streamed or is_sharded(source):
         return None  # unknown until read
     return min(len(source), config.limit) if config.limit else len(source)
@@ -53,13 +59,13 @@ def _folder(path: Path | str | None) -> str | None:
     return str(path.expanduser().resolve()) if isinstance(path, Path) else path
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any) -> Any:  # a config field's value, any type
     """A config value as JSON writes it: enums by value, paths as text."""
     return value.value if isinstance(value, Enum) else str(value) if isinstance(value, Path) else value
 
 
-def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
-                       dtype: Any) -> dict[str, Any]:
+def fingerprint_fields(config: RunConfig, source: Source, resolved: ResolvedModel, preprocessing: Preprocessing,
+                       dtype: torch.dtype) -> dict[str, Any]:  # JSON values
     """Every RunConfig field declared as changing outputs (config.output_fields), by the value it resolves to:
     the input by its content, the model by its resolved id and revision, defaults by what they chose."""
     resolved_values = {
@@ -77,8 +83,8 @@ def fingerprint_fields(config: RunConfig, source: Any, resolved: Any, preprocess
             for name in output_fields() if name not in left_out}
 
 
-def describe_run(config: RunConfig, source: Any, resolved: Any, preprocessing: Preprocessing,
-                 dtype: Any, labels: list[str]) -> dict:
+def describe_run(config: RunConfig, source: Source, resolved: ResolvedModel, preprocessing: Preprocessing,
+                 dtype: torch.dtype, labels: list[str]) -> dict:
     """run.json's content; `fingerprint` hashes the fields that change outputs."""
     n_items = _n_items(config, source)
     fields = fingerprint_fields(config, source, resolved, preprocessing, dtype)
