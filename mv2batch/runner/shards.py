@@ -8,8 +8,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    from contextlib import AbstractContextManager
 
+    import pyarrow as pa
+    import torch
+
+    from mv2batch.loading.decode import Decoded
     from mv2batch.loading.loader import DecodeGate
     from mv2batch.loading.shared_batches import Batch
     from mv2batch.runner.placement import Placement
@@ -31,13 +35,16 @@ from mv2batch.runner.job import Job
 
 LoaderSettingsChoice = Callable[..., resources.LoaderSettings]  # resources.choose_loader_settings's signature
 Reader = Callable[[int], Record]  # an item's record by its index
+if TYPE_CHECKING:
+    Decoder = Callable[..., Decoded]  # (raw, max_pixels, fast) -> the decoded image: loading.decode.decode_image
+    Float32Math = Callable[[torch.device, torch.dtype], AbstractContextManager[None]]  # model.device.float32_math
 
 
 def run_shards(job: Job, placement: Placement, rundir: RunDir, owns: Callable[[int], bool], rank: int = 0,
                progress: ProgressCallback | None = None,
                choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
-               part_writer: type | None = None, decode: Callable = decode_image,
-               float32_math: Callable = ieee_float32_math) -> Counters:
+               part_writer: type | None = None, decode: Decoder = decode_image,
+               float32_math: Float32Math = ieee_float32_math) -> Counters:
     """Run this process's shards that are not done yet (and, with --retry-errors, the failed rows of done ones).
 
     owns: which shards are this process's; rank: its number, recorded in the markers. choose_loader_settings: how
@@ -62,7 +69,7 @@ def run_shards(job: Job, placement: Placement, rundir: RunDir, owns: Callable[[i
 
 def build_loop(job: Job, placement: Placement, rundir: RunDir, rank: int = 0, progress: ProgressCallback | None = None,
                choose_loader_settings: LoaderSettingsChoice = resources.choose_loader_settings,
-               part_writer: type | None = None, decode: Callable = decode_image) -> BatchLoop:
+               part_writer: type | None = None, decode: Decoder = decode_image) -> BatchLoop:
     """The batch loop of a job from its real parts: the task, the placement, a loader (whose workers decode with
     decode) and a writer."""
     from mv2batch.out.writer import BackgroundWriter
@@ -80,7 +87,7 @@ def build_loop(job: Job, placement: Placement, rundir: RunDir, rank: int = 0, pr
 
 
 def loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
-                   gate: DecodeGate | None, shards: Shards, decode: Callable = decode_image) -> Iterator[Batch]:
+                   gate: DecodeGate | None, shards: Shards, decode: Decoder = decode_image) -> Iterator[Batch]:
     """A DataLoader over the records `read` gives, decoding (with decode) and resizing in settings.workers
     workers."""
     return make_loader(_images(job, placement, read, gate, decode), _index_batches(job, placement, shards, read),
@@ -89,7 +96,7 @@ def loader_factory(job: Job, placement: Placement, settings: resources.LoaderSet
 
 
 def shard_loader_factory(job: Job, placement: Placement, settings: resources.LoaderSettings, read: Reader,
-                         gate: DecodeGate | None, shards: Shards, decode: Callable = decode_image) -> Iterator[Batch]:
+                         gate: DecodeGate | None, shards: Shards, decode: Decoder = decode_image) -> Iterator[Batch]:
     """A DataLoader whose workers stream whole shards of a sharded source (one worker per shard at a time),
     decoding each image with decode."""
     from mv2batch.loading.shard_loader import make_shard_loader
@@ -100,13 +107,13 @@ def shard_loader_factory(job: Job, placement: Placement, settings: resources.Loa
 
 
 def _images(job: Job, placement: Placement, read: Reader | None, gate: DecodeGate | None,
-            decode: Callable = decode_image) -> ImageDataset:
+            decode: Decoder = decode_image) -> ImageDataset:
     fast = placement.host_pixels.resize_crop if job.config.decode is Decode.fast else None
     return ImageDataset(read, placement.host_pixels, job.config.max_pixels,
                         reduce_labels=reduces_labels(job.config.source.value), gate=gate, fast=fast, decode=decode)
 
 
-def _index_batches(job: Job, placement: Placement, shards: Shards, read: Callable) -> Iterator[list[int]]:
+def _index_batches(job: Job, placement: Placement, shards: Shards, read: Reader) -> Iterator[list[int]]:
     """The batches of every shard in turn, made lazily so that probing image sizes never delays the start."""
     resize_crop = placement.host_pixels.resize_crop
     for _, indices in shards:
