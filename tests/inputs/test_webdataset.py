@@ -109,7 +109,7 @@ def test_brace_patterns_and_keys_expand_as_webdataset_does():
     assert split_key("README") is None
 
 
-def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tmp_path):
+def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(imagenet_model, tmp_path):
     """ImageNet's WebDataset layout (imagenet-val-{000000..000009}.tar, .jpg + .cls) against val/<wnid>/."""
     import mv2batch
     from mv2batch.inputs.eval_layouts import imagenet_wnids
@@ -128,8 +128,8 @@ def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(full_model, tm
         write_tar(shards / f"imagenet-val-{number:06d}.tar", samples)
 
     def evaluate(name: str, out: str):
-        config = RunConfig(task="classify", source="imagenet", input=name, out=tmp_path / out, model=str(full_model),
-                           device="cpu", workers=0)
+        config = RunConfig(task="classify", source="imagenet", input=name, out=tmp_path / out,
+                           model=str(imagenet_model), device="cpu", workers=0)
         return mv2batch.run(config)
 
     folder = evaluate(str(val), "folder")
