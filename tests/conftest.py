@@ -154,14 +154,35 @@ def classify(input_path: Path, out: Path, model: Path, parts=None, progress=None
     return local.run(config, progress, parts) if parts is not None else mv2batch.run(config, progress)
 
 
-def classify_on_ray(input_path: Path, out: Path, model: Path, **options):
-    """classify with the Ray engine, on a local Ray of 2 CPUs started for it and shut down after."""
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray of 2 CPUs for every Ray test of the session: starting one, and its workers' imports of torch,
+    took 15-60 s on 2 cores each time. The engine joins the Ray that is running (engines.ray._ray), and its idle
+    workers, torch imported, take the next test's tasks. Shut down after the last test that asks for it
+    (pytest_runtest_teardown), so that no other test shares the cores with Ray's daemons."""
     ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    try:
-        return classify(input_path, out, model, engine="ray", **options)
-    finally:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The session's Ray stops once no test after this one asks for local_ray."""
+    if "local_ray" not in getattr(item, "fixturenames", ()):
+        return
+    later = item.session.items[item.session.items.index(item) + 1:]
+    if not any("local_ray" in getattr(test, "fixturenames", ()) for test in later):
+        import ray
+
         ray.shutdown()
+
+
+def classify_on_ray(input_path: Path, out: Path, model: Path, **options):
+    """classify with the Ray engine, on the session's local Ray (the test asks for the local_ray fixture)."""
+    import ray
+
+    assert ray.is_initialized(), "a Ray test asks for the local_ray fixture"
+    return classify(input_path, out, model, engine="ray", **options)
 
 
 def placed_with(change):

@@ -467,7 +467,7 @@ def test_a_part_without_its_marker_is_written_over_by_the_next_run(s3, reference
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
 
 
-def test_ray_tasks_read_and_write_s3_with_the_runs_storage_options(s3, reference, tiny_model, tmp_path):
+def test_ray_tasks_read_and_write_s3_with_the_runs_storage_options(s3, reference, tiny_model, local_ray, tmp_path):
     source, expected = reference
     out = s3.bucket() + "/out"
     report = classify_on_ray(source, out, tiny_model, shard_size=3, batch_size=1, storage_options=s3.options)

@@ -307,20 +307,16 @@ def test_image_ext_chooses_the_member_and_gzipped_tars_are_read(photos, tiny_mod
     assert (rows[0]["width"], rows[0]["height"]) == Image.open(io.BytesIO(photos[1][2])).size
 
 
-def test_the_ray_engine_runs_one_task_per_tar_with_the_single_process_output(reference, tiny_model, tmp_path):
-    ray = pytest.importorskip("ray")  # .ci/run installs the [ray] extra, so this runs there
+def test_the_ray_engine_runs_one_task_per_tar_with_the_single_process_output(reference, tiny_model, local_ray,
+                                                                            tmp_path):
+    import mv2batch
+
     tars, _ = reference
     _run([str(t) for t in tars], tmp_path / "one", tiny_model)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     updates = []
-    try:
-        import mv2batch
-
-        config = RunConfig(task="classify", source="webdataset", input=[str(t) for t in tars], out=tmp_path / "ray",
-                           model=str(tiny_model), device="cpu", workers=0, engine="ray")
-        report = mv2batch.run(config, updates.append)
-    finally:
-        ray.shutdown()
+    config = RunConfig(task="classify", source="webdataset", input=[str(t) for t in tars], out=tmp_path / "ray",
+                       model=str(tiny_model), device="cpu", workers=0, engine="ray")
+    report = mv2batch.run(config, updates.append)
     assert report.complete and report.ran_now == 12
     _assert_same_rows(read_rows(tmp_path / "ray"), read_rows(tmp_path / "one"))
     assert [u.done for u in updates] == [0, 4, 8, 12] and {u.total for u in updates} == {None}

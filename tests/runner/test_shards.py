@@ -251,7 +251,8 @@ def test_two_processes_started_at_once_on_one_out_one_refused_the_other_complete
     _assert_same_output(tmp_path / "out", reference)
 
 
-def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, tmp_path):
+def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, local_ray,
+                                                                        tmp_path):
     folder, expected = reference
     out = tmp_path / "out"
     updates = []

@@ -259,7 +259,7 @@ def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(
 
 
 @pytest.mark.slow
-def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, tmp_path):
+def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, local_ray, tmp_path):
     embed(photos, tmp_path / "local", tiny_model, shard_size=4, batch_size=2)
     report = classify_on_ray(photos, tmp_path / "ray", tiny_model, task="embed", shard_size=4, batch_size=2)
     assert report.complete and report.n_images == len(list(photos.iterdir()))
