@@ -14,6 +14,7 @@ from conftest import (
     CAMERA_PHOTOS,
     classify,
     classify_on_ray,
+    cli,
     imagenet_photo_paths,
     kill_during_a_shard,
     noisy_photos,
@@ -108,25 +109,55 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def test_classify_embeddings_are_embeds_and_its_topk_is_classifys(tiny_model, photos, tmp_path):
-    embed(photos, tmp_path / "embed", tiny_model, batch_size=4)
-    classify(photos, tmp_path / "classify", tiny_model, batch_size=4)
+@pytest.fixture(scope="module")
+def embedded(tiny_model, photos, tmp_path_factory) -> Path:
+    """OUT of the photos embedded at batch 4, for the tests that only read it."""
+    out = tmp_path_factory.mktemp("embedded") / "out"
+    embed(photos, out, tiny_model, batch_size=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def classified(tiny_model, photos, tmp_path_factory) -> Path:
+    """OUT of the photos classified at batch 4 (no embeddings), for the tests that only read it."""
+    out = tmp_path_factory.mktemp("classified") / "out"
+    classify(photos, out, tiny_model, batch_size=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_shards(tiny_model, photos, tmp_path_factory):
+    """in_shards(task): OUT of the photos run in shards of 4, batches of 2 ("embed", or "classify" with
+    --embeddings), made when first asked for."""
+    root, made = tmp_path_factory.mktemp("in-shards"), {}
+
+    def run(task: str) -> Path:
+        if task not in made:
+            options = {"embeddings": True} if task == "classify" else {}
+            classify(photos, root / task, tiny_model, task=task, batch_size=2, shard_size=4, **options)
+            made[task] = root / task
+        return made[task]
+
+    return run
+
+
+def test_classify_embeddings_are_embeds_and_its_topk_is_classifys(tiny_model, photos, embedded, classified,
+                                                                   tmp_path):
     classify(photos, tmp_path / "both", tiny_model, batch_size=4, embeddings=True)
-    embedded, plain, both = (read_rows(tmp_path / name) for name in ("embed", "classify", "both"))
-    np.testing.assert_array_equal(_embeddings(both), _embeddings(embedded))
+    embeds, plain, both = read_rows(embedded), read_rows(classified), read_rows(tmp_path / "both")
+    np.testing.assert_array_equal(_embeddings(both), _embeddings(embeds))
     assert [row["topk_ids"] for row in both] == [row["topk_ids"] for row in plain]
     assert [row["topk_scores"] for row in both] == [row["topk_scores"] for row in plain]
     assert "embedding" not in plain[0]
 
 
-def test_fp16_is_fp32_rounded_once_and_normalize_gives_unit_vectors(tiny_model, photos, tmp_path):
+def test_fp16_is_fp32_rounded_once_and_normalize_gives_unit_vectors(tiny_model, photos, embedded, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    embed(photos, tmp_path / "fp32", tiny_model, batch_size=4)
     embed(photos, tmp_path / "fp16", tiny_model, batch_size=4, embedding_dtype="fp16")
     embed(photos, tmp_path / "unit", tiny_model, batch_size=4, normalize=True)
-    fp32 = _embeddings(read_rows(tmp_path / "fp32"))
+    fp32 = _embeddings(read_rows(embedded))
     table = pq.read_table(tmp_path / "fp16" / "predictions")
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), fp32.shape[1])
     fp16 = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(fp32.shape)
@@ -178,10 +209,10 @@ def test_embedding_options_elsewhere_are_one_line(tiny_model, photos, tmp_path):
         "mv2batch: error: --normalize and --embedding-dtype apply to embed and classify --embeddings"]
 
 
-def test_adding_embeddings_to_a_classify_run_is_refused_naming_the_field(tiny_model, photos, tmp_path):
-    classify(photos, tmp_path / "out", tiny_model, batch_size=4)
+def test_adding_embeddings_to_a_classify_run_is_refused_naming_the_field(tiny_model, photos, classified, tmp_path):
+    out = shutil.copytree(classified, tmp_path / "out")
     with pytest.raises(OutputError, match="embeddings"):
-        classify(photos, tmp_path / "out", tiny_model, batch_size=4, embeddings=True, resume=True)
+        classify(photos, out, tiny_model, batch_size=4, embeddings=True, resume=True)
 
 
 def test_sigkill_mid_embed_then_rerun_gives_the_uninterrupted_embeddings(tiny_model, tmp_path):
@@ -192,7 +223,7 @@ def test_sigkill_mid_embed_then_rerun_gives_the_uninterrupted_embeddings(tiny_mo
     process = subprocess.Popen([sys.executable, *args])
     assert kill_during_a_shard(process, tmp_path / "out", after_markers=2), "the kill must land mid-shard"
     assert 2 <= len(list((tmp_path / "out" / "shards").glob("*.json"))) < 7
-    subprocess.run([sys.executable, *args], check=True, timeout=120)
+    embed(folder, tmp_path / "out", tiny_model, shard_size=3, batch_size=1)  # the rerun: in-process is the same
     rows, expected = read_rows(tmp_path / "out"), read_rows(tmp_path / "reference")
     assert [row["id"] for row in rows] == [row["id"] for row in expected]
     np.testing.assert_array_equal(_embeddings(rows), _embeddings(expected))
@@ -211,8 +242,8 @@ def test_dedup_groups_byte_and_pixel_identical_copies_of_real_photos_and_nothing
     shutil.copy(first, folder / "copy_of_first.jpg")
     Image.open(second).convert("RGB").save(folder / "second_as.png")
     embed(folder, tmp_path / "out", tiny_model, batch_size=4)
-    done = _cli("dedup", str(tmp_path / "out"))
-    assert done.returncode == 0, done.stderr
+    done = cli("dedup", str(tmp_path / "out"))
+    assert done.exit_code == 0, done.output
     assert "groups: 2 " in done.stdout and "largest 2" in done.stdout, done.stdout
     assert "nearest-neighbour cosine similarity" in done.stdout
     rows = pq.read_table(tmp_path / "out" / "report" / "duplicates.parquet").to_pylist()
@@ -225,14 +256,14 @@ def test_dedup_groups_byte_and_pixel_identical_copies_of_real_photos_and_nothing
     assert {row["path"] for row in rows} == {str(folder / row["id"]) for row in rows}  # what a user deletes
 
 
-def test_dedup_of_a_run_without_embeddings_is_one_line(tiny_model, photos, tmp_path):
-    classify(photos, tmp_path / "out", tiny_model, batch_size=4)
-    done = _cli("dedup", str(tmp_path / "out"))
-    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+def test_dedup_of_a_run_without_embeddings_is_one_line(classified):
+    done = cli("dedup", str(classified))
+    assert done.exit_code != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "embed" in done.stderr
 
 
-def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(tiny_model, photos, tmp_path):
+def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(tiny_model, photos, embedded,
+                                                                                 tmp_path):
     """The same photos as tar members and as a Parquet column of bytes: the same vectors and digests as files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -245,11 +276,10 @@ def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(
     write_tar(tmp_path / "data-001.tar", samples[5:])
     pq.write_table(pa.table({"key": [key for key, _ in samples], "jpg": [m["jpg"] for _, m in samples]}),
                    tmp_path / "images.parquet")
-    embed(photos, tmp_path / "folder", tiny_model, batch_size=1)
-    embed(str(tmp_path / "data-{000..001}.tar"), tmp_path / "tars", tiny_model, batch_size=1, source="webdataset")
-    embed(tmp_path / "images.parquet", tmp_path / "table", tiny_model, batch_size=1, source="dataset",
+    embed(str(tmp_path / "data-{000..001}.tar"), tmp_path / "tars", tiny_model, batch_size=4, source="webdataset")
+    embed(tmp_path / "images.parquet", tmp_path / "table", tiny_model, batch_size=4, source="dataset",
           id_column="key")
-    expected = {Path(row["id"]).stem: row for row in read_rows(tmp_path / "folder")}
+    expected = {Path(row["id"]).stem: row for row in read_rows(embedded)}
     for name in ("tars", "table"):
         rows = {Path(row["id"]).name.split(".")[0]: row for row in read_rows(tmp_path / name)}
         assert rows.keys() == expected.keys(), name
@@ -259,11 +289,10 @@ def test_tars_and_a_table_of_image_bytes_give_the_folders_embeddings_and_sha256(
 
 
 @pytest.mark.slow
-def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, local_ray, tmp_path):
-    embed(photos, tmp_path / "local", tiny_model, shard_size=4, batch_size=2)
+def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, in_shards, local_ray, tmp_path):
     report = classify_on_ray(photos, tmp_path / "ray", tiny_model, task="embed", shard_size=4, batch_size=2)
     assert report.complete and report.n_images == len(list(photos.iterdir()))
-    rows, expected = read_rows(tmp_path / "ray"), read_rows(tmp_path / "local")
+    rows, expected = read_rows(tmp_path / "ray"), read_rows(in_shards("embed"))
     assert [row["id"] for row in rows] == [row["id"] for row in expected]
     # A Ray task runs with its own thread count: fp32 convolutions round a little differently (3e-8 seen).
     np.testing.assert_allclose(_embeddings(rows), _embeddings(expected), atol=1e-6, rtol=0)
@@ -271,7 +300,7 @@ def test_embed_on_the_ray_engine_gives_the_local_embeddings(tiny_model, photos, 
 
 @pytest.mark.parametrize("task", ["embed", "classify"])
 def test_retry_errors_fills_the_embeddings_of_rows_that_failed_and_keeps_the_others(task, tiny_model, photos,
-                                                                                    tmp_path):
+                                                                                    in_shards, tmp_path):
     """A file that could not be decoded once (its bytes zeroed, then put back: the same size, so the same input
     and run) gets from --retry-errors the embedding and sha256 of a run that never failed, in place; every
     other row's vector stays as it was."""
@@ -289,8 +318,8 @@ def test_retry_errors_fills_the_embeddings_of_rows_that_failed_and_keeps_the_oth
     broken.write_bytes(good)
     retried = classify(folder, tmp_path / "out", tiny_model, retry_errors=True, **options)
     assert retried.n_errors == 0 and retried.ran_now == 1
-    classify(folder, tmp_path / "reference", tiny_model, **options)
-    rows, expected = read_rows(tmp_path / "out"), read_rows(tmp_path / "reference")
+    reference = in_shards(task)  # the same files, never broken
+    rows, expected = read_rows(tmp_path / "out"), read_rows(reference)
     assert [row["id"] for row in rows] == [row["id"] for row in expected]
     assert [row["sha256"] for row in rows] == [row["sha256"] for row in expected]
     # The retried row ran in a batch of its own: CPU kernels sum in another order (3e-7 seen), so not bit for bit.
@@ -299,4 +328,4 @@ def test_retry_errors_fills_the_embeddings_of_rows_that_failed_and_keeps_the_oth
     np.testing.assert_array_equal(_embeddings([rows[i] for i in unchanged]),
                                   _embeddings([before[i] for i in unchanged]))
     rewritten = tmp_path / "out" / "predictions" / "part-00000.parquet"  # the shard that held the broken file
-    assert pq.read_schema(rewritten) == pq.read_schema(tmp_path / "reference" / "predictions" / "part-00000.parquet")
+    assert pq.read_schema(rewritten) == pq.read_schema(reference / "predictions" / "part-00000.parquet")
