@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import classify, classify_on_ray, read_rows, segment
+from conftest import classify, classify_on_ray, cli, read_rows, segment
 
 from mv2batch.engines.local import LocalParts
 from mv2batch.errors import OutputError
@@ -97,6 +97,13 @@ def photos(tmp_path_factory):
     return _photos(tmp_path_factory.mktemp("object-storage") / "photos", 12)
 
 
+@pytest.fixture(scope="module")
+def photos_run(photos, tiny_model, tmp_path_factory):
+    """(report, OUT) of one local run over the photos with the default options, for the tests that only read it."""
+    out = tmp_path_factory.mktemp("object-storage") / "local"
+    return classify(photos, out, tiny_model), out
+
+
 def _same_rows(got: list[dict], want: list[dict]) -> None:
     """The rows of two runs equal, but for where their photos were read from."""
     assert [r["id"] for r in got] == [r["id"] for r in want]
@@ -144,11 +151,9 @@ def test_webdataset_tars_on_s3_read_in_worker_processes_give_the_local_rows(s3, 
                   [(f.stem, {"jpg": f.read_bytes(), "cls": b"3"}) for f in files[number * 4:(number + 1) * 4]])
     bucket = s3.bucket()
     s3.upload(tars, bucket + "/tars")
-    common = ["--model", str(tiny_model), "--workers", "1"]
-    subprocess.run(_cli("classify", "webdataset", str(tars / "part-{000..002}.tar"), "-o", str(tmp_path / "local"),
-                        *common), check=True, timeout=300)
+    classify(str(tars / "part-{000..002}.tar"), tmp_path / "local", tiny_model, source="webdataset", workers=1)
     subprocess.run(_cli("classify", "webdataset", bucket + "/tars/part-{000..002}.tar", "-o", bucket + "/out",
-                        *common), check=True, timeout=300, env=s3.env)
+                        "--model", str(tiny_model), "--workers", "1"), check=True, timeout=300, env=s3.env)
     _same_rows(_rows_at(s3, bucket + "/out", tmp_path / "fetched"), read_rows(tmp_path / "local"))
     assert all(row["path"].startswith(bucket + "/tars/part-") for row in _rows_at(s3, bucket + "/out", tmp_path / "f2"))
 
@@ -237,7 +242,8 @@ def test_sigkill_during_an_s3_run_then_rerun_gives_the_uninterrupted_output(s3, 
     process.wait()
     assert 2 <= _markers(s3, out) < 7, "the kill must land mid-run"
     assert list(PART_TEMPS.glob(f"{process.pid}-*")), "the kill must land while a part is being made"
-    subprocess.run(args, check=True, timeout=300, env=s3.env)
+    # The rerun in-process (the killed run was a process): the same run, its storage options passed.
+    classify(source, out, tiny_model, shard_size=3, batch_size=1, storage_options=s3.options)
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
     assert not list(PART_TEMPS.glob(f"{process.pid}-*")), "the killed run's local part was left behind"
 
@@ -386,7 +392,8 @@ class FlakyS3:
         return Flaky
 
 
-def test_a_transient_read_failure_is_retried_and_a_lasting_one_is_an_error_row(s3, photos, tiny_model, tmp_path):
+def test_a_transient_read_failure_is_retried_and_a_lasting_one_is_an_error_row(s3, photos, photos_run, tiny_model,
+                                                                               tmp_path):
     import fsspec
 
     fsspec.register_implementation("flaky-s3", FlakyS3.kind(), clobber=True)
@@ -401,13 +408,13 @@ def test_a_transient_read_failure_is_retried_and_a_lasting_one_is_an_error_row(s
     read_once_more = [key for key, n in FlakyS3.attempts.items() if key not in FlakyS3.forever]
     # Twice by the run (a failure, then the retry), once more by the HTML report for its thumbnails.
     assert len(read_once_more) == 11 and all(FlakyS3.attempts[key] == 3 for key in read_once_more)
-    local = classify(photos, tmp_path / "local", tiny_model)
+    local, local_out = photos_run
     _same_rows([r for r in read_rows(tmp_path / "out") if r["id"] != "b/photo_04.jpg"],
-               [r for r in read_rows(tmp_path / "local") if r["id"] != "b/photo_04.jpg"])
+               [r for r in read_rows(local_out) if r["id"] != "b/photo_04.jpg"])
     assert local.n_errors == 0
 
 
-def test_tables_on_s3_bytes_streamed_and_paths_relative_to_the_table(s3, photos, tiny_model, tmp_path):
+def test_tables_on_s3_bytes_streamed_and_paths_relative_to_the_table(s3, photos, photos_run, tiny_model, tmp_path):
     """A Parquet of image bytes on S3, read whole and streamed, and a table of paths relative to its own
     prefix (each image then an object read in the worker): the folder's rows, ids from the key column."""
     import pyarrow as pa
@@ -420,8 +427,7 @@ def test_tables_on_s3_bytes_streamed_and_paths_relative_to_the_table(s3, photos,
     s3.fs.put(str(tmp_path / "bytes.parquet"), bucket.removeprefix("s3://") + "/tables/bytes.parquet")
     s3.fs.put(str(tmp_path / "paths.parquet"), bucket.removeprefix("s3://") + "/paths.parquet")
     s3.upload(photos, bucket + "/photos")
-    classify(photos, tmp_path / "folder", tiny_model)
-    want = read_rows(tmp_path / "folder")
+    want = read_rows(photos_run[1])
     runs = {"whole": dict(input_path=bucket + "/tables/bytes.parquet"),
             "streamed": dict(input_path=bucket + "/tables", streaming=True),
             "paths": dict(input_path=bucket + "/paths.parquet", image_column="file")}
@@ -457,13 +463,12 @@ def test_a_part_without_its_marker_is_written_over_by_the_next_run(s3, reference
     shard again and writes its part over, whatever the stray object holds."""
     source, expected = reference
     out = s3.bucket() + "/out"
-    args = _cli("classify", "folder", source, "-o", out, "--model", str(tiny_model), "--shard-size", "3",
-                "--batch-size", "1", "--workers", "0")
-    subprocess.run(args, check=True, timeout=300, env=s3.env)
+    options = {"shard_size": 3, "batch_size": 1, "storage_options": s3.options}
+    classify(source, out, tiny_model, **options)
     s3.fs.rm(out + "/shards/00004.json")
     s3.fs.pipe(out + "/predictions/part-00004.parquet", b"half a part")
     s3.fs.rm(out + "/report", recursive=True)
-    subprocess.run(args, check=True, timeout=300, env=s3.env)
+    classify(source, out, tiny_model, **options)
     _assert_committed_output(s3, out, expected, tmp_path / "fetched")
 
 
@@ -485,14 +490,11 @@ def test_embed_to_s3_then_dedup_of_the_s3_out_through_the_cli(s3, photos, tiny_m
     (copies / "copy.jpg").write_bytes((copies / "photo_03.jpg").read_bytes())
     bucket = s3.bucket()
     s3.upload(copies, bucket + "/photos")
-    common = ["--model", str(tiny_model), "--workers", "0"]
-    subprocess.run(_cli("embed", "folder", str(copies), "-o", str(tmp_path / "local"), *common), check=True,
-                   timeout=300)
-    subprocess.run(_cli("embed", "folder", bucket + "/photos", "-o", bucket + "/out", *common), env=s3.env,
-                   check=True, timeout=300)
+    classify(copies, tmp_path / "local", tiny_model, task="embed")  # the local reference: in-process
+    subprocess.run(_cli("embed", "folder", bucket + "/photos", "-o", bucket + "/out", "--model", str(tiny_model),
+                        "--workers", "0"), env=s3.env, check=True, timeout=300)
     _same_rows(_rows_at(s3, bucket + "/out", tmp_path / "fetched"), read_rows(tmp_path / "local"))
-    subprocess.run([sys.executable, "-m", "mv2batch", "dedup", str(tmp_path / "local")], check=True, timeout=300,
-                   capture_output=True)
+    assert cli("dedup", str(tmp_path / "local")).exit_code == 0
     done = subprocess.run([sys.executable, "-m", "mv2batch", "dedup", bucket + "/out"], env=s3.env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
