@@ -32,10 +32,24 @@ def test_a_folder_of_camera_photos_lists_heic_and_heif():
     assert sorted(FolderSource.open(CAMERA_PHOTOS).ids) == sorted(UPRIGHT)
 
 
+@pytest.fixture(scope="module")
+def camera_runs(tiny_model, tmp_path_factory):
+    """camera_runs(mode): (report, OUT) of the camera photos classified with --decode mode, decoded in a worker
+    process; each run made once, for the tests that only read it."""
+    root, made = tmp_path_factory.mktemp("camera-runs"), {}
+
+    def run(mode: str):
+        if mode not in made:
+            made[mode] = classify(CAMERA_PHOTOS, root / mode, tiny_model, decode=mode, workers=1), root / mode
+        return made[mode]
+
+    return run
+
+
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_every_camera_photo_is_an_ok_row_of_its_upright_size(mode, tiny_model, tmp_path):
-    report = classify(CAMERA_PHOTOS, tmp_path / "out", tiny_model, decode=mode, workers=1)
-    rows = read_rows(tmp_path / "out")
+def test_every_camera_photo_is_an_ok_row_of_its_upright_size(mode, camera_runs):
+    report, out = camera_runs(mode)
+    rows = read_rows(out)
     assert report.n_errors == 0 and [r["id"] for r in rows] == sorted(UPRIGHT)
     assert {r["id"]: (r["width"], r["height"]) for r in rows} == UPRIGHT
 
@@ -82,12 +96,10 @@ def test_fast_decoding_keeps_the_model_input_close_and_other_formats_exact():
             assert _psnr(a, b) >= 38, (name, _psnr(a, b))
 
 
-def test_fast_top5_sets_agree_with_exact_on_the_calibrated_checkpoint(tiny_model, tmp_path):
+def test_fast_top5_sets_agree_with_exact_on_the_calibrated_checkpoint(camera_runs):
     """Random weights have no invariance: a trained model's agreement is the one that matters (see
     docs/benchmarks.md); here, the agreement measured on the calibrated tiny checkpoint holds."""
-    classify(CAMERA_PHOTOS, tmp_path / "exact", tiny_model)
-    classify(CAMERA_PHOTOS, tmp_path / "fast", tiny_model, decode="fast")
-    exact, fast = read_rows(tmp_path / "exact"), read_rows(tmp_path / "fast")
+    exact, fast = read_rows(camera_runs("exact")[1]), read_rows(camera_runs("fast")[1])
     top1 = sum(a["topk_ids"][0] == b["topk_ids"][0] for a, b in zip(exact, fast))
     same_sets = sum(set(a["topk_ids"]) == set(b["topk_ids"]) for a, b in zip(exact, fast))
     gap = max(float(np.max(np.abs(np.subtract(a["topk_scores"], b["topk_scores"])))) for a, b in zip(exact, fast))
