@@ -171,7 +171,8 @@ def test_a_crash_mid_copy_then_the_same_command_again_completes_without_doubling
         filter_run(out, dest, unique=True, threads=1, parts=FilterParts(write_file=crashing_after(3)))
     partial = files_under(dest)
     assert len(partial) == 3 and all(data == (photos / name).read_bytes() for name, data in partial.items())
-    assert [p.read_bytes() for p in dest.rglob("*.tmp")] == [b"half a file"]
+    halves = [p.read_bytes() for p in dest.rglob("*.tmp")]  # one per copy in flight when the writer failed:
+    assert halves and set(halves) == {b"half a file"}  # the next shard's first may have started beside it
     assert not (dest / "_mv2batch" / "predictions.parquet").exists()
     assert not json.loads((dest / "_mv2batch" / "filter.json").read_text())["complete"]
     again = filter_run(out, dest, unique=True)
