@@ -23,6 +23,10 @@ from mv2batch.report.tables import load_report
 from mv2batch.runner.placement import place
 from mv2batch.testing import write_tar
 
+# moto's S3 server, CLI processes with AWS's variables, torchrun, Slurm ranks, Ray: CI runs these, the quick tier
+# (-m "not slow") does not.
+pytestmark = pytest.mark.slow
+
 KEY, SECRET = "testing-key", "testing-secret"
 
 

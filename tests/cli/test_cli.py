@@ -167,6 +167,7 @@ def test_each_command_keeps_its_options_and_groups_them_in_panels(path):
         assert f"─ {panel} ─" in shown, panel
 
 
+@pytest.mark.slow
 def test_a_log_gets_a_progress_line_every_few_seconds(tmp_path, tiny_model):
     """stderr to a file (a Slurm or CI log): plain lines at intervals with done / total, rate, errors and ETA,
     no live bar."""

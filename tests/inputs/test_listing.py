@@ -36,6 +36,7 @@ def _cli(folder: Path, out: Path, model: Path, *extra: str, timeout: float = 120
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_fifo_named_like_a_photo_is_skipped_not_opened(tmp_path, tiny_model):
     folder = tmp_path / "in"
     _photos(folder, ["a.jpg", "b.png"])

@@ -134,6 +134,7 @@ def test_streaming_a_local_parquet_leaves_the_datasets_cache_as_it_was(photos, t
     assert read_rows(tmp_path / "streamed") == read_rows(tmp_path / "copied")
 
 
+@pytest.mark.slow
 def test_quiet_silences_the_datasets_progress_lines_too(photos, tiny_model, tmp_path):
     pq.write_table(pa.table({"jpg": [d for *_, d in photos[:2]]}), tmp_path / "images.parquet")
     command = [sys.executable, "-m", "mv2batch", "classify", "dataset", str(tmp_path / "images.parquet"), "-o",

@@ -139,6 +139,7 @@ def test_eval_imagenet_val_on_tars_equals_the_class_folder_layout(imagenet_model
     assert tars.per_class == folder.per_class and len(tars.per_class) > 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(photos, tiny_model, tmp_path):
     from conftest import kill_during_a_shard
 
@@ -156,6 +157,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(photos, tiny_mod
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(reference, tiny_model, tmp_path):
     tars, _ = reference
     _run([str(t) for t in tars], tmp_path / "one", tiny_model)
@@ -307,6 +309,7 @@ def test_image_ext_chooses_the_member_and_gzipped_tars_are_read(photos, tiny_mod
     assert (rows[0]["width"], rows[0]["height"]) == Image.open(io.BytesIO(photos[1][2])).size
 
 
+@pytest.mark.slow
 def test_the_ray_engine_runs_one_task_per_tar_with_the_single_process_output(reference, tiny_model, local_ray,
                                                                             tmp_path):
     import mv2batch

@@ -133,6 +133,7 @@ def _most_decodes_begun_in_one_pass(passes: list, decodes: list[float]) -> int:
     return max(sum(begun < t < ended for t in decodes) for begun, ended in passes)
 
 
+@pytest.mark.slow
 def test_workers_begin_no_image_while_the_model_computes(tmp_path, tiny_model, timed_run):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -195,6 +196,7 @@ def test_the_warm_up_does_not_count_and_a_tie_keeps_the_gate():
     assert trial.chosen is True
 
 
+@pytest.mark.slow
 def test_a_run_measures_both_modes_and_keeps_decoding_beside_a_pass_that_leaves_the_cores_idle(tmp_path,
                                                                                                 tiny_model):
     """Each pass sleeps (no CPU used) while the photos are slow to decode: decoding beside the pass hides the

@@ -81,6 +81,7 @@ def _check_page(out: Path, checks: dict, galleries_at_least: int, metrics: tuple
     return page
 
 
+@pytest.mark.slow
 def test_a_classify_report_loads_in_chromium_with_its_figures_and_thumbnails(tmp_path, tiny_model, chromium):
     _photos(tmp_path / "in", 12)
     classify(tmp_path / "in", tmp_path / "out", tiny_model)
@@ -89,6 +90,7 @@ def test_a_classify_report_loads_in_chromium_with_its_figures_and_thumbnails(tmp
     assert "Least confident" in page and "Top-1 confidence" in page
 
 
+@pytest.mark.slow
 def test_a_segment_report_shows_overlays_with_their_legends(tmp_path, tiny_segmenter, chromium):
     _photos(tmp_path / "in", 6)
     segment(tmp_path / "in", tmp_path / "out", tiny_segmenter, batch_size=2)
@@ -107,6 +109,7 @@ def _imagenet_class_folders(root: Path, per_class: int) -> None:
     (root / imagenet_wnids()[0] / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
 
 
+@pytest.mark.slow
 def test_an_imagenet_eval_report_shows_accuracy_confusions_and_mistakes(tmp_path, imagenet_model, chromium):
     _imagenet_class_folders(tmp_path / "val", per_class=4)
     real = tmp_path / "real.json"  # ImageNet-ReaL sets: every other image's set holds its gold label and 7
@@ -153,6 +156,7 @@ def _brute_image_miou(pred: np.ndarray, gt: np.ndarray) -> float:
                           for c in present]))
 
 
+@pytest.mark.slow
 def test_a_voc_eval_report_shows_iou_the_heat_map_and_the_worst_images(tmp_path, tiny_segmenter, chromium):
     names = _voc(tmp_path, 6)
     segment(tmp_path / "VOCdevkit", tmp_path / "out", tiny_segmenter, source="voc", batch_size=2)
@@ -183,6 +187,7 @@ def test_eval_charts_of_many_classes_stay_bounded():
     assert len(heat["svg"]) < 150_000  # 30 named rows and columns (all 150 would be about 380 KB of SVG)
 
 
+@pytest.mark.slow
 def test_dedup_adds_its_groups_to_an_embed_run_s_page(tmp_path, tiny_model, chromium):
     """After `dedup`, the page shows its figures and each group's photos, captioned with their similarity; a
     resumed run that has more shards since says the groups are older than the run."""

@@ -65,6 +65,7 @@ def reference(tmp_path_factory, tiny_model):
     return folder, root / "reference"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_output(reference, tiny_model, tmp_path):
     folder, expected = reference
     out = tmp_path / "out"
@@ -95,6 +96,7 @@ def test_a_resume_with_another_batch_size_and_workers_continues_to_the_uninterru
     assert _summary(out) == _summary(expected)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_single_process_output(reference, tiny_model, tmp_path):
     folder, expected = reference
     out = tmp_path / "out"
@@ -251,6 +253,7 @@ def test_two_processes_started_at_once_on_one_out_one_refused_the_other_complete
     _assert_same_output(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 def test_ray_engine_runs_shards_as_tasks_with_the_single_process_output(reference, tiny_model, local_ray,
                                                                         tmp_path):
     folder, expected = reference

@@ -189,6 +189,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mv2batch", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_segmentation_checkpoints_backbone_with_its_head_said_in_one_line(tiny_segmenter, photos, tmp_path):
     done = _cli("embed", "folder", str(photos), "-o", str(tmp_path / "out"), "--model", str(tiny_segmenter),
                 "--device", "cpu", "--workers", "0", "--batch-size", "5")
@@ -215,6 +216,7 @@ def test_adding_embeddings_to_a_classify_run_is_refused_naming_the_field(tiny_mo
         classify(photos, out, tiny_model, batch_size=4, embeddings=True, resume=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_embed_then_rerun_gives_the_uninterrupted_embeddings(tiny_model, tmp_path):
     folder = noisy_photos(tmp_path / "images", 20)
     embed(folder, tmp_path / "reference", tiny_model, shard_size=3, batch_size=1)
